@@ -1,0 +1,44 @@
+"""Builds the optional compiled CPU kernel (blockattn.ops.cpu._kernel) against the installed torch.
+
+If the compiler or OpenMP is missing the build is skipped with a warning: the package still
+installs and imports, the portable `torch` backend takes over, and `blockattn.backends()` says why.
+"""
+import os
+import sys
+
+from setuptools import setup
+
+ext_modules = []
+cmdclass = {}
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    class OptionalBuildExtension(BuildExtension):
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:  # the kernel is optional: never fail the install over it
+                print(f"WARNING: blockattn CPU kernel not built ({error}); the torch backend will be used",
+                      file=sys.stderr)
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as error:
+                print(f"WARNING: blockattn CPU kernel not built ({error}); the torch backend will be used",
+                      file=sys.stderr)
+
+    source = os.path.join("src", "blockattn", "ops", "cpu", "kernel.cpp")
+    if os.path.exists(source):
+        ext_modules.append(CppExtension(
+            "blockattn.ops.cpu._kernel",
+            [source],
+            extra_compile_args=["-O3", "-fopenmp", "-march=x86-64-v3", "-ffast-math", "-fno-finite-math-only"]
+            if os.uname().machine == "x86_64" else ["-O3", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+        ))
+    cmdclass["build_ext"] = OptionalBuildExtension.with_options(use_ninja=True)
+except ImportError:
+    print("WARNING: torch is not installed at build time; the CPU kernel is not built", file=sys.stderr)
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,12 @@
+"""blockattn: block-structured attention on one exact engine.
+
+    layout = blockattn.patterns.causal(4096)               # or methods.get("xattention").select(q, k)
+    out = blockattn.attention(q, k, v, layout)             # computes only the layout's tiles
+"""
+from blockattn import methods, patterns
+from blockattn.functional import attention, backends, sparse_attention
+from blockattn.layout import BlockLayout
+
+__version__ = "0.1.0"
+
+__all__ = ["BlockLayout", "attention", "backends", "methods", "patterns", "sparse_attention", "__version__"]

@@ -1,0 +1,15 @@
+import torch
+
+import blockattn
+
+HELP = "print the version and which attention backends are available (and why not)"
+
+
+def add_arguments(parser):
+    pass
+
+
+def run(args):
+    print(f"blockattn {blockattn.__version__}  torch {torch.__version__}  threads {torch.get_num_threads()}")
+    for name, status in blockattn.backends().items():
+        print(f"  {name:<10} {status}")

@@ -1,0 +1,118 @@
+"""Adapter to torch FlexAttention: the same layout as a `BlockMask` (peer backend and benchmark baseline)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from blockattn.layout import BlockLayout, _block_lists
+
+
+def _full_tile_flags(layout: BlockLayout) -> Tensor:
+    """bool `[B|1, H|1, nQ, maxK]`: listed tiles that need no token-level mask."""
+    from blockattn.layout import _tile_bounds
+    b, h, qb, kb = layout.listed_tiles()
+    full = torch.zeros(layout.kv_indices.shape, dtype=torch.bool, device=layout.device)
+    if len(b):
+        masks = layout.tile_token_masks(b, h, qb, kb)
+        bounds = _tile_bounds(qb, kb, layout.q_len, layout.k_len, layout.block_q, layout.block_k)
+        valid = torch.arange(layout.max_blocks, device=layout.device) < layout.kv_counts.unsqueeze(-1)
+        full[valid] = (masks | ~bounds).flatten(1).all(1)
+    return full
+
+
+def layout_to_block_mask(layout: BlockLayout):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    full = _full_tile_flags(layout)
+    dense = layout.to_dense()
+    ids = torch.where(full, layout.kv_indices, -1)
+    full_dense = torch.zeros_like(dense)
+    full_dense.view(-1, dense.shape[-1]).scatter_(
+        1, torch.where(ids >= 0, ids, 0).long().view(-1, ids.shape[-1]), (ids >= 0).view(-1, ids.shape[-1]))
+    partial_counts, partial_indices = _block_lists(dense & ~full_dense)
+    full_counts, full_indices = _block_lists(full_dense)
+    mask_mod = _layout_mask_mod(layout)
+    return BlockMask.from_kv_blocks(
+        partial_counts, partial_indices.clamp(min=0), full_counts, full_indices.clamp(min=0),
+        BLOCK_SIZE=(layout.block_q, layout.block_k), mask_mod=mask_mod, seq_lengths=(layout.q_len, layout.k_len))
+
+
+def _layout_mask_mod(layout: BlockLayout):
+    """mask_mod reproducing the layout's token rule inside listed tiles (analytic + explicit masks)."""
+    offset, causal, window = layout.offset, layout.causal, layout.window
+    q_len, k_len = layout.q_len, layout.k_len
+    explicit = None
+    if layout.tile_masks is not None:
+        # dense lookup (b, h, q_block, k_block) -> mask id; only built for layouts that carry explicit masks
+        explicit = torch.full((layout.batch, layout.heads, layout.num_q_blocks, layout.num_k_blocks), -1,
+                              dtype=torch.int32, device=layout.device)
+        b, h, qb, slot = (layout.tile_mask_ids >= 0).nonzero(as_tuple=True)
+        explicit[b, h, qb, layout.kv_indices[b, h, qb, slot].long()] = layout.tile_mask_ids[b, h, qb, slot]
+        tile_masks = torch.cat([layout.tile_masks, torch.ones_like(layout.tile_masks[:1])])
+        explicit = torch.where(explicit < 0, tile_masks.shape[0] - 1, explicit)
+    bq, bk = layout.block_q, layout.block_k
+    b_last, h_last = layout.batch - 1, layout.heads - 1
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        aligned = q_idx + offset
+        keep = (q_idx < q_len) & (kv_idx < k_len)
+        if causal:
+            keep = keep & (kv_idx <= aligned)
+        if window is not None:
+            keep = keep & (kv_idx >= aligned - window[0]) & (kv_idx <= aligned + window[1])
+        if explicit is not None:
+            mask_id = explicit[torch.clamp(b, max=b_last), torch.clamp(h, max=h_last), q_idx // bq, kv_idx // bk]
+            keep = keep & tile_masks[mask_id, q_idx % bq, kv_idx % bk]
+        return keep
+
+    return mask_mod
+
+
+def layout_from_block_mask(block_mask, *, allow_empty_rows: bool = False) -> BlockLayout:
+    """Partial tiles are evaluated through the BlockMask's `mask_mod` and kept as explicit masks."""
+    from blockattn.layout import _layout_from_tile_masks, _tile_bounds
+
+    block_q, block_k = block_mask.BLOCK_SIZE
+    q_len, k_len = block_mask.seq_lengths
+    template_dense = block_mask.to_dense().bool()  # [B, H, nQ, nK] (partial | full)
+    n_q, n_k = -(-q_len // block_q), -(-k_len // block_k)
+    template_dense = template_dense[..., :n_q, :n_k]
+    counts, indices = _block_lists(template_dense)
+    template = BlockLayout(counts, indices, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
+                           allow_empty_rows=True)
+    tb, th, tq, tk = template.listed_tiles()
+    masks = _tile_bounds(tq, tk, q_len, k_len, block_q, block_k)
+    full = torch.zeros_like(template_dense)
+    if block_mask.full_kv_num_blocks is not None:
+        fc, fi = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
+        valid = torch.arange(fi.shape[-1], device=fi.device) < fc.unsqueeze(-1)
+        b, h, q, slot = valid.nonzero(as_tuple=True)
+        full[b, h, q, fi[b, h, q, slot].long()] = True
+    partial = ~full[tb, th, tq, tk]
+    if partial.any():
+        rows = tq[partial].view(-1, 1, 1) * block_q + torch.arange(block_q).view(1, -1, 1)
+        cols = tk[partial].view(-1, 1, 1) * block_k + torch.arange(block_k).view(1, 1, -1)
+        keep = block_mask.mask_mod(tb[partial].view(-1, 1, 1), th[partial].view(-1, 1, 1), rows, cols)
+        masks[partial] &= keep.expand_as(masks[partial])
+    return _layout_from_tile_masks(template, (tb, th, tq, tk), masks, allow_empty_rows=allow_empty_rows)
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: float, compiled: bool = True,
+                   block_mask=None):
+    """`(out, lse)` through FlexAttention (compiled by default; eager is a slow, memory-hungry reference)."""
+    from torch.nn.attention.flex_attention import flex_attention as eager_flex
+
+    block_mask = layout_to_block_mask(layout.to(q.device)) if block_mask is None else block_mask
+    fn = compiled_flex_attention() if compiled else eager_flex
+    out, lse = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+                  return_lse=True)
+    # FlexAttention reports empty rows with lse = -inf and zero output, as our contract says
+    return out, lse.float()
