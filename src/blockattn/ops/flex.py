@@ -10,15 +10,14 @@ from blockattn.layout import BlockLayout, _block_lists
 
 
 def _full_tile_flags(layout: BlockLayout) -> Tensor:
-    """bool `[B|1, H|1, nQ, maxK]`: listed tiles that need no token-level mask."""
-    from blockattn.layout import _tile_bounds
+    """bool `[B|1, H|1, nQ, maxK]`: listed tiles that need no token-level mask. Tiles that cross the
+    end of the sequence are partial here: Flex applies no bounds check inside full blocks."""
     b, h, qb, kb = layout.listed_tiles()
     full = torch.zeros(layout.kv_indices.shape, dtype=torch.bool, device=layout.device)
     if len(b):
         masks = layout.tile_token_masks(b, h, qb, kb)
-        bounds = _tile_bounds(qb, kb, layout.q_len, layout.k_len, layout.block_q, layout.block_k)
         valid = torch.arange(layout.max_blocks, device=layout.device) < layout.kv_counts.unsqueeze(-1)
-        full[valid] = (masks | ~bounds).flatten(1).all(1)
+        full[valid] = masks.flatten(1).all(1)
     return full
 
 
@@ -34,26 +33,39 @@ def layout_to_block_mask(layout: BlockLayout):
     partial_counts, partial_indices = _block_lists(dense & ~full_dense)
     full_counts, full_indices = _block_lists(full_dense)
     mask_mod = _layout_mask_mod(layout)
+    # FlexAttention expects index tensors as wide as the number of key blocks
+    width = layout.num_k_blocks
+    partial_indices = torch.nn.functional.pad(partial_indices.clamp(min=0), (0, width - partial_indices.shape[-1]))
+    full_indices = torch.nn.functional.pad(full_indices.clamp(min=0), (0, width - full_indices.shape[-1]))
     return BlockMask.from_kv_blocks(
-        partial_counts, partial_indices.clamp(min=0), full_counts, full_indices.clamp(min=0),
+        partial_counts, partial_indices, full_counts, full_indices,
         BLOCK_SIZE=(layout.block_q, layout.block_k), mask_mod=mask_mod, seq_lengths=(layout.q_len, layout.k_len))
 
 
 def _layout_mask_mod(layout: BlockLayout):
-    """mask_mod reproducing the layout's token rule inside listed tiles (analytic + explicit masks)."""
+    """mask_mod reproducing the layout's whole token mask. FlexAttention treats the mask_mod as the
+    definition (its eager path ignores block sparsity), so tile membership is part of it."""
     offset, causal, window = layout.offset, layout.causal, layout.window
     q_len, k_len = layout.q_len, layout.k_len
-    explicit = None
-    if layout.tile_masks is not None:
-        # dense lookup (b, h, q_block, k_block) -> mask id; only built for layouts that carry explicit masks
-        explicit = torch.full((layout.batch, layout.heads, layout.num_q_blocks, layout.num_k_blocks), -1,
-                              dtype=torch.int32, device=layout.device)
-        b, h, qb, slot = (layout.tile_mask_ids >= 0).nonzero(as_tuple=True)
-        explicit[b, h, qb, layout.kv_indices[b, h, qb, slot].long()] = layout.tile_mask_ids[b, h, qb, slot]
-        tile_masks = torch.cat([layout.tile_masks, torch.ones_like(layout.tile_masks[:1])])
-        explicit = torch.where(explicit < 0, tile_masks.shape[0] - 1, explicit)
+    # (b, h, q_block, k_block) -> index into `tile_masks`: a per-layout explicit mask, or one of two
+    # constant tiles appended at the end (all allowed for listed tiles, none for unlisted ones)
+    explicit = layout.tile_masks if layout.tile_masks is not None else \
+        torch.zeros(0, layout.block_q, layout.block_k, dtype=torch.bool, device=layout.device)
+    allow_all, allow_none = explicit.shape[0], explicit.shape[0] + 1
+    tile_masks = torch.cat([explicit, explicit.new_ones(1, layout.block_q, layout.block_k),
+                            explicit.new_zeros(1, layout.block_q, layout.block_k)])
+    table = torch.full((layout.batch, layout.heads, layout.num_q_blocks, layout.num_k_blocks), allow_none,
+                       dtype=torch.int64, device=layout.device)
+    b, h, qb, slot = (torch.arange(layout.max_blocks, device=layout.device)
+                      < layout.kv_counts.unsqueeze(-1)).nonzero(as_tuple=True)
+    ids = torch.full_like(b, allow_all)
+    if layout.tile_mask_ids is not None:
+        own = layout.tile_mask_ids[b, h, qb, slot].long()
+        ids = torch.where(own >= 0, own, ids)
+    table[b, h, qb, layout.kv_indices[b, h, qb, slot].long()] = ids
     bq, bk = layout.block_q, layout.block_k
     b_last, h_last = layout.batch - 1, layout.heads - 1
+    n_q_last, n_k_last = layout.num_q_blocks - 1, layout.num_k_blocks - 1
 
     def mask_mod(b, h, q_idx, kv_idx):
         aligned = q_idx + offset
@@ -62,10 +74,9 @@ def _layout_mask_mod(layout: BlockLayout):
             keep = keep & (kv_idx <= aligned)
         if window is not None:
             keep = keep & (kv_idx >= aligned - window[0]) & (kv_idx <= aligned + window[1])
-        if explicit is not None:
-            mask_id = explicit[torch.clamp(b, max=b_last), torch.clamp(h, max=h_last), q_idx // bq, kv_idx // bk]
-            keep = keep & tile_masks[mask_id, q_idx % bq, kv_idx % bk]
-        return keep
+        tile = table[torch.clamp(b, max=b_last), torch.clamp(h, max=h_last),
+                     torch.clamp(q_idx // bq, max=n_q_last), torch.clamp(kv_idx // bk, max=n_k_last)]
+        return keep & tile_masks[tile, q_idx % bq, kv_idx % bk]
 
     return mask_mod
 
