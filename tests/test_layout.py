@@ -1,0 +1,152 @@
+"""BlockLayout: constructors against naive definitions, algebra properties, validation errors."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blockattn import BlockLayout
+
+
+def naive_token_mask(blocks, q_len, k_len, block_q, block_k, causal=False, window=None):
+    """Loop over positions: the token mask a block matrix plus analytic rule define."""
+    mask = torch.zeros(blocks.shape[0], blocks.shape[1], q_len, k_len, dtype=torch.bool)
+    offset = k_len - q_len
+    for b in range(blocks.shape[0]):
+        for h in range(blocks.shape[1]):
+            for i in range(q_len):
+                for j in range(k_len):
+                    ok = bool(blocks[b, h, i // block_q, j // block_k])
+                    if causal:
+                        ok &= j <= i + offset
+                    if window is not None:
+                        ok &= i + offset - window[0] <= j <= i + offset + window[1]
+                    mask[b, h, i, j] = ok
+    return mask
+
+
+@pytest.mark.parametrize("q_len,k_len,block_q,block_k,causal,window", [
+    (37, 37, 8, 8, True, None), (20, 45, 8, 16, True, None), (45, 20, 16, 8, True, None),
+    (33, 50, 16, 8, False, (5, 3)), (33, 50, 8, 8, True, (10, 0)), (17, 17, 32, 32, False, None)])
+def test_from_dense_matches_naive_definition(q_len, k_len, block_q, block_k, causal, window):
+    g = torch.Generator().manual_seed(q_len * k_len)
+    blocks = torch.rand(1, 2, -(-q_len // block_q), -(-k_len // block_k), generator=g) < 0.6
+    layout = BlockLayout.from_dense(blocks, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
+                                    causal=causal, window=window, allow_empty_rows=True)
+    expected = naive_token_mask(blocks, q_len, k_len, block_q, block_k, causal, window)
+    assert torch.equal(layout.to_token_mask(), expected)
+    # tiles the rule empties are not listed, so they are never computed
+    tile_any = expected.view(1, 2, q_len, k_len).any(-1)
+    assert layout.row_has_keys().equal(tile_any)
+    assert (layout.to_dense() <= blocks).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(q_len=st.integers(1, 40), k_len=st.integers(1, 40), block_q=st.sampled_from([4, 8, 16]),
+       block_k=st.sampled_from([4, 8, 16]), seed=st.integers(0, 10_000), density=st.floats(0.05, 0.9))
+def test_from_token_mask_round_trips(q_len, k_len, block_q, block_k, seed, density):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(2, 1, q_len, k_len, generator=g) < density
+    layout = BlockLayout.from_token_mask(mask, block_q=block_q, block_k=block_k, allow_empty_rows=True)
+    assert torch.equal(layout.to_token_mask(), mask)
+    assert torch.equal(layout.row_has_keys(), mask.any(-1))
+    assert layout.token_density() == pytest.approx(mask.float().mean().item())
+
+
+def test_from_token_mask_accepts_mask_mod_without_dense_mask():
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & ((q_idx - kv_idx) % (h + 2) == 0)
+    layout = BlockLayout.from_token_mask(mask_mod, q_len=50, k_len=50, heads=3, block_q=16, block_k=16)
+    i = torch.arange(50).view(-1, 1)
+    j = torch.arange(50).view(1, -1)
+    expected = torch.stack([(j <= i) & ((i - j) % (h + 2) == 0) for h in range(3)])[None]
+    assert torch.equal(layout.to_token_mask(), expected)
+    assert layout.tile_masks is not None and layout.tile_masks.shape[0] <= int(layout.kv_counts.sum())
+
+
+def _random_layout(seed, kind):
+    g = torch.Generator().manual_seed(seed)
+    q_len, k_len = 30 + seed % 7, 41
+    if kind == "mask":
+        return BlockLayout.from_token_mask(torch.rand(1, 2, q_len, k_len, generator=g) < 0.3, block_q=8, block_k=8,
+                                           allow_empty_rows=True)
+    blocks = torch.rand(1, 2, 4 + (q_len > 32), 6, generator=g) < 0.5
+    return BlockLayout.from_dense(blocks, q_len=q_len, k_len=k_len, block_q=8, block_k=8,
+                                  causal=kind == "causal", window=(6, 2) if kind == "window" else None,
+                                  allow_empty_rows=True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 1000), kind_a=st.sampled_from(["plain", "causal", "window", "mask"]),
+       kind_b=st.sampled_from(["plain", "causal", "window", "mask"]))
+def test_union_and_intersection_are_tokenwise(seed, kind_a, kind_b):
+    a = _random_layout(seed, kind_a)
+    b = _random_layout(seed, kind_b)
+    ma, mb = a.to_token_mask(), b.to_token_mask()
+    assert torch.equal((a | b).to_token_mask(), ma | mb)
+    assert torch.equal((a & b).to_token_mask(), ma & mb)
+    assert torch.equal((a | b).to_token_mask(), (b | a).to_token_mask())
+
+
+def test_density_against_full_and_causal():
+    blocks = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    causal = BlockLayout.from_dense(blocks, q_len=64, k_len=64, block_q=16, block_k=16, causal=True)
+    assert causal.density() == pytest.approx(10 / 16)
+    assert causal.density("causal") == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="relative_to"):
+        causal.density("diagonal")
+
+
+def test_transpose_lists_query_blocks_per_key_block():
+    g = torch.Generator().manual_seed(3)
+    blocks = torch.rand(1, 2, 5, 7, generator=g) < 0.5
+    layout = BlockLayout.from_dense(blocks, q_len=40, k_len=56, block_q=8, block_k=8, allow_empty_rows=True)
+    counts, indices = layout.transpose()
+    for h in range(2):
+        for kb in range(7):
+            listed = indices[0, h, kb, :counts[0, h, kb]].tolist()
+            assert listed == blocks[0, h, :, kb].nonzero().flatten().tolist()
+
+
+def test_show_writes_png(tmp_path):
+    layout = _random_layout(1, "mask")
+    path = layout.show(str(tmp_path / "layout.png"))
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kv_counts=torch.tensor([[[1, 1]]]), kv_indices=torch.tensor([[[[0], [5]]]])), "out of range"),
+    (dict(kv_counts=torch.tensor([[[2, 1]]]), kv_indices=torch.tensor([[[[1, 0], [0, -1]]]])), "increasing"),
+    (dict(kv_counts=torch.tensor([[[1, 1, 1]]]), kv_indices=torch.tensor([[[[0], [0], [0]]]])), "nQ=2"),
+    (dict(kv_counts=torch.tensor([[[1.0, 1.0]]]), kv_indices=torch.tensor([[[[0], [0]]]])), "integer tensor"),
+    (dict(kv_counts=torch.tensor([[[3, 1]]]), kv_indices=torch.tensor([[[[0], [0]]]])), "kv_counts"),
+    (dict(kv_counts=torch.tensor([[[0, 1]]]), kv_indices=torch.tensor([[[[0], [0]]]])), "attends to no key"),
+])
+def test_constructor_rejects_bad_block_lists(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BlockLayout(**kwargs, q_len=16, k_len=16, block_q=8, block_k=8)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(q_len=0), "q_len"), (dict(block_q=0), "block_q"), (dict(window=(-1, 2)), "window"),
+    (dict(window=5), "window"), (dict(causal="yes"), "causal")])
+def test_from_dense_rejects_bad_arguments(kwargs, message):
+    args = dict(q_len=16, k_len=16, block_q=8, block_k=8)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        BlockLayout.from_dense(torch.ones(2, 2, dtype=torch.bool), **args)
+
+
+def test_from_dense_rejects_wrong_shape_and_dtype():
+    with pytest.raises(ValueError, match="nQ=2, nK=2"):
+        BlockLayout.from_dense(torch.ones(3, 2, dtype=torch.bool), q_len=16, k_len=16, block_q=8, block_k=8)
+    with pytest.raises(ValueError, match="bool"):
+        BlockLayout.from_dense(torch.ones(2, 2), q_len=16, k_len=16, block_q=8, block_k=8)
+
+
+def test_union_rejects_mismatched_layouts():
+    a = BlockLayout.from_dense(torch.ones(2, 2, dtype=torch.bool), q_len=16, k_len=16, block_q=8, block_k=8)
+    b = BlockLayout.from_dense(torch.ones(3, 2, dtype=torch.bool), q_len=24, k_len=16, block_q=8, block_k=8)
+    with pytest.raises(ValueError, match="shapes differ"):
+        a | b
+    with pytest.raises(TypeError, match="BlockLayout"):
+        a & "causal"
