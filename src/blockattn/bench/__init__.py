@@ -1,0 +1,1 @@
+"""Speed and quality harnesses, tasks and plots."""
