@@ -1,4 +1,6 @@
 """Static layouts: they need no queries or keys, only lengths and the pattern's parameters."""
 from blockattn.patterns.basic import causal, full, per_head, random_blocks, sliding_window
+from blockattn.patterns.neighborhood import from_tiled, neighborhood, neighborhood_ranges, tiled_permutation, to_tiled
 
-__all__ = ["causal", "full", "per_head", "random_blocks", "sliding_window"]
+__all__ = ["causal", "full", "per_head", "random_blocks", "sliding_window",
+           "neighborhood", "neighborhood_ranges", "tiled_permutation", "to_tiled", "from_tiled"]
