@@ -1,0 +1,74 @@
+"""GNA's analytical simulator: how many tiles a neighborhood-attention problem computes, before running it.
+
+Hassani et al., "Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed
+of Light" (arXiv 2504.16922), Sec. "simulator": with tokens in tiled order, a query tile and a key tile
+are both boxes, and neighborhood attention is an AND over axes, so a (query tile, key tile) pair is
+visited iff it is visited on every axis. The number of visited tiles is therefore the product over
+axes of one-dimensional counts, computed exactly from the per-axis window rule without building any
+layout. The upper-bound speedup over dense attention with the same tiles is `total / visited`: what
+a kernel that skips unvisited tiles and pays nothing else (no masking, no per-tile overhead) gets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from blockattn.patterns._grid import check_tile_shape
+from blockattn.patterns.neighborhood import _check_na_args, neighborhood_ranges
+
+__all__ = ["Simulation", "simulate"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Simulation:
+    grid: tuple[int, ...]
+    tile_shape: tuple[int, ...]
+    kv_tile_shape: tuple[int, ...]
+    visited_tiles: int
+    total_tiles: int
+    pair_fraction: float  # fraction of token pairs the pattern allows (the FLOP-level sparsity)
+
+    @property
+    def tile_fraction(self) -> float:
+        """Fraction of (query tile, key tile) pairs computed."""
+        return self.visited_tiles / self.total_tiles
+
+    @property
+    def speedup_upper_bound(self) -> float:
+        """Dense time over sparse time if only the visited tiles cost anything."""
+        return self.total_tiles / self.visited_tiles
+
+    @property
+    def tile_efficiency(self) -> float:
+        """Useful share of the computed tile area (1.0 = perfectly block-sparse)."""
+        return self.pair_fraction / self.tile_fraction
+
+    def describe(self) -> str:
+        return (f"grid {self.grid}  q tile {self.tile_shape}  kv tile {self.kv_tile_shape}\n"
+                f"  tiles computed      {self.visited_tiles} / {self.total_tiles} = {self.tile_fraction:.4f}\n"
+                f"  token pairs allowed {self.pair_fraction:.4f} (tile efficiency {self.tile_efficiency:.3f})\n"
+                f"  upper-bound speedup over dense: {self.speedup_upper_bound:.2f}x")
+
+
+def simulate(grid, *, window, dilation=1, stride=1, causal=False, tile_shape, kv_tile_shape=None) -> Simulation:
+    """Predict the tiles `patterns.neighborhood(grid, ..., tile_shape=tile_shape)` computes.
+
+    `tile_shape` (query tile) and `kv_tile_shape` (default: the same) must divide the grid.
+    """
+    grid, window, dilation, stride, causal = _check_na_args(grid, window, dilation, stride, causal)
+    tile_shape = check_tile_shape("tile_shape", tile_shape, grid)
+    if tile_shape is None:
+        raise ValueError("tile_shape must be given (the simulator models the tiled token order)")
+    kv_tile_shape = check_tile_shape("kv_tile_shape", tile_shape if kv_tile_shape is None else kv_tile_shape, grid)
+    visited, total, pairs = 1, 1, 1.0
+    for n, k, d, s, c, tq, tk in zip(grid, window, dilation, stride, causal, tile_shape, kv_tile_shape):
+        lo, hi = neighborhood_ranges(n, k, d, s, c)
+        x, y = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+        allowed = (y >= lo.view(-1, 1)) & (y <= hi.view(-1, 1)) & (y % d == x % d)  # one axis: [n, n]
+        axis_tiles = allowed.view(n // tq, tq, n // tk, tk).any(3).any(1)
+        visited *= int(axis_tiles.sum())
+        total *= (n // tq) * (n // tk)
+        pairs *= float(allowed.sum()) / (n * n)
+    return Simulation(grid, tile_shape, kv_tile_shape, visited, total, pairs)
