@@ -58,7 +58,7 @@ def draw(layout, path: str, *, max_heads: int = 4, title: str | None = None) -> 
         blocks[h, qb, kb] = torch.where(full, 1.0, 0.5)
     zoom = layout.q_len * layout.k_len <= _TOKEN_ZOOM_LIMIT
     rows = 2 if zoom else 1
-    fig, axes = plt.subplots(rows, heads, figsize=(3.3 * heads, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, heads, figsize=(max(3.3 * heads, 6.0), 3.4 * rows), squeeze=False)
     tokens = layout.to_token_mask()[0] if zoom else None
     for head in range(heads):
         name = f"head {head}" if layout.heads > 1 else "all heads"
