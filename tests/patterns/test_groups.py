@@ -56,3 +56,13 @@ def test_group_errors(groups, allowed, match):
 def test_empty_rows_rejected_unless_asked():
     with pytest.raises(ValueError, match="attends to no key"):
         patterns.group_layout([("a", 2), ("b", 2)], [("a", "a")])
+
+
+def test_engine_over_group_layout_matches_dense():
+    from tests.patterns.helpers import masked_attention
+    import blockattn
+
+    layout = patterns.dreamvla(2, context_len=7, dream={"a": 3, "b": 2}, action_len=4, block_q=8, block_k=8)
+    q, k, v = (torch.randn(2, 2, layout.q_len, 8, dtype=torch.float64) for _ in range(3))
+    out = blockattn.attention(q, k, v, layout, backend="torch")
+    torch.testing.assert_close(out, masked_attention(q, k, v, layout.to_token_mask()), rtol=1e-10, atol=1e-10)

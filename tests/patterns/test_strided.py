@@ -30,3 +30,14 @@ def test_s2_errors():
         patterns.s2_attention(128, heads=2, vertical_stride=4)
     with pytest.raises(ValueError, match="local_blocks"):
         patterns.s2_attention(128, heads=2, vertical_stride=2, local_blocks=0)
+
+
+def test_engine_over_s2_layout_matches_dense():
+    from tests.patterns.helpers import masked_attention
+    import blockattn
+
+    layout = patterns.s2_attention(96, 160, heads=4, vertical_stride=4, local_blocks=1, block_q=16, block_k=16)
+    q = torch.randn(1, 4, 96, 8, dtype=torch.float64)
+    k, v = (torch.randn(1, 4, 160, 8, dtype=torch.float64) for _ in range(2))
+    out = blockattn.attention(q, k, v, layout, backend="torch")
+    torch.testing.assert_close(out, masked_attention(q, k, v, layout.to_token_mask()), rtol=1e-10, atol=1e-10)
