@@ -43,6 +43,11 @@ def s2_attention(q_len: int, k_len: int | None = None, *, heads: int, vertical_s
     local = (kb >= (q_first // block_k).view(-1, 1) - local_blocks + 1) & (kb <= (q_last // block_k).view(-1, 1))
     causal = _analytic_block_support(q_len, k_len, block_q, block_k, True, None, torch.device("cpu"))
     candidates = (strided | local[None]) & causal[None]
+    if block_q == block_k and offset % block_k == 0:
+        # every query of a block shares its key block, so the rule is block-level: only the causal
+        # diagonal needs a token constraint, which the analytic causal flag provides
+        return BlockLayout.from_dense(candidates[None], q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
+                                      causal=True)
 
     def allowed(h, q_idx, k_idx):
         pos = q_idx + offset
