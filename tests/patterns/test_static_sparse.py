@@ -16,9 +16,16 @@ def test_vertical_slash(q_len, k_len, block):
     layout = patterns.vertical_slash(q_len, k_len, vertical=vertical, slash=slash, block_q=block, block_k=block)
     expected = _loop(q_len, k_len, lambda p, j: j <= p and (j in vertical or p - j in slash))
     assert torch.equal(layout.to_token_mask()[0, 0], expected)
-    per_head = patterns.vertical_slash(q_len, k_len, vertical=[[0], [5, 6]], slash=[[0], [2]], block_q=block,
+    per_head = patterns.vertical_slash(q_len, k_len, vertical=[[0], [5, 6]], slash=[[0], [2]], allow_empty_rows=True, block_q=block,
                                        block_k=block).to_token_mask()[0]
     assert torch.equal(per_head[1], _loop(q_len, k_len, lambda p, j: j <= p and (j in (5, 6) or p - j == 2)))
+
+
+def test_vertical_slash_empty_rows():
+    with pytest.raises(ValueError, match="attends to no key"):
+        patterns.vertical_slash(64, vertical=[40], slash=[3], block_q=16, block_k=16)
+    layout = patterns.vertical_slash(64, vertical=[40], slash=[3], block_q=16, block_k=16, allow_empty_rows=True)
+    assert not layout.row_has_keys()[0, 0, :3].any()
 
 
 @pytest.mark.parametrize("window,dilation,causal", [(4, 3, True), (5, 2, False), (1, 7, True), (6, 4, False)])

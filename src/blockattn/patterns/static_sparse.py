@@ -37,9 +37,10 @@ def _index_lists(name: str, values, heads: int | None, bound: tuple[int, int]) -
 
 
 def vertical_slash(q_len: int, k_len: int | None = None, *, vertical: Sequence, slash: Sequence,
-                   block_q: int = 64, block_k: int = 64) -> BlockLayout:
+                   block_q: int = 64, block_k: int = 64, allow_empty_rows: bool = False) -> BlockLayout:
     """Causal vertical + slash layout. `vertical`: key indices; `slash`: diagonal offsets
-    `query - key >= 0` (0 is the main diagonal). Either may be a list of per-head lists."""
+    `query - key >= 0` (0 is the main diagonal). Either may be a list of per-head lists. Without
+    offset 0 an early query may see no key: pass `allow_empty_rows=True` if that is intended."""
     q_len, k_len = _lengths(q_len, k_len)
     verticals = _index_lists("vertical", vertical, None, (0, k_len))
     slashes = _index_lists("slash", slash, None, (0, k_len))
@@ -71,7 +72,7 @@ def vertical_slash(q_len: int, k_len: int | None = None, *, vertical: Sequence, 
         distance = q_idx + offset - k_idx
         return (distance >= 0) & (is_vertical[h, k_idx] | is_slash[h, distance.clamp(min=0)])
 
-    return tile_layout(q_len, k_len, block_q, block_k, candidates, allowed, allow_empty_rows=True)
+    return tile_layout(q_len, k_len, block_q, block_k, candidates, allowed, allow_empty_rows=allow_empty_rows)
 
 
 def dilated(q_len: int, k_len: int | None = None, *, window: int, dilation: int, causal: bool = True,
@@ -91,7 +92,7 @@ def dilated(q_len: int, k_len: int | None = None, *, window: int, dilation: int,
         distance = q_idx + offset - k_idx
         return (distance <= back) & (distance >= -ahead) & (distance % dilation == 0)
 
-    return tile_layout(q_len, k_len, block_q, block_k, support[None], allowed, allow_empty_rows=True)
+    return tile_layout(q_len, k_len, block_q, block_k, support[None], allowed)
 
 
 def global_tokens(q_len: int, k_len: int | None = None, *, indices: Sequence[int], causal: bool = False,
