@@ -33,9 +33,8 @@ try:
         ext_modules.append(CppExtension(
             "blockattn.ops.cpu._kernel",
             [source],
-            extra_compile_args=["-O3", "-fopenmp", "-march=x86-64-v3", "-ffast-math", "-fno-finite-math-only"]
-            if os.uname().machine == "x86_64" else ["-O3", "-fopenmp"],
-            extra_link_args=["-fopenmp"],
+            extra_compile_args=["-O3", "-mavx2", "-mfma"]
+            if os.uname().machine == "x86_64" else ["-O3"],
         ))
     cmdclass["build_ext"] = OptionalBuildExtension.with_options(use_ninja=True)
 except ImportError:

@@ -1,5 +1,14 @@
-"""Compiled C++/OpenMP block-sparse attention for CPUs (built by setup.py against the installed torch)."""
+"""Compiled C++ block-sparse attention for CPUs (built by setup.py against the installed torch).
+
+float32 runs in the kernel; bfloat16/float16 are converted to float32 around it (the kernel
+computes in float32, as FlashAttention does); float64 goes to the portable torch backend,
+whose arithmetic is exact in float64.
+"""
 from __future__ import annotations
+
+import torch
+
+from blockattn.layout import BlockLayout, _block_lists
 
 try:
     from blockattn.ops.cpu import _kernel
@@ -17,5 +26,62 @@ def available(device=None) -> str:
     return "available"
 
 
-def run(q, k, v, layout, *, scale):
-    raise NotImplementedError("the compiled CPU kernel is being written")
+def _rule(layout: BlockLayout) -> dict:
+    left, right = layout.window if layout.window is not None else (-1, -1)
+    return dict(block_q=layout.block_q, block_k=layout.block_k, causal=layout.causal, left=left, right=right)
+
+
+def _tile_masks(layout: BlockLayout) -> torch.Tensor:
+    if layout.tile_masks is None:
+        return torch.empty(0, dtype=torch.uint8)
+    return layout.tile_masks.to(torch.uint8).contiguous()
+
+
+def _transposed_lists(layout: BlockLayout):
+    """Per key block, the query blocks listing it and the explicit-mask id of each such tile."""
+    counts, indices = layout.transpose()
+    if layout.tile_mask_ids is None:
+        return counts, indices, torch.empty(0, dtype=torch.int32)
+    ids = torch.full((layout.batch, layout.heads, layout.num_q_blocks, layout.num_k_blocks), -1, dtype=torch.int32)
+    b, h, qb, slot = (layout.tile_mask_ids >= 0).nonzero(as_tuple=True)
+    ids[b, h, qb, layout.kv_indices[b, h, qb, slot].long()] = layout.tile_mask_ids[b, h, qb, slot]
+    q_mask_ids = torch.gather(ids.transpose(2, 3), 3, indices.clamp(min=0).long())
+    return counts, indices, q_mask_ids.contiguous()
+
+
+class _CpuAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale):
+        mask_ids = layout.tile_mask_ids.contiguous() if layout.tile_mask_ids is not None else \
+            torch.empty(0, dtype=torch.int32)
+        rule = _rule(layout)
+        out, lse = _kernel.forward(q, k, v, layout.kv_counts, layout.kv_indices, mask_ids, _tile_masks(layout),
+                                   rule["block_q"], rule["block_k"], rule["causal"], rule["left"], rule["right"], scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale = layout, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        layout = ctx.layout
+        grad_out = grad_out.float().contiguous()
+        delta = (grad_out * out).sum(-1)
+        q_counts, q_indices, q_mask_ids = _transposed_lists(layout)
+        rule = _rule(layout)
+        dq, dk, dv = _kernel.backward(q, k, v, grad_out, lse, delta, q_counts, q_indices, q_mask_ids,
+                                      _tile_masks(layout), rule["block_q"], rule["block_k"], rule["causal"],
+                                      rule["left"], rule["right"], ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def run(q, k, v, layout: BlockLayout, *, scale):
+    if q.dtype == torch.float64:
+        from blockattn.ops.torch_blocks import torch_attention
+        return torch_attention(q, k, v, layout, scale=scale)
+    dtype = q.dtype
+    # the kernel reads plain contiguous float32; for float32 inputs these are no-op views
+    q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
+    out, lse = _CpuAttention.apply(q32, k32, v32, layout.to("cpu"), scale)
+    return out.to(dtype), lse
