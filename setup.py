@@ -33,8 +33,10 @@ try:
         ext_modules.append(CppExtension(
             "blockattn.ops.cpu._kernel",
             [source],
-            extra_compile_args=["-O3", "-mavx2", "-mfma"]
-            if os.uname().machine == "x86_64" else ["-O3"],
+            extra_compile_args=["-O3", "-mavx2", "-mfma", "-fopenmp"]
+            if os.uname().machine == "x86_64" else ["-O3", "-fopenmp"],
+            # links to libgomp.so.1, which resolves to the copy torch has already loaded: one OpenMP runtime
+            extra_link_args=["-fopenmp"],
         ))
     cmdclass["build_ext"] = OptionalBuildExtension.with_options(use_ninja=True)
 except ImportError:

@@ -19,18 +19,47 @@ extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
             const int* ldc);
-// SLEEF's 1-ulp AVX2 exponential, exported by libtorch_cpu.
-__m256 Sleef_expf8_u10avx2(__m256);
+// MKL's per-thread thread count: tiles are already parallel, so each BLAS call must stay on its thread.
+int MKL_Set_Num_Threads_Local(int);
 }
 
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Consecutive listed blocks are merged into GEMMs up to this many tokens wide.
+constexpr int64_t kRunWidth = 512;
 
 // Column-major GEMM C = alpha * op(A) op(B) + beta * C.
 inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
                  int ldb, float beta, float* c, int ldc) {
   sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// exp(x) for 8 floats: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two constants so r is exact),
+// exp(r) by a degree-6 Taylor polynomial (relative error ~2e-7 on that interval), 2^n through the
+// exponent bits. Inputs below ln(FLT_MIN) (including -inf, i.e. masked scores) give exactly 0.
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.37626f);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  // n in [-126, 128): split 2^n = 2^(n/2) * 2^(n - n/2) so both factors are normal floats
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i half = _mm256_srai_epi32(ni, 1);
+  const __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
+  const __m256 b = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), _mm256_set1_epi32(127)), 23));
+  return _mm256_blendv_ps(_mm256_mul_ps(_mm256_mul_ps(p, a), b), _mm256_setzero_ps(), underflow);
 }
 
 inline float row_max(const float* x, int n) {
@@ -50,7 +79,7 @@ inline float exp_shift_sum(float* x, int n, float shift) {
   __m256 total = _mm256_setzero_ps();
   const __m256 s = _mm256_set1_ps(shift);
   for (; j + 8 <= n; j += 8) {
-    __m256 e = Sleef_expf8_u10avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), s));
+    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), s));
     _mm256_storeu_ps(x + j, e);
     total = _mm256_add_ps(total, e);
   }
@@ -162,9 +191,11 @@ void run_dynamic(const std::vector<int64_t>& order, F work) {
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(order.size(), 1));
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    const int previous = MKL_Set_Num_Threads_Local(1);
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t i = next++; i < static_cast<int64_t>(order.size()); i = next++) work(order[i], t);
     }
+    MKL_Set_Num_Threads_Local(previous);
   });
 }
 
@@ -204,15 +235,16 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   }
   const int64_t threads = at::get_num_threads();
   std::vector<std::vector<float>> scratch(threads);
+  const int64_t run = std::max<int64_t>(1, kRunWidth / p.block_k), ldS = run * p.block_k;
 
   run_dynamic(longest_first(cost), [&](int64_t it, int64_t t) {
     const int64_t qb = it % p.nQ, h = (it / p.nQ) % p.Hq, b = it / (p.nQ * p.Hq);
     const int64_t hk = h / group;
     const int64_t q0 = qb * p.block_q, rows = std::min(p.block_q, p.Lq - q0);
     auto& buf = scratch[t];
-    buf.resize(p.block_q * p.block_k + p.block_q * D + 2 * p.block_q);
+    buf.resize(p.block_q * ldS + p.block_q * D + 2 * p.block_q);
     float* S = buf.data();
-    float* acc = S + p.block_q * p.block_k;
+    float* acc = S + p.block_q * ldS;
     float* m = acc + p.block_q * D;
     float* l = m + p.block_q;
     std::fill(acc, acc + rows * D, 0.0f);
@@ -221,18 +253,22 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 
     const float* Qp = Q + ((b * p.Hq + h) * p.Lq + q0) * D;
     const int64_t list = (p.lb(b) * p.layout_h + p.lh(h)) * p.nQ + qb;
-    for (int64_t s = 0; s < cnt[list]; ++s) {
-      const int64_t kb = idx[list * maxK + s];
-      const TileRule rule = p.rule(qb, kb, mid ? mid[list * maxK + s] : -1);
-      const int64_t cols = rule.cols;
-      const float* Kp = K + ((b * p.Hkv + hk) * p.Lk + rule.k0) * D;
-      const float* Vp = V + ((b * p.Hkv + hk) * p.Lk + rule.k0) * D;
-      // S[rows, cols] (row-major, ld block_k) = scale * Q K^T
-      gemm('T', 'N', cols, rows, D, p.scale, Kp, D, Qp, D, 0.0f, S, p.block_k);
-      const bool full = rule.full();
+    const int32_t* blocks = idx + list * maxK;
+    for (int64_t s = 0, e; s < cnt[list]; s = e) {
+      // consecutive key blocks form one wider GEMM: fewer, more efficient BLAS calls
+      for (e = s + 1; e < cnt[list] && e - s < run && blocks[e] == blocks[e - 1] + 1; ++e) {}
+      const int64_t k0 = blocks[s] * p.block_k, cols = std::min((e - s) * p.block_k, p.Lk - k0);
+      const float* Kp = K + ((b * p.Hkv + hk) * p.Lk + k0) * D;
+      const float* Vp = V + ((b * p.Hkv + hk) * p.Lk + k0) * D;
+      // S[rows, cols] (row-major, ld ldS) = scale * Q K^T
+      gemm('T', 'N', cols, rows, D, p.scale, Kp, D, Qp, D, 0.0f, S, ldS);
+      for (int64_t tile = s; tile < e; ++tile) {
+        const TileRule rule = p.rule(qb, blocks[tile], mid ? mid[list * maxK + tile] : -1);
+        if (rule.full()) continue;
+        for (int64_t i = 0; i < rows; ++i) rule.apply(S + i * ldS + (tile - s) * p.block_k, i);
+      }
       for (int64_t i = 0; i < rows; ++i) {
-        float* row = S + i * p.block_k;
-        if (!full) rule.apply(row, i);
+        float* row = S + i * ldS;
         const float new_max = std::max(m[i], row_max(row, cols));
         if (new_max == kNegInf) {  // nothing allowed in this row so far
           std::fill(row, row + cols, 0.0f);
@@ -245,7 +281,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
         m[i] = new_max;
       }
       // acc[rows, D] += P V
-      gemm('N', 'N', D, rows, cols, 1.0f, Vp, D, S, p.block_k, 1.0f, acc, D);
+      gemm('N', 'N', D, rows, cols, 1.0f, Vp, D, S, ldS, 1.0f, acc, D);
     }
     float* Op = O + ((b * p.Hq + h) * p.Lq + q0) * D;
     float* Lp = LSE + (b * p.Hq + h) * p.Lq + q0;
@@ -298,15 +334,16 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) cost[it] += cnt[(p.lb(b) * p.layout_h + p.lh(h)) * p.nK + kb];
   }
   std::vector<std::vector<float>> scratch(threads);
+  const int64_t run = std::max<int64_t>(1, kRunWidth / p.block_q);
 
   run_dynamic(longest_first(cost), [&](int64_t it, int64_t t) {
     const int64_t kb = it % p.nK, hk = (it / p.nK) % p.Hkv, b = it / (p.nK * p.Hkv);
     const int64_t k0 = kb * p.block_k, cols = std::min(p.block_k, p.Lk - k0);
     auto& buf = scratch[t];
-    buf.resize(2 * p.block_q * p.block_k + 2 * p.block_k * D);
+    buf.resize(2 * run * p.block_q * p.block_k + 2 * p.block_k * D);
     float* P = buf.data();
-    float* dS = P + p.block_q * p.block_k;
-    float* dKacc = dS + p.block_q * p.block_k;
+    float* dS = P + run * p.block_q * p.block_k;
+    float* dKacc = dS + run * p.block_q * p.block_k;
     float* dVacc = dKacc + p.block_k * D;
     std::fill(dKacc, dKacc + 2 * p.block_k * D, 0.0f);
     const float* Kp = K + ((b * p.Hkv + hk) * p.Lk + k0) * D;
@@ -314,16 +351,21 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
 
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
       const int64_t list = (p.lb(b) * p.layout_h + p.lh(h)) * p.nK + kb;
-      for (int64_t s = 0; s < cnt[list]; ++s) {
-        const int64_t qb = idx[list * maxQ + s];
-        const TileRule rule = p.rule(qb, kb, mid ? mid[list * maxQ + s] : -1);
-        const int64_t rows = rule.rows, q0 = rule.q0;
+      const int32_t* blocks = idx + list * maxQ;
+      for (int64_t s = 0, e; s < cnt[list]; s = e) {
+        for (e = s + 1; e < cnt[list] && e - s < run && blocks[e] == blocks[e - 1] + 1; ++e) {}
+        const int64_t q0 = blocks[s] * p.block_q, rows = std::min((e - s) * p.block_q, p.Lq - q0);
         const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
         const float* Qp = Q + row0 * D;
         const float* dOp = dO + row0 * D;
         gemm('T', 'N', cols, rows, D, p.scale, Kp, D, Qp, D, 0.0f, P, p.block_k);
         gemm('T', 'N', cols, rows, D, 1.0f, Vp, D, dOp, D, 0.0f, dS, p.block_k);  // dP = dO V^T
-        const bool full = rule.full();
+        for (int64_t tile = s; tile < e; ++tile) {
+          const TileRule rule = p.rule(blocks[tile], kb, mid ? mid[list * maxQ + tile] : -1);
+          if (rule.full()) continue;
+          const int64_t base = (tile - s) * p.block_q;
+          for (int64_t i = 0; i < rule.rows; ++i) rule.apply(P + (base + i) * p.block_k, i);
+        }
         for (int64_t i = 0; i < rows; ++i) {
           float* prow = P + i * p.block_k;
           float* drow = dS + i * p.block_k;
@@ -333,7 +375,6 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
             std::fill(drow, drow + cols, 0.0f);
             continue;
           }
-          if (!full) rule.apply(prow, i);
           exp_shift_sum(prow, cols, row_lse);
           const float dlt = DELTA[row0 + i];
           for (int64_t j = 0; j < cols; ++j) drow[j] = prow[j] * (drow[j] - dlt);
