@@ -24,3 +24,16 @@ def test_eager_flex_matches_reference(seed):
     rows = case.layout.row_has_keys().expand_as(ref_lse)  # Flex's convention for empty rows is its own
     assert relative_error(out[rows], ref_out[rows]) <= 1e-5, case.label
     assert relative_error(lse[rows], ref_lse[rows]) <= 1e-5, case.label
+
+
+def test_flex_backend_through_attention():
+    import blockattn
+    case = random_case(3, block_sizes=(16, 32))
+    out, lse = blockattn.attention(case.q, case.k, case.v, case.layout, backend="flex", return_lse=True)
+    ref_out = reference_attention(case.q.double(), case.k.double(), case.v.double(), case.layout)
+    rows = case.layout.row_has_keys().expand_as(lse)
+    assert relative_error(out[rows], ref_out[rows]) <= 1e-5
+    # torch has no FlexAttention backward on CPU: the error says so instead of returning wrong grads
+    q = case.q.clone().requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="backward on CPU"):
+        blockattn.attention(q, case.k, case.v, case.layout, backend="flex")

@@ -116,11 +116,19 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: float, compiled: bool = True,
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: float, compiled: bool | None = None,
                    block_mask=None):
-    """`(out, lse)` through FlexAttention (compiled by default; eager is a slow, memory-hungry reference)."""
+    """`(out, lse)` through FlexAttention.
+
+    `compiled=None` compiles on CUDA and runs eagerly on CPU: torch.compile's CPU FlexAttention
+    supports inference only and cannot return the lse this contract needs, so the CPU path is the
+    eager (exact, but dense-memory) one, and torch has no FlexAttention backward on CPU at all.
+    Benchmarks time compiled inference directly through `compiled_flex_attention()`.
+    """
     from torch.nn.attention.flex_attention import flex_attention as eager_flex
 
+    if compiled is None:
+        compiled = q.device.type == "cuda"
     block_mask = layout_to_block_mask(layout.to(q.device)) if block_mask is None else block_mask
     fn = compiled_flex_attention() if compiled else eager_flex
     out, lse = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
