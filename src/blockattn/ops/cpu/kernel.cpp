@@ -242,9 +242,11 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     const int64_t hk = h / group;
     const int64_t q0 = qb * p.block_q, rows = std::min(p.block_q, p.Lq - q0);
     auto& buf = scratch[t];
-    buf.resize(p.block_q * ldS + p.block_q * D + 2 * p.block_q);
+    buf.resize(p.block_q * ldS + p.block_q * D + 2 * p.block_q + 2 * ldS * D);
     float* S = buf.data();
     float* acc = S + p.block_q * ldS;
+    float* Kbuf = acc + p.block_q * D + 2 * p.block_q;
+    float* Vbuf = Kbuf + ldS * D;
     float* m = acc + p.block_q * D;
     float* l = m + p.block_q;
     std::fill(acc, acc + rows * D, 0.0f);
@@ -255,11 +257,24 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     const int64_t list = (p.lb(b) * p.layout_h + p.lh(h)) * p.nQ + qb;
     const int32_t* blocks = idx + list * maxK;
     for (int64_t s = 0, e; s < cnt[list]; s = e) {
-      // consecutive key blocks form one wider GEMM: fewer, more efficient BLAS calls
-      for (e = s + 1; e < cnt[list] && e - s < run && blocks[e] == blocks[e - 1] + 1; ++e) {}
-      const int64_t k0 = blocks[s] * p.block_k, cols = std::min((e - s) * p.block_k, p.Lk - k0);
-      const float* Kp = K + ((b * p.Hkv + hk) * p.Lk + k0) * D;
-      const float* Vp = V + ((b * p.Hkv + hk) * p.Lk + k0) * D;
+      // up to `run` listed key blocks form one wide GEMM (fewer, more efficient BLAS calls); blocks that
+      // are not consecutive in memory are first copied side by side into per-thread buffers
+      e = std::min<int64_t>(cnt[list], s + run);
+      const bool consecutive = blocks[e - 1] - blocks[s] == e - 1 - s;
+      const int64_t last_k0 = blocks[e - 1] * p.block_k;
+      const int64_t cols = (e - 1 - s) * p.block_k + std::min(p.block_k, p.Lk - last_k0);
+      const float* Kp = K + ((b * p.Hkv + hk) * p.Lk + blocks[s] * p.block_k) * D;
+      const float* Vp = V + ((b * p.Hkv + hk) * p.Lk + blocks[s] * p.block_k) * D;
+      if (!consecutive) {
+        for (int64_t tile = s; tile < e; ++tile) {
+          const int64_t k0 = blocks[tile] * p.block_k, n = std::min(p.block_k, p.Lk - k0) * D;
+          const int64_t src = ((b * p.Hkv + hk) * p.Lk + k0) * D, dst = (tile - s) * p.block_k * D;
+          std::copy(K + src, K + src + n, Kbuf + dst);
+          std::copy(V + src, V + src + n, Vbuf + dst);
+        }
+        Kp = Kbuf;
+        Vp = Vbuf;
+      }
       // S[rows, cols] (row-major, ld ldS) = scale * Q K^T
       gemm('T', 'N', cols, rows, D, p.scale, Kp, D, Qp, D, 0.0f, S, ldS);
       for (int64_t tile = s; tile < e; ++tile) {
