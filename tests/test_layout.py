@@ -100,7 +100,8 @@ def test_transpose_lists_query_blocks_per_key_block():
     g = torch.Generator().manual_seed(3)
     blocks = torch.rand(1, 2, 5, 7, generator=g) < 0.5
     layout = BlockLayout.from_dense(blocks, q_len=40, k_len=56, block_q=8, block_k=8, allow_empty_rows=True)
-    counts, indices = layout.transpose()
+    counts, indices, mask_ids = layout.transpose()
+    assert mask_ids is None
     for h in range(2):
         for kb in range(7):
             listed = indices[0, h, kb, :counts[0, h, kb]].tolist()
@@ -150,3 +151,18 @@ def test_union_rejects_mismatched_layouts():
         a | b
     with pytest.raises(TypeError, match="BlockLayout"):
         a & "causal"
+
+
+def test_transpose_carries_explicit_mask_ids():
+    g = torch.Generator().manual_seed(5)
+    layout = BlockLayout.from_token_mask(torch.rand(1, 2, 40, 56, generator=g) < 0.3, block_q=8, block_k=8,
+                                         allow_empty_rows=True)
+    counts, indices, mask_ids = layout.transpose()
+    forward = {}
+    for h in range(2):
+        for qb in range(layout.num_q_blocks):
+            for slot in range(int(layout.kv_counts[0, h, qb])):
+                forward[h, qb, int(layout.kv_indices[0, h, qb, slot])] = int(layout.tile_mask_ids[0, h, qb, slot])
+    backward = {(h, int(indices[0, h, kb, s]), kb): int(mask_ids[0, h, kb, s])
+                for h in range(2) for kb in range(layout.num_k_blocks) for s in range(int(counts[0, h, kb]))}
+    assert forward == backward and any(v >= 0 for v in forward.values())

@@ -444,11 +444,21 @@ class BlockLayout:
     def __and__(self, other: BlockLayout) -> BlockLayout:
         return self._combine(other, "and")
 
-    def transpose(self) -> tuple[Tensor, Tensor]:
+    def transpose(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """Per key block, the sorted query blocks that list it: (q_counts `[B|1, H|1, nK]`,
-        q_indices `[B|1, H|1, nK, maxQ]` padded with -1). Backward kernels iterate these."""
+        q_indices `[B|1, H|1, nK, maxQ]` padded with -1, q_mask_ids `[B|1, H|1, nK, maxQ]` with each
+        tile's explicit-mask id or -1, None when the layout has no explicit masks). Backward kernels
+        iterate these."""
         counts, indices = _block_lists(self.to_dense().transpose(-1, -2))
-        return counts, indices
+        if self.tile_mask_ids is None:
+            return counts, indices, None
+        ids = torch.full((self.batch, self.heads, self.num_q_blocks, self.num_k_blocks), -1, dtype=torch.int32,
+                         device=self.device)
+        b, h, qb, slot = (self.tile_mask_ids >= 0).nonzero(as_tuple=True)
+        ids[b, h, qb, self.kv_indices[b, h, qb, slot].long()] = self.tile_mask_ids[b, h, qb, slot]
+        mask_ids = torch.gather(ids.transpose(2, 3), 3, indices.clamp(min=0).long())
+        mask_ids = torch.where(indices >= 0, mask_ids, -1).to(torch.int32).contiguous()
+        return counts, indices, mask_ids
 
     # ------------------------------------------------------------------ FlexAttention interop
     def to_block_mask(self):

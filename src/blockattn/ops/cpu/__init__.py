@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from blockattn.layout import BlockLayout, _block_lists
+from blockattn.layout import BlockLayout
 
 try:
     from blockattn.ops.cpu import _kernel
@@ -37,18 +37,6 @@ def _tile_masks(layout: BlockLayout) -> torch.Tensor:
     return layout.tile_masks.to(torch.uint8).contiguous()
 
 
-def _transposed_lists(layout: BlockLayout):
-    """Per key block, the query blocks listing it and the explicit-mask id of each such tile."""
-    counts, indices = layout.transpose()
-    if layout.tile_mask_ids is None:
-        return counts, indices, torch.empty(0, dtype=torch.int32)
-    ids = torch.full((layout.batch, layout.heads, layout.num_q_blocks, layout.num_k_blocks), -1, dtype=torch.int32)
-    b, h, qb, slot = (layout.tile_mask_ids >= 0).nonzero(as_tuple=True)
-    ids[b, h, qb, layout.kv_indices[b, h, qb, slot].long()] = layout.tile_mask_ids[b, h, qb, slot]
-    q_mask_ids = torch.gather(ids.transpose(2, 3), 3, indices.clamp(min=0).long())
-    return counts, indices, q_mask_ids.contiguous()
-
-
 class _CpuAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, scale):
@@ -68,7 +56,9 @@ class _CpuAttention(torch.autograd.Function):
         layout = ctx.layout
         grad_out = grad_out.float().contiguous()
         delta = (grad_out * out).sum(-1)
-        q_counts, q_indices, q_mask_ids = _transposed_lists(layout)
+        q_counts, q_indices, q_mask_ids = layout.transpose()
+        if q_mask_ids is None:
+            q_mask_ids = torch.empty(0, dtype=torch.int32)
         rule = _rule(layout)
         dq, dk, dv = _kernel.backward(q, k, v, grad_out, lse, delta, q_counts, q_indices, q_mask_ids,
                                       _tile_masks(layout), rule["block_q"], rule["block_k"], rule["causal"],
