@@ -1,7 +1,14 @@
-"""Triton block-sparse attention for GPUs (forward and backward); runs on CPU under TRITON_INTERPRET=1."""
+"""Triton block-sparse attention for GPUs (forward and backward); runs on CPU under TRITON_INTERPRET=1.
+
+The kernel's tile is the layout's block, so `block_q` and `block_k` must be powers of two >= 16
+(Triton's `tl.dot` shape rule); head dims are padded to a power of two inside the kernel.
+float32 matmuls use IEEE precision (no TF32) so results match the float64 reference.
+"""
 from __future__ import annotations
 
 import os
+
+import torch
 
 
 def available(device=None) -> str:
@@ -9,7 +16,6 @@ def available(device=None) -> str:
         import triton  # noqa: F401
     except ImportError as error:
         return f"unavailable: triton is not installed ({error})"
-    import torch
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "available"
     if not torch.cuda.is_available():
@@ -19,5 +25,76 @@ def available(device=None) -> str:
     return "available"
 
 
+def _check_blocks(layout):
+    for name, size in (("block_q", layout.block_q), ("block_k", layout.block_k)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"the triton backend needs {name} to be a power of two >= 16, got {size}")
+
+
+def _launch_args(q, k, layout, scale):
+    left, right = layout.window if layout.window is not None else (0, 0)
+    return dict(heads_q=q.shape[1], heads_kv=k.shape[1], layout_b=layout.batch, layout_h=layout.heads,
+                q_len=q.shape[2], k_len=k.shape[2], offset=layout.offset, scale=scale, left=left, right=right,
+                D=q.shape[3], BLOCK_D=max(16, 1 << (q.shape[3] - 1).bit_length()), BLOCK_Q=layout.block_q,
+                BLOCK_K=layout.block_k, CAUSAL=layout.causal, WINDOW=layout.window is not None,
+                HAS_MASKS=layout.tile_masks is not None,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _masks(layout, device):
+    if layout.tile_masks is None:
+        empty = torch.zeros(1, dtype=torch.int32, device=device)
+        return empty, torch.zeros(1, dtype=torch.uint8, device=device)
+    return layout.tile_mask_ids.to(device), layout.tile_masks.to(device=device, dtype=torch.uint8)
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale):
+        from blockattn.ops.triton.kernels import forward_kernel
+
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        mask_ids, tile_masks = _masks(layout, q.device)
+        args = _launch_args(q, k, layout, scale)
+        grid = (layout.num_q_blocks, q.shape[0] * q.shape[1])
+        forward_kernel[grid](q, k, v, out, lse, layout.kv_counts.to(q.device), layout.kv_indices.to(q.device),
+                             mask_ids, tile_masks, n_q=layout.num_q_blocks, max_k=layout.max_blocks, **args)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale = layout, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        from blockattn.ops.triton.kernels import backward_dkdv_kernel, backward_dq_kernel
+
+        q, k, v, out, lse = ctx.saved_tensors
+        layout = ctx.layout
+        grad_out = grad_out.contiguous()
+        delta = (grad_out.float() * out.float()).sum(-1)
+        args = _launch_args(q, k, layout, ctx.scale)
+        mask_ids, tile_masks = _masks(layout, q.device)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        q_counts, q_indices, q_mask_ids = layout.transpose()
+        q_mask_ids = mask_ids if q_mask_ids is None else q_mask_ids.to(q.device)
+        backward_dkdv_kernel[(layout.num_k_blocks, k.shape[0] * k.shape[1])](
+            q, k, v, grad_out, lse, delta, dk, dv, q_counts.to(q.device), q_indices.to(q.device), q_mask_ids,
+            tile_masks, n_k=layout.num_k_blocks, max_q=q_indices.shape[3], **args)
+        backward_dq_kernel[(layout.num_q_blocks, q.shape[0] * q.shape[1])](
+            q, k, v, grad_out, lse, delta, dq, layout.kv_counts.to(q.device), layout.kv_indices.to(q.device),
+            mask_ids, tile_masks, n_q=layout.num_q_blocks, max_k=layout.max_blocks, **args)
+        return dq, dk, dv, None, None
+
+
 def run(q, k, v, layout, *, scale):
-    raise NotImplementedError("the Triton kernel is being written")
+    _check_blocks(layout)
+    if q.dtype == torch.float64:
+        raise TypeError("the triton backend takes float32, bfloat16 or float16 inputs, got float64")
+    if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        # the CPU interpreter reads bfloat16 as raw 16-bit integers (numpy has no bfloat16), so under it
+        # bfloat16 runs in float32; on a GPU the kernel takes bfloat16 natively
+        out, lse = run(q.float(), k.float(), v.float(), layout, scale=scale)
+        return out.to(torch.bfloat16), lse
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    return _TritonAttention.apply(q, k, v, layout, scale)

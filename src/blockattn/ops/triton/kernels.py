@@ -1,0 +1,165 @@
+"""Triton kernels: forward, and the two backward passes (dK/dV over key blocks, dQ over query blocks).
+
+One program per (query block, batch x head) in forward and dQ, one per (key block, batch x kv head)
+in dK/dV; each walks only the blocks its layout list names. Tile = the layout's blocks.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _token_rule(q_pos, k_pos, q_len, k_len, offset, mask_id, tile_masks, BLOCK_Q: tl.constexpr,
+                BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, left, right,
+                HAS_MASKS: tl.constexpr):
+    """bool [BLOCK_Q, BLOCK_K]: which (query, key) pairs of the tile the layout allows."""
+    aligned = q_pos[:, None] + offset
+    keep = (q_pos[:, None] < q_len) & (k_pos[None, :] < k_len)
+    if CAUSAL:
+        keep = keep & (k_pos[None, :] <= aligned)
+    if WINDOW:
+        keep = keep & (k_pos[None, :] >= aligned - left) & (k_pos[None, :] <= aligned + right)
+    if HAS_MASKS:
+        rows = tl.arange(0, BLOCK_Q)
+        cols = tl.arange(0, BLOCK_K)
+        bits = tl.load(tile_masks + tl.maximum(mask_id, 0) * BLOCK_Q * BLOCK_K + rows[:, None] * BLOCK_K + cols[None, :])
+        keep = keep & ((bits != 0) | (mask_id < 0))
+    return keep
+
+
+@triton.jit
+def forward_kernel(Q, K, V, Out, Lse, counts, indices, mask_ids, tile_masks,
+                   heads_q, heads_kv, layout_b, layout_h, n_q, max_k, q_len, k_len, offset, scale, left, right,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASKS: tl.constexpr, PRECISION: tl.constexpr):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads_q
+    h = bh % heads_q
+    hk = h // (heads_q // heads_kv)
+    list_id = (tl.where(layout_b > 1, b, 0) * layout_h + tl.where(layout_h > 1, h, 0)) * n_q + qb
+    count = tl.load(counts + list_id)
+
+    q_pos = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, BLOCK_D)
+    q_rows = (bh * q_len + q_pos).to(tl.int64)
+    q = tl.load(Q + q_rows[:, None] * D + d[None, :], mask=(q_pos[:, None] < q_len) & (d[None, :] < D), other=0.0)
+
+    m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for t in range(0, count):
+        kb = tl.load(indices + list_id * max_k + t)
+        mask_id = -1
+        if HAS_MASKS:
+            mask_id = tl.load(mask_ids + list_id * max_k + t)
+        k_pos = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_rows = ((b * heads_kv + hk) * k_len + k_pos).to(tl.int64)
+        in_k = (k_pos[:, None] < k_len) & (d[None, :] < D)
+        k = tl.load(K + k_rows[:, None] * D + d[None, :], mask=in_k, other=0.0)
+        v = tl.load(V + k_rows[:, None] * D + d[None, :], mask=in_k, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        keep = _token_rule(q_pos, k_pos, q_len, k_len, offset, mask_id, tile_masks, BLOCK_Q, BLOCK_K, CAUSAL,
+                           WINDOW, left, right, HAS_MASKS)
+        s = tl.where(keep, s, float("-inf"))
+        new_m = tl.maximum(m, tl.max(s, 1))
+        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+        p = tl.exp(s - safe_m[:, None])
+        correction = tl.exp(m - safe_m)
+        l = l * correction + tl.sum(p, 1)
+        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = new_m
+    nonempty = l > 0
+    out = tl.where(nonempty[:, None], acc / tl.where(nonempty, l, 1.0)[:, None], 0.0)
+    lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
+    tl.store(Out + q_rows[:, None] * D + d[None, :], out.to(Out.dtype.element_ty),
+             mask=(q_pos[:, None] < q_len) & (d[None, :] < D))
+    tl.store(Lse + q_rows, lse, mask=q_pos < q_len)
+
+
+@triton.jit
+def backward_dkdv_kernel(Q, K, V, dO, Lse, Delta, dK, dV, q_counts, q_indices, q_mask_ids, tile_masks,
+                         heads_q, heads_kv, layout_b, layout_h, n_k, max_q, q_len, k_len, offset, scale, left, right,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                         CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASKS: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    kb = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // heads_kv
+    hk = bhk % heads_kv
+    group = heads_q // heads_kv
+    k_pos = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    d = tl.arange(0, BLOCK_D)
+    k_rows = (bhk * k_len + k_pos).to(tl.int64)
+    in_k = (k_pos[:, None] < k_len) & (d[None, :] < D)
+    k = tl.load(K + k_rows[:, None] * D + d[None, :], mask=in_k, other=0.0)
+    v = tl.load(V + k_rows[:, None] * D + d[None, :], mask=in_k, other=0.0)
+    dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    for h in range(hk * group, (hk + 1) * group):
+        list_id = (tl.where(layout_b > 1, b, 0) * layout_h + tl.where(layout_h > 1, h, 0)) * n_k + kb
+        count = tl.load(q_counts + list_id)
+        for t in range(0, count):
+            qb = tl.load(q_indices + list_id * max_q + t)
+            mask_id = -1
+            if HAS_MASKS:
+                mask_id = tl.load(q_mask_ids + list_id * max_q + t)
+            q_pos = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+            q_rows = ((b * heads_q + h) * q_len + q_pos).to(tl.int64)
+            in_q = (q_pos[:, None] < q_len) & (d[None, :] < D)
+            q = tl.load(Q + q_rows[:, None] * D + d[None, :], mask=in_q, other=0.0)
+            do = tl.load(dO + q_rows[:, None] * D + d[None, :], mask=in_q, other=0.0)
+            lse = tl.load(Lse + q_rows, mask=q_pos < q_len, other=float("-inf"))
+            delta = tl.load(Delta + q_rows, mask=q_pos < q_len, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            keep = _token_rule(q_pos, k_pos, q_len, k_len, offset, mask_id, tile_masks, BLOCK_Q, BLOCK_K, CAUSAL,
+                               WINDOW, left, right, HAS_MASKS)
+            keep = keep & (lse[:, None] != float("-inf"))
+            p = tl.where(keep, tl.exp(s - tl.where(lse == float("-inf"), 0.0, lse)[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION) * scale
+    tl.store(dK + k_rows[:, None] * D + d[None, :], dk.to(dK.dtype.element_ty), mask=in_k)
+    tl.store(dV + k_rows[:, None] * D + d[None, :], dv.to(dV.dtype.element_ty), mask=in_k)
+
+
+@triton.jit
+def backward_dq_kernel(Q, K, V, dO, Lse, Delta, dQ, counts, indices, mask_ids, tile_masks,
+                       heads_q, heads_kv, layout_b, layout_h, n_q, max_k, q_len, k_len, offset, scale, left, right,
+                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                       CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASKS: tl.constexpr, PRECISION: tl.constexpr):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads_q
+    h = bh % heads_q
+    hk = h // (heads_q // heads_kv)
+    list_id = (tl.where(layout_b > 1, b, 0) * layout_h + tl.where(layout_h > 1, h, 0)) * n_q + qb
+    count = tl.load(counts + list_id)
+    q_pos = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, BLOCK_D)
+    q_rows = (bh * q_len + q_pos).to(tl.int64)
+    in_q = (q_pos[:, None] < q_len) & (d[None, :] < D)
+    q = tl.load(Q + q_rows[:, None] * D + d[None, :], mask=in_q, other=0.0)
+    do = tl.load(dO + q_rows[:, None] * D + d[None, :], mask=in_q, other=0.0)
+    lse = tl.load(Lse + q_rows, mask=q_pos < q_len, other=float("-inf"))
+    delta = tl.load(Delta + q_rows, mask=q_pos < q_len, other=0.0)
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for t in range(0, count):
+        kb = tl.load(indices + list_id * max_k + t)
+        mask_id = -1
+        if HAS_MASKS:
+            mask_id = tl.load(mask_ids + list_id * max_k + t)
+        k_pos = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_rows = ((b * heads_kv + hk) * k_len + k_pos).to(tl.int64)
+        in_k = (k_pos[:, None] < k_len) & (d[None, :] < D)
+        k = tl.load(K + k_rows[:, None] * D + d[None, :], mask=in_k, other=0.0)
+        v = tl.load(V + k_rows[:, None] * D + d[None, :], mask=in_k, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        keep = _token_rule(q_pos, k_pos, q_len, k_len, offset, mask_id, tile_masks, BLOCK_Q, BLOCK_K, CAUSAL,
+                           WINDOW, left, right, HAS_MASKS)
+        keep = keep & (lse[:, None] != float("-inf"))
+        p = tl.where(keep, tl.exp(s - tl.where(lse == float("-inf"), 0.0, lse)[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+    tl.store(dQ + q_rows[:, None] * D + d[None, :], dq.to(dQ.dtype.element_ty), mask=in_q)
