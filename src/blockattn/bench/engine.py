@@ -72,7 +72,7 @@ def run_engine_benchmark(lengths, families, backends, *, heads=8, dim=64, backwa
         pairs = layout.token_density() * length * length * heads
         flops = 4 * dim * pairs * (3.5 if backward else 1.0)  # backward ~2.5x forward matmul work
         flex_ms = compile_s = None
-        if flex:
+        if flex and not backward:  # torch has no FlexAttention backward on CPU
             block_mask = layout.to_block_mask()
             flex_fn = compiled_flex_attention()
             call = _step(lambda q, k, v: flex_fn(q, k, v, block_mask=block_mask), backward, inputs, grad)
