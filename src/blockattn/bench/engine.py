@@ -73,6 +73,9 @@ def run_engine_benchmark(lengths, families, backends, *, heads=8, dim=64, backwa
         flops = 4 * dim * pairs * (3.5 if backward else 1.0)  # backward ~2.5x forward matmul work
         flex_ms = compile_s = None
         if flex and not backward:  # torch has no FlexAttention backward on CPU
+            # each layout's mask_mod is a new closure: without a reset, dynamo's recompile limit would
+            # silently drop later rows to eager FlexAttention (dense scores)
+            torch._dynamo.reset()
             block_mask = layout.to_block_mask()
             flex_fn = compiled_flex_attention()
             call = _step(lambda q, k, v: flex_fn(q, k, v, block_mask=block_mask), backward, inputs, grad)
