@@ -1,0 +1,93 @@
+"""XAttention against a float64 loop implementation of the paper's rule, and the properties it claims."""
+import math
+
+import pytest
+import torch
+
+import blockattn
+from blockattn.methods.xattention import XAttention
+
+
+def naive_xattention(q, k, *, threshold, stride, block, causal):
+    """Loops: antidiagonal cell scores, causal softmax per strided row, block sums, cumulative selection."""
+    q, k = q.double(), k.double()
+    batch, heads, q_len, dim = q.shape
+    group = heads // k.shape[1]
+    k_len = k.shape[2]
+    n_q, n_k = math.ceil(q_len / block), math.ceil(k_len / block)
+    offset = k_len - q_len
+
+    def token(x, i):
+        return x[i] if i < x.shape[0] else torch.zeros(dim, dtype=torch.float64)
+
+    selected = torch.zeros(batch, heads, n_q, n_k, dtype=torch.bool)
+    for b in range(batch):
+        for h in range(heads):
+            qh, kh = q[b, h], k[b, h // group]
+            scores = torch.zeros(n_q, n_k, dtype=torch.float64)
+            for r in range(math.ceil(q_len / stride)):
+                logits = {}
+                for c in range(math.ceil(k_len / stride)):
+                    if causal and c * stride > r * stride + stride - 1 + offset:
+                        continue
+                    logits[c] = sum(float(token(qh, r * stride + stride - 1 - i) @ token(kh, c * stride + i))
+                                    for i in range(stride)) / (math.sqrt(dim) * stride)
+                top = max(logits.values())
+                norm = sum(math.exp(x - top) for x in logits.values())
+                for c, x in logits.items():
+                    scores[r * stride // block, c * stride // block] += math.exp(x - top) / norm
+            for qb in range(n_q):
+                last = min((qb + 1) * block, q_len) - 1 + offset
+                forced = {0, min(last // block, n_k - 1)} if causal else {0}
+                order = sorted(range(n_k), key=lambda j: (j not in forced, -float(scores[qb, j]), j))
+                total, mass = float(scores[qb].sum()), 0.0
+                for j in order:
+                    if j in forced or (mass < threshold * total and scores[qb, j] > 0):
+                        selected[b, h, qb, j] = True
+                    mass += float(scores[qb, j])
+    return selected, scores
+
+
+@pytest.mark.parametrize("q_len,k_len,heads_kv,threshold,causal", [
+    (96, 96, 2, 0.9, True), (88, 88, 1, 0.6, True), (40, 100, 2, 0.8, True), (96, 96, 2, 0.7, False)])
+def test_selection_equals_naive_rule(q_len, k_len, heads_kv, threshold, causal):
+    g = torch.Generator().manual_seed(q_len + k_len)
+    # structured inputs so that scores are far from uniform and the threshold matters
+    q = torch.randn(1, 2 * heads_kv, q_len, 8, generator=g) * 2
+    k = torch.randn(1, heads_kv, k_len, 8, generator=g) * 2
+    method = XAttention(threshold=threshold, stride=4, block_size=16, causal=causal)
+    layout = method.select(q, k)
+    expected, _ = naive_xattention(q, k, threshold=threshold, stride=4, block=16, causal=causal)
+    assert torch.equal(layout.to_dense(), expected)
+
+
+def test_properties_mass_causality_forced_blocks():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 256, 16, generator=g) * 2, torch.randn(1, 2, 256, 16, generator=g) * 2
+    method = XAttention(threshold=0.8, stride=8, block_size=32)
+    scores = method.block_scores(q, k)
+    blocks = method.select(q, k).to_dense()
+    kept = (scores * blocks).sum(-1)
+    assert (kept >= 0.8 * scores.sum(-1) - 1e-4).all()           # cumulative mass >= threshold
+    assert not blocks.triu(1).any()                              # causal: no future block
+    assert blocks.diagonal(dim1=-2, dim2=-1).all() and blocks[..., 0].all()  # always-kept blocks
+    assert blocks.sum() < torch.ones(8, 8).tril().sum() * 4      # and it is sparse
+
+
+def test_sparse_attention_equals_attention_over_selected_layout():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 3, 300, 32, generator=g) for _ in range(3))
+    out = blockattn.sparse_attention(q, k, v, "xattention", threshold=0.5, block_size=64)
+    layout = blockattn.methods.get("xattention", threshold=0.5, block_size=64).select(q, k)
+    from blockattn.ops.reference import reference_attention
+    assert torch.allclose(out.double(), reference_attention(q.double(), k.double(), v.double(), layout), atol=1e-5)
+
+
+@pytest.mark.parametrize("params,message", [
+    (dict(threshold=0.0), "threshold"), (dict(threshold=1.5), "threshold"), (dict(stride=0), "stride"),
+    (dict(block_size=100, stride=8), "multiple of stride")])
+def test_bad_parameters(params, message):
+    with pytest.raises(ValueError, match=message):
+        blockattn.methods.get("xattention", **params)
+    with pytest.raises(TypeError, match="does not take"):
+        blockattn.methods.get("xattention", top_k=3)
