@@ -340,15 +340,23 @@ class BlockLayout:
 
     def to_token_mask(self) -> Tensor:
         """bool `[B|1, H|1, Lq, Lk]`: the exact token mask the kernels compute (for tests and small sizes)."""
-        nq, nk = self.num_q_blocks, self.num_k_blocks
+        return self.token_mask_rows(0, self.num_q_blocks)
+
+    def token_mask_rows(self, first_block: int, stop_block: int) -> Tensor:
+        """bool `[B|1, H|1, rows, Lk]`: the token mask of query blocks `[first_block, stop_block)` only,
+        so long layouts can be inspected a band of rows at a time."""
+        nq, nk = stop_block - first_block, self.num_k_blocks
         mask = torch.zeros(self.batch, self.heads, nq, nk, self.block_q, self.block_k, dtype=torch.bool,
                            device=self.device)
         b, h, qb, kb = self.listed_tiles()
+        band = (qb >= first_block) & (qb < stop_block)
+        b, h, qb, kb = b[band], h[band], qb[band], kb[band]
         for at in range(0, len(b), _TILE_CHUNK):
             sl = slice(at, at + _TILE_CHUNK)
-            mask[b[sl], h[sl], qb[sl], kb[sl]] = self.tile_token_masks(b[sl], h[sl], qb[sl], kb[sl])
+            mask[b[sl], h[sl], qb[sl] - first_block, kb[sl]] = self.tile_token_masks(b[sl], h[sl], qb[sl], kb[sl])
         mask = mask.permute(0, 1, 2, 4, 3, 5).reshape(self.batch, self.heads, nq * self.block_q, nk * self.block_k)
-        return mask[:, :, :self.q_len, :self.k_len]
+        rows = min(self.q_len, stop_block * self.block_q) - first_block * self.block_q
+        return mask[:, :, :rows, :self.k_len]
 
     def row_has_keys(self) -> Tensor:
         """bool `[B|1, H|1, Lq]`: whether each query row attends to at least one key."""

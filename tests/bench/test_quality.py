@@ -1,0 +1,26 @@
+"""The quality report against direct float64 computations on small inputs."""
+import torch
+
+import blockattn
+from blockattn.bench.quality import attention_recall, format_table, measure
+
+
+def test_recall_equals_dense_mass_inside_the_mask():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 300, 16, generator=g), torch.randn(1, 2, 300, 16, generator=g)
+    layout = blockattn.patterns.random_blocks(300, density=0.4, heads=4, block_q=32, block_k=32)
+    scores = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) / 4
+    scores = scores.masked_fill(torch.ones(300, 300, dtype=torch.bool).triu(1), float("-inf"))
+    expected = (torch.softmax(scores, -1) * layout.to_token_mask()).sum(-1).mean()
+    assert abs(attention_recall(q, k, layout) - float(expected)) < 1e-5
+    assert abs(attention_recall(q, k, blockattn.patterns.causal(300, block_q=32, block_k=32)) - 1.0) < 1e-5
+
+
+def test_measure_dense_layout_is_exact_and_table_prints():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 256, 16, generator=g) for _ in range(3))
+    full = measure("xattention", q, k, v, repeats=1)
+    assert 0 < full.density <= 1 and 0 < full.recall <= 1 + 1e-6 and full.output_error >= 0
+    loose = measure(blockattn.methods.get("xattention", threshold=0.3, block_size=32), q, k, v, repeats=1)
+    assert loose.density < 1 and loose.recall < 1 and loose.output_error > 0
+    assert "| xattention | 256 |" in format_table([full, loose])
