@@ -15,6 +15,17 @@ def expand_kv_heads(k: Tensor, heads_q: int) -> Tensor:
     return k[:, :, None].expand(batch, heads_kv, group, length, dim).reshape(batch, heads_q, length, dim)
 
 
+def check_qk(q: Tensor, k: Tensor) -> None:
+    """The input rule every selector shares: q `[B, Hq, Lq, D]`, k `[B, Hkv, Lk, D]`, `Hq % Hkv == 0`."""
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-dim tensor [B, H, L, D]")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {list(q.shape)} and k {list(k.shape)} must share batch size and head dim")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key heads ({k.shape[1]})")
+
+
 def cumulative_threshold(scores: Tensor, threshold: float, *, forced: Tensor | None = None) -> Tensor:
     """bool mask of the fewest blocks per row whose scores sum to >= `threshold` x the row total.
 

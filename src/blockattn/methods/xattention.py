@@ -21,7 +21,7 @@ from torch import Tensor
 
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
-from blockattn.methods._select import cumulative_threshold, expand_kv_heads
+from blockattn.methods._select import check_qk, cumulative_threshold, expand_kv_heads
 from blockattn.methods.base import Method
 
 _ROWS_PER_CHUNK = 1024  # strided query rows scored at once: bounds memory to 1024 x L/S per head
@@ -52,7 +52,7 @@ class XAttention(Method):
 
     def block_scores(self, q: Tensor, k: Tensor) -> Tensor:
         """Antidiagonal block scores `[B, Hq, nQ, nK]` (each causal row sums to ~block_size/stride)."""
-        _check_qk(q, k)
+        check_qk(q, k)
         batch, heads, q_len, dim = q.shape
         k_len = k.shape[2]
         S, block = self.stride, self.block_size
@@ -95,12 +95,3 @@ class XAttention(Method):
         return BlockLayout.from_dense(blocks, q_len=q_len, k_len=k_len, block_q=self.block_size,
                                       block_k=self.block_size, causal=self.causal)
 
-
-def _check_qk(q: Tensor, k: Tensor):
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-dim tensor [B, H, L, D]")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {list(q.shape)} and k {list(k.shape)} must share batch size and head dim")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key heads ({k.shape[1]})")

@@ -1,0 +1,97 @@
+"""MoBA: Mixture of Block Attention for Long-Context LLMs (Lu et al., 2025).
+
+Rule: keys are split into blocks of `block_size` tokens. Each query token scores every key block
+that lies entirely in its past by the dot product with the block's mean-pooled key, and attends to
+the `top_k` best blocks; the block holding the query itself is always one of them (attended
+causally) and future blocks never are. Gating is per query token, so the layout keeps MoBA's exact
+token mask: key tiles of `tile_size` tokens, each listed for the query blocks in which some token
+chose it, with a row mask for the tokens that did.
+
+Check done: the token mask equals a float64 per-token loop implementation of this rule in
+tests/methods/test_moba.py (no side-by-side run of the official code, which needs flash-attn on CUDA).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from blockattn.layout import BlockLayout, _analytic_block_support, _block_lists
+from blockattn.methods import register
+from blockattn.methods._select import check_qk, expand_kv_heads
+from blockattn.methods.base import Method
+
+
+@register("moba")
+@dataclasses.dataclass
+class MoBA(Method):
+    """Args:
+        block_size: MoBA key-block size in tokens (paper: 512 in its 8K-context experiments).
+        top_k: blocks each query attends to, the current block included (paper: 3).
+        tile_size: the engine's tile (block_q = block_k); must divide block_size.
+    """
+
+    block_size: int = 512
+    top_k: int = 3
+    tile_size: int = 64
+
+    def __post_init__(self):
+        for name in ("block_size", "top_k", "tile_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.block_size % self.tile_size:
+            raise ValueError(f"block_size ({self.block_size}) must be a multiple of tile_size ({self.tile_size})")
+
+    def gates(self, q: Tensor, k: Tensor) -> Tensor:
+        """bool `[B, Hq, Lq, nBlocks]`: which MoBA blocks each query token attends to."""
+        batch, heads, q_len, _ = q.shape
+        k_len = k.shape[2]
+        n_blocks = -(-k_len // self.block_size)
+        keys = expand_kv_heads(k.float(), heads)
+        padded = torch.nn.functional.pad(keys, (0, 0, 0, n_blocks * self.block_size - k_len))
+        sizes = (k_len - torch.arange(n_blocks) * self.block_size).clamp(max=self.block_size)
+        pooled = padded.view(batch, heads, n_blocks, self.block_size, -1).sum(3) / sizes.view(1, 1, -1, 1)
+        scores = q.float() @ pooled.transpose(-1, -2)  # [B, Hq, Lq, nBlocks]
+        position = torch.arange(q_len) + (k_len - q_len)  # queries are the last q_len tokens
+        current = position // self.block_size
+        block_ids = torch.arange(n_blocks)
+        past = block_ids.view(1, -1) < current.view(-1, 1)
+        scores = scores.masked_fill(~past, float("-inf"))
+        scores = torch.where(block_ids.view(1, -1) == current.view(-1, 1), float("inf"), scores)
+        k_top = min(self.top_k, n_blocks)
+        chosen = scores.topk(k_top, dim=-1).indices
+        gates = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True)
+        return gates & (past | (block_ids.view(1, -1) == current.view(-1, 1)))
+
+    def select(self, q: Tensor, k: Tensor, **ctx) -> BlockLayout:
+        check_qk(q, k)
+        if q.shape[2] > k.shape[2]:
+            raise ValueError(f"q_len ({q.shape[2]}) must not exceed k_len ({k.shape[2]}) for causal MoBA")
+        gates = self.gates(q, k)  # [B, H, Lq, nBlocks]
+        batch, heads, q_len, _ = gates.shape
+        k_len, tile = k.shape[2], self.tile_size
+        n_q, n_k = -(-q_len // tile), -(-k_len // tile)
+        # token gates per key tile, then per (query tile, key tile): the rows that chose it
+        rows = gates.repeat_interleave(self.block_size // tile, dim=-1)[..., :n_k]     # [B, H, Lq, nK]
+        rows = torch.nn.functional.pad(rows, (0, 0, 0, n_q * tile - q_len))
+        rows = rows.view(batch, heads, n_q, tile, n_k).transpose(-1, -2)             # [B, H, nQ, nK, tile]
+        # the current MoBA block reaches past the query's own tile: drop the tiles causality empties
+        support = _analytic_block_support(q_len, k_len, tile, tile, True, None, q.device)
+        rows = rows & support.view(1, 1, n_q, n_k, 1)
+        listed = rows.any(-1)
+        counts, indices = _block_lists(listed)
+        slot_rows = torch.gather(rows, 3, indices.clamp(min=0).long().unsqueeze(-1).expand(-1, -1, -1, -1, tile))
+        valid = torch.arange(indices.shape[-1]) < counts.unsqueeze(-1)
+        in_range = (torch.arange(n_q).view(-1, 1) * tile + torch.arange(tile)) < q_len  # [nQ, tile]
+        partial = valid & ~(slot_rows | ~in_range.view(1, 1, n_q, 1, tile)).all(-1)
+        tile_mask_ids = tile_masks = None
+        if partial.any():
+            unique_rows, inverse = torch.unique(slot_rows[partial], dim=0, return_inverse=True)
+            tile_masks = unique_rows.unsqueeze(-1).expand(-1, tile, tile).contiguous()
+            tile_mask_ids = torch.full(indices.shape, -1, dtype=torch.int32)
+            tile_mask_ids[partial] = inverse.to(torch.int32)
+        return BlockLayout(counts, indices, q_len=q_len, k_len=k_len, block_q=tile, block_k=tile, causal=True,
+                           tile_mask_ids=tile_mask_ids, tile_masks=tile_masks)
+

@@ -1,0 +1,70 @@
+"""MoBA against a float64 per-token loop implementation of its gating rule, and its claimed properties."""
+import pytest
+import torch
+
+import blockattn
+from blockattn.methods.moba import MoBA
+
+
+def naive_moba_mask(q, k, *, block_size, top_k):
+    """Loop over query tokens: score past blocks by <q, mean(K_block)>, keep top_k with the current block."""
+    q, k = q.double(), k.double()
+    batch, heads, q_len, _ = q.shape
+    group = heads // k.shape[1]
+    k_len = k.shape[2]
+    n_blocks = -(-k_len // block_size)
+    mask = torch.zeros(batch, heads, q_len, k_len, dtype=torch.bool)
+    for b in range(batch):
+        for h in range(heads):
+            keys = k[b, h // group]
+            means = [keys[i * block_size:(i + 1) * block_size].mean(0) for i in range(n_blocks)]
+            for t in range(q_len):
+                pos = t + k_len - q_len
+                current = pos // block_size
+                past = sorted(range(current), key=lambda i: (-float(q[b, h, t] @ means[i]), i))
+                chosen = [current] + past[:top_k - 1]
+                for i in chosen:
+                    for j in range(i * block_size, min((i + 1) * block_size, k_len)):
+                        mask[b, h, t, j] = j <= pos
+    return mask
+
+
+@pytest.mark.parametrize("q_len,k_len,block_size,top_k,tile", [
+    (200, 200, 32, 3, 16), (130, 130, 64, 2, 32), (50, 170, 32, 3, 16), (96, 96, 16, 1, 16)])
+def test_token_mask_equals_naive_rule(q_len, k_len, block_size, top_k, tile):
+    g = torch.Generator().manual_seed(q_len * top_k)
+    q, k = torch.randn(1, 4, q_len, 8, generator=g), torch.randn(1, 2, k_len, 8, generator=g)
+    layout = MoBA(block_size=block_size, top_k=top_k, tile_size=tile).select(q, k)
+    assert torch.equal(layout.to_token_mask(), naive_moba_mask(q, k, block_size=block_size, top_k=top_k))
+
+
+def test_properties_top_k_count_current_block_causal():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 512, 16, generator=g), torch.randn(2, 3, 512, 16, generator=g)
+    method = MoBA(block_size=64, top_k=3, tile_size=32)
+    gates = method.gates(q, k)
+    current = torch.arange(512) // 64
+    expected = torch.clamp(current + 1, max=3)                       # exactly top_k once enough blocks exist
+    assert torch.equal(gates.sum(-1), expected.expand(2, 3, 512))
+    assert gates[..., torch.arange(512), current].all()              # current block always chosen
+    assert not (gates & (torch.arange(8).view(1, -1) > current.view(-1, 1))).any()  # no future block
+    layout = method.select(q, k)
+    assert layout.density("causal") <= 1.0
+    # per-token gating: most tiles are touched by some token, but far fewer token pairs are computed
+    assert MoBA(block_size=64, top_k=2, tile_size=32).select(q, k).token_density() < 0.25
+
+
+def test_attention_through_moba_layout_is_exact():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
+    layout = MoBA(block_size=64, top_k=2, tile_size=32).select(q, k)
+    from blockattn.ops.reference import reference_attention
+    out = blockattn.sparse_attention(q, k, v, "moba", block_size=64, top_k=2, tile_size=32)
+    assert torch.allclose(out.double(), reference_attention(q.double(), k.double(), v.double(), layout), atol=1e-5)
+
+
+@pytest.mark.parametrize("params,message", [(dict(top_k=0), "top_k"), (dict(block_size=100), "multiple of tile_size"),
+                                            (dict(tile_size=-1), "tile_size")])
+def test_bad_parameters(params, message):
+    with pytest.raises(ValueError, match=message):
+        blockattn.methods.get("moba", **params)
