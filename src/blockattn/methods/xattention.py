@@ -24,7 +24,8 @@ from blockattn.methods import register
 from blockattn.methods._select import check_qk, cumulative_threshold, expand_kv_heads
 from blockattn.methods.base import Method
 
-_ROWS_PER_CHUNK = 1024  # strided query rows scored at once: bounds memory to 1024 x L/S per head
+_ROWS_PER_CHUNK = 128  # strided query rows scored at once (a multiple of block_size/stride): small bands
+# bound memory and let causal bands skip the columns after them
 
 
 @register("xattention")
@@ -64,12 +65,18 @@ class XAttention(Method):
         q_strided = torch.cat([q[:, :, S - 1 - i::S] for i in range(S)], dim=-1)  # [B, H, rows, D*S]
         k_strided = torch.cat([k[:, :, i::S] for i in range(S)], dim=-1)          # [B, H, cols, D*S]
         per_block = block // S
-        scores = torch.empty(batch, heads, n_q, n_k, device=q.device)
+        scores = torch.zeros(batch, heads, n_q, n_k, device=q.device)
         offset = k_len - q_len  # bottom-right alignment of queries against keys
-        col_pos = torch.arange(cols, device=q.device)
-        for start in range(0, rows, _ROWS_PER_CHUNK):
-            stop = min(rows, start + _ROWS_PER_CHUNK)
-            logits = q_strided[:, :, start:stop] @ k_strided.transpose(-1, -2) / (dim ** 0.5 * S)
+        band = per_block * max(1, _ROWS_PER_CHUNK // per_block)
+        for start in range(0, rows, band):
+            stop = min(rows, start + band)
+            width = cols
+            if self.causal:
+                # causal rows never see cells past the chunk's last query: skip those columns
+                last_visible = (stop * S - 1 + offset) // S
+                width = min(cols, -(-(last_visible + 1) // per_block) * per_block)
+            col_pos = torch.arange(width, device=q.device)
+            logits = q_strided[:, :, start:stop] @ k_strided[:, :, :width].transpose(-1, -2) / (dim ** 0.5 * S)
             row_pos = torch.arange(start, stop, device=q.device)
             allowed = col_pos.view(1, -1) * S < k_len
             if self.causal:
@@ -77,8 +84,8 @@ class XAttention(Method):
                 allowed = allowed & (col_pos.view(1, -1) * S <= (row_pos.view(-1, 1) + 1) * S - 1 + offset)
             probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
             probs = probs * (row_pos * S < q_len).view(-1, 1)  # cells made only of padding carry no mass
-            probs = probs.view(batch, heads, (stop - start) // per_block, per_block, n_k, per_block)
-            scores[:, :, start // per_block:stop // per_block] = probs.sum(dim=(3, 5))
+            probs = probs.view(batch, heads, (stop - start) // per_block, per_block, width // per_block, per_block)
+            scores[:, :, start // per_block:stop // per_block, :width // per_block] = probs.sum(dim=(3, 5))
         return scores
 
     def select(self, q: Tensor, k: Tensor, **ctx) -> BlockLayout:
