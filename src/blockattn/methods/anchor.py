@@ -1,0 +1,93 @@
+"""AnchorAttention: Difference-Aware Sparse Attention with Stripe Granularity (Zhang et al., EMNLP 2025).
+
+Rule: queries are processed in groups of `step` consecutive blocks of `block_size` rows. Each
+query's anchor is its largest logit (log2 units: q.k * scale * log2(e)) over the initial block of
+keys and its own group's keys (causal): a near-maximum score obtained without scanning the context.
+Each query block is then compressed to its mean query and mean anchor, and a past key j (after
+the initial block, before the group) is a selected stripe of the group when, for some block of the
+group, mean_q . k_j * scale * log2(e) + theta >= mean anchor. Every query then attends to the
+initial block, the group's selected stripes (single key columns) and its own group's keys,
+causally. The stripes are expressed as explicit per-tile column masks of the layout.
+
+Reading of the official AnchorAttn code (its torch path `get_mask_block` and the Triton
+`get_q_mask`): defaults theta=12, step=16, block_size=128; its released versions disagree on the
+width of the initial window (one block vs one group), this class uses one block.
+
+Check done: the token mask equals a float64 loop implementation of this rule in
+tests/methods/test_anchor.py (no side-by-side run of the official code, whose kernels need CUDA).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+from blockattn.layout import BlockLayout
+from blockattn.methods import register
+from blockattn.methods._select import check_qk, column_layout, expand_kv_heads
+from blockattn.methods.base import Method
+
+_LOG2E = 1.0 / math.log(2.0)
+
+
+@register("anchor")
+@dataclasses.dataclass
+class AnchorAttention(Method):
+    """Args:
+        theta: allowed gap (log2 units) between a stripe's compressed score and the anchor. Paper: 12.
+        step: query blocks per group sharing one stripe set. Paper: 16.
+        block_size: query block (and layout tile) size. Paper: 128.
+    """
+
+    theta: float = 12.0
+    step: int = 16
+    block_size: int = 128
+
+    def __post_init__(self):
+        if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)) or not self.theta >= 0:
+            raise ValueError(f"theta must be a non-negative number, got {self.theta!r}")
+        for name in ("step", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    def stripes(self, q: Tensor, k: Tensor) -> Tensor:
+        """bool `[B, Hq, nQ, L]`: the key tokens each query block attends to (before causality)."""
+        check_qk(q, k)
+        batch, heads, length, dim = q.shape
+        if k.shape[2] != length:
+            raise ValueError(f"anchor attention selects for prefill: q_len ({length}) must equal k_len ({k.shape[2]})")
+        block, group = self.block_size, self.block_size * self.step
+        scale = dim ** -0.5 * _LOG2E
+        keys = expand_kv_heads(k.float(), heads)
+        queries = q.float()
+        n_q = -(-length // block)
+        anchors = torch.empty(batch, heads, length)
+        init = min(block, length)
+        for start in range(0, length, group):
+            stop = min(length, start + group)
+            window = torch.cat([keys[:, :, :init], keys[:, :, max(start, init):stop]], dim=2)
+            positions = torch.cat([torch.arange(init), torch.arange(max(start, init), stop)])
+            logits = queries[:, :, start:stop] @ window.transpose(-1, -2) * scale
+            future = positions.view(1, -1) > torch.arange(start, stop).view(-1, 1)
+            anchors[:, :, start:stop] = logits.masked_fill(future, float("-inf")).amax(-1)
+        pad = n_q * block - length
+        rows = torch.nn.functional.pad(torch.ones(length), (0, pad)).view(n_q, block).sum(-1)
+        mean_q = torch.nn.functional.pad(queries, (0, 0, 0, pad)).view(batch, heads, n_q, block, dim).sum(3) \
+            / rows.view(1, 1, -1, 1)
+        mean_anchor = torch.nn.functional.pad(anchors, (0, pad)).view(batch, heads, n_q, block).sum(-1) / rows
+        hit = (mean_q @ keys.transpose(-1, -2) * scale + self.theta) >= mean_anchor.unsqueeze(-1)  # [B, H, nQ, L]
+        n_groups = -(-n_q // self.step)
+        hit = torch.nn.functional.pad(hit, (0, 0, 0, n_groups * self.step - n_q))
+        hit = hit.view(batch, heads, n_groups, self.step, length).any(3)
+        hit = hit.repeat_interleave(self.step, dim=2)[:, :, :n_q]
+        group_start = (torch.arange(n_q) // self.step * group).view(-1, 1)
+        key = torch.arange(length).view(1, -1)
+        # stripes only between the initial block and the group; the group's own keys are always kept
+        return (hit & (key >= init) & (key < group_start)) | (key < init) | (key >= group_start)
+
+    def select(self, q: Tensor, k: Tensor, **ctx) -> BlockLayout:
+        columns = self.stripes(q, k)
+        return column_layout(columns, q_len=q.shape[2], block_q=self.block_size, block_k=self.block_size, causal=True)
