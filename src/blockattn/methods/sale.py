@@ -1,0 +1,97 @@
+"""SALE: Low-bit Estimation for Efficient Sparse Attention in Long-context LLM Prefilling (Ji et al., 2025).
+
+Rule: queries and keys are quantized symmetrically to `bits`-bit integers with one scale per block
+of `block_size` tokens (per head), and the low-bit products give a fine-grained estimate of every
+causal logit. A (query block, key block) tile is computed when its Relative Attention Score -- the
+largest estimated attention weight of the tile relative to its row's maximum estimated logit,
+max exp(s_ij - max_j s_ij) over the tile's causal pairs -- reaches `threshold`. The first key
+block (attention sink) and the diagonal block are always computed.
+
+Check done: the selection equals a float64 loop implementation of this rule in
+tests/methods/test_sale.py. Not checked against the official code (not found in the stored public
+corpus; its kernel is CUDA); `threshold`'s default is our choice, not a value verified in the paper.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from blockattn.layout import BlockLayout
+from blockattn.methods import register
+from blockattn.methods._select import check_qk, expand_kv_heads
+from blockattn.methods.base import Method
+
+_BAND_ROWS = 512  # estimated logits are formed this many query rows at a time
+
+
+def quantize_blocks(x: Tensor, bits: int, block: int) -> Tensor:
+    """Symmetric per-block fake quantization of `[B, H, L, D]` along L: integers times their block's scale.
+    Returned as (integers, scales) with integers exact in float32."""
+    batch, heads, length, dim = x.shape
+    n = -(-length // block)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block - length)).view(batch, heads, n, block, dim)
+    top = 2 ** (bits - 1) - 1
+    scale = padded.abs().amax(dim=(3, 4), keepdim=True).clamp(min=1e-12) / top
+    ints = torch.round(padded / scale).clamp(-top, top)
+    return ints.view(batch, heads, n * block, dim)[:, :, :length], scale.view(batch, heads, n)
+
+
+@register("sale")
+@dataclasses.dataclass
+class SALE(Method):
+    """Args:
+        bits: integer width of the estimate (paper: 4; 8 also supported).
+        block_size: tile size of the layout and of the quantization groups (64).
+        threshold: minimum Relative Attention Score of a computed tile, in (0, 1].
+    """
+
+    bits: int = 4
+    block_size: int = 64
+    threshold: float = 1e-3
+
+    def __post_init__(self):
+        if self.bits not in (4, 8) or isinstance(self.bits, bool):
+            raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if not (0.0 < self.threshold <= 1.0):
+            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
+
+    def relative_scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """`[B, Hq, nQ, nK]` Relative Attention Score of every tile (0 for tiles with no causal pair)."""
+        check_qk(q, k)
+        batch, heads, length, dim = q.shape
+        if k.shape[2] != length:
+            raise ValueError(f"sale selects for prefill: q_len ({length}) must equal k_len ({k.shape[2]})")
+        block = self.block_size
+        n = -(-length // block)
+        q_int, q_scale = quantize_blocks(q, self.bits, block)
+        k_int, k_scale = quantize_blocks(k, self.bits, block)
+        k_int, k_scale = expand_kv_heads(k_int, heads), expand_kv_heads(k_scale.unsqueeze(-1), heads).squeeze(-1)
+        k_scale_tok = k_scale.repeat_interleave(block, dim=-1)[..., :length]
+        scores = torch.zeros(batch, heads, n, n)
+        band_blocks = max(1, _BAND_ROWS // block)
+        for first in range(0, n, band_blocks):
+            stop = min(n, first + band_blocks)
+            rows = slice(first * block, min(length, stop * block))
+            logits = q_int[:, :, rows] @ k_int.transpose(-1, -2)  # exact integer products
+            q_scale_tok = q_scale[:, :, first:stop].repeat_interleave(block, dim=-1)[..., :rows.stop - rows.start]
+            logits = logits * (q_scale_tok.unsqueeze(-1) * k_scale_tok.unsqueeze(-2)) / dim ** 0.5
+            future = torch.arange(length).view(1, -1) > torch.arange(rows.start, rows.stop).view(-1, 1)
+            logits = logits.masked_fill(future, float("-inf"))
+            relative = torch.exp(logits - logits.amax(-1, keepdim=True))
+            pad_r, pad_c = (stop - first) * block - (rows.stop - rows.start), n * block - length
+            relative = torch.nn.functional.pad(relative, (0, pad_c, 0, pad_r))
+            scores[:, :, first:stop] = relative.view(batch, heads, stop - first, block, n, block).amax(dim=(3, 5))
+        return scores
+
+    def select(self, q: Tensor, k: Tensor, **ctx) -> BlockLayout:
+        scores = self.relative_scores(q, k)
+        n = scores.shape[-1]
+        keep = scores >= self.threshold
+        keep[..., :, 0] = True
+        keep |= torch.eye(n, dtype=torch.bool)
+        return BlockLayout.from_dense(keep, q_len=q.shape[2], k_len=k.shape[2], block_q=self.block_size,
+                                      block_k=self.block_size, causal=True)
