@@ -69,24 +69,25 @@ class SALE(Method):
         n = -(-length // block)
         q_int, q_scale = quantize_blocks(q, self.bits, block)
         k_int, k_scale = quantize_blocks(k, self.bits, block)
-        k_int, k_scale = expand_kv_heads(k_int, heads), expand_kv_heads(k_scale.unsqueeze(-1), heads).squeeze(-1)
-        k_scale_tok = k_scale.repeat_interleave(block, dim=-1)[..., :length]
+        # dequantized operands: the products equal the integer products times both scales
+        q_deq = q_int * q_scale.repeat_interleave(block, dim=-1)[..., :length, None] / dim ** 0.5
+        k_deq = expand_kv_heads(k_int * k_scale.repeat_interleave(block, dim=-1)[..., :length, None], heads)
         scores = torch.zeros(batch, heads, n, n)
         band_blocks = max(1, _BAND_ROWS // block)
         for first in range(0, n, band_blocks):
             stop = min(n, first + band_blocks)
             rows = slice(first * block, min(length, stop * block))
-            logits = q_int[:, :, rows] @ k_int.transpose(-1, -2)  # exact integer products
-            q_scale_tok = q_scale[:, :, first:stop].repeat_interleave(block, dim=-1)[..., :rows.stop - rows.start]
-            logits = logits * (q_scale_tok.unsqueeze(-1) * k_scale_tok.unsqueeze(-2)) / dim ** 0.5
-            future = torch.arange(length).view(1, -1) > torch.arange(rows.start, rows.stop).view(-1, 1)
+            logits = q_deq[:, :, rows] @ k_deq[:, :, :rows.stop].transpose(-1, -2)  # causal: no later keys
+            future = torch.arange(rows.stop).view(1, -1) > torch.arange(rows.start, rows.stop).view(-1, 1)
             logits = logits.masked_fill(future, float("-inf"))
-            relative = torch.exp(logits - logits.amax(-1, keepdim=True))
-            pad_r, pad_c = (stop - first) * block - (rows.stop - rows.start), n * block - length
-            relative = torch.nn.functional.pad(relative, (0, pad_c, 0, pad_r))
-            scores[:, :, first:stop] = relative.view(batch, heads, stop - first, block, n, block).amax(dim=(3, 5))
+            pad_r, pad_c = (stop - first) * block - (rows.stop - rows.start), stop * block - rows.stop
+            # exp is monotone: the tile's largest relative weight comes from each row's largest logit in it
+            row_tile_max = torch.nn.functional.pad(logits, (0, pad_c), value=float("-inf")) \
+                .view(batch, heads, -1, stop, block).amax(-1)                    # [B, H, rows, stop]
+            relative = torch.exp(row_tile_max - row_tile_max.amax(-1, keepdim=True))
+            relative = torch.nn.functional.pad(relative, (0, 0, 0, pad_r))
+            scores[:, :, first:stop, :stop] = relative.view(batch, heads, stop - first, block, stop).amax(3)
         return scores
-
     def select(self, q: Tensor, k: Tensor, **ctx) -> BlockLayout:
         scores = self.relative_scores(q, k)
         n = scores.shape[-1]
