@@ -1,0 +1,116 @@
+"""VMoBA: Mixture-of-Block Attention for Video Diffusion Models (Wu et al., 2025).
+
+Rule: tokens lie on a (T, H, W) grid in row-major order. Key blocks follow a layer-wise recurrent
+partition: layer l uses 1D blocks (`block_1d` whole frames) when l % 3 == 0, 2D blocks (an
+`block_2d` spatial patch through all frames) when l % 3 == 1 and 3D blocks (`block_3d` cubes) when
+l % 3 == 2; edge blocks may be smaller. Each query token scores every key block by the dot
+product with the block's mean-pooled key, softmax-normalised over the blocks. Global selection:
+all (query, block) scores of a head are ranked together and the highest are kept until their
+cumulative sum reaches `threshold` of the head's total (threshold-based selection). Attention is
+not causal (video diffusion). `min_blocks` (our addition, 0 = the pure rule) keeps each query's
+best blocks as well, so no query is left without keys. The layout keeps this exact token mask.
+
+Check done: the token mask equals a float64 loop implementation of this rule in
+tests/methods/test_vmoba.py. Not checked against the official code (not available here); the
+`threshold` and block-shape defaults are our choices, not values verified in the paper.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from blockattn.layout import BlockLayout
+from blockattn.methods import register
+from blockattn.methods._select import check_qk, expand_kv_heads
+from blockattn.methods.base import Method
+
+
+def _check_shape(name, value, ndim):
+    if not isinstance(value, (tuple, list)) or len(value) != ndim or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+        raise ValueError(f"{name} must be {ndim} positive ints, got {value!r}")
+    return tuple(value)
+
+
+@register("vmoba")
+@dataclasses.dataclass
+class VMoBA(Method):
+    """Args:
+        threshold: share of a head's total (query, block) similarity kept, in (0, 1].
+        block_1d: frames per 1D block.
+        block_2d: (h, w) of a 2D block (spanning all frames).
+        block_3d: (t, h, w) of a 3D block.
+        min_blocks: best blocks every query keeps in addition (0: the paper's pure global rule).
+        tile_size: the engine's tile (block_q = block_k).
+    """
+
+    threshold: float = 0.25
+    block_1d: int = 1
+    block_2d: tuple = (8, 8)
+    block_3d: tuple = (2, 4, 4)
+    min_blocks: int = 1
+    tile_size: int = 64
+
+    def __post_init__(self):
+        if not (0.0 < self.threshold <= 1.0):
+            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
+        _check_shape("block_1d", (self.block_1d,), 1)
+        self.block_2d = _check_shape("block_2d", self.block_2d, 2)
+        self.block_3d = _check_shape("block_3d", self.block_3d, 3)
+        for name in ("min_blocks", "tile_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "min_blocks" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'min_blocks' else 'positive'} int, "
+                                 f"got {value!r}")
+
+    def block_ids(self, grid, layer: int) -> Tensor:
+        """`[L]` key-block id of every token for `layer`'s partition (1D, 2D, 3D in turn)."""
+        t, h, w = grid
+        shape = ((self.block_1d, h, w), (t,) + self.block_2d, self.block_3d)[layer % 3]
+        coords = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+        counts = [-(-n // s) for n, s in zip(grid, shape)]
+        cell = coords.view(-1, 3) // torch.tensor(shape)
+        return (cell[:, 0] * counts[1] + cell[:, 1]) * counts[2] + cell[:, 2]
+
+    def gates(self, q: Tensor, k: Tensor, *, grid, layer: int = 0) -> Tensor:
+        """bool `[B, Hq, L, nBlocks]`: the key blocks each query token attends to."""
+        check_qk(q, k)
+        batch, heads, length, dim = q.shape
+        if k.shape[2] != length:
+            raise ValueError(f"vmoba is self-attention: q_len ({length}) must equal k_len ({k.shape[2]})")
+        if grid is None or not isinstance(grid, (tuple, list)) or len(grid) != 3 or any(
+                isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in grid):
+            raise ValueError(f"vmoba needs grid=(T, H, W) of positive ints, got {grid!r}")
+        if grid[0] * grid[1] * grid[2] != length:
+            raise ValueError(f"grid {tuple(grid)} has {grid[0] * grid[1] * grid[2]} tokens but the sequence has {length}")
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"layer must be a non-negative int, got {layer!r}")
+        ids = self.block_ids(tuple(grid), layer)
+        n_blocks = int(ids.max()) + 1
+        keys = expand_kv_heads(k.float(), heads)
+        sums = torch.zeros(batch, heads, n_blocks, dim).index_add_(2, ids, keys)
+        pooled = sums / torch.bincount(ids, minlength=n_blocks).view(1, 1, -1, 1)
+        probs = torch.softmax(q.float() @ pooled.transpose(-1, -2), dim=-1)  # [B, H, L, nBlocks]
+        flat = probs.reshape(batch, heads, -1)
+        order = flat.argsort(dim=-1, descending=True, stable=True)
+        ranked = flat.gather(-1, order)
+        before = ranked.cumsum(-1) - ranked
+        keep = before < self.threshold * flat.sum(-1, keepdim=True)
+        gates = torch.zeros_like(keep).scatter(-1, order, keep).view_as(probs)
+        if self.min_blocks:
+            best = probs.topk(min(self.min_blocks, n_blocks), dim=-1).indices
+            gates.scatter_(-1, best, True)
+        return gates
+
+    def select(self, q: Tensor, k: Tensor, grid=None, layer: int = 0, **ctx) -> BlockLayout:
+        gates = self.gates(q, k, grid=grid, layer=layer)
+        ids = self.block_ids(tuple(grid), layer)
+        batch, heads, length, _ = gates.shape
+
+        def allowed(b, h, q_idx, kv_idx):
+            return gates[b, h, q_idx, ids[kv_idx]]
+
+        return BlockLayout.from_token_mask(allowed, block_q=self.tile_size, block_k=self.tile_size, q_len=length,
+                                           k_len=length, batch=batch, heads=heads, allow_empty_rows=self.min_blocks == 0)
