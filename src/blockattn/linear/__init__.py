@@ -1,0 +1,12 @@
+"""Linear, recurrent and hybrid attention: `blockattn.linear.<method>(q, k, v, **params)`.
+
+Every op is causal and maps `[B, H, L, D]` to `[B, H, L, D]` like `blockattn.attention`.
+Each method lives in its own folder (fla style): `naive.py` is the obviously-correct
+recurrent definition, the fast forms (`chunk.py`, `recurrent.py`, `triton.py`) sit beside it.
+"""
+from blockattn.linear.lightning import lightning_attention, lightning_attention_step
+
+__all__ = [
+    "lightning_attention",
+    "lightning_attention_step",
+]
