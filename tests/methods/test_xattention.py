@@ -91,3 +91,29 @@ def test_bad_parameters(params, message):
         blockattn.methods.get("xattention", **params)
     with pytest.raises(TypeError, match="does not take"):
         blockattn.methods.get("xattention", top_k=3)
+
+
+def test_per_head_thresholds_and_calibration():
+    g = torch.Generator().manual_seed(11)
+    # heads of different sharpness: calibration should give the sharp head a lower threshold
+    base = torch.randn(1, 2, 256, 16, generator=g)
+    q = torch.cat([base[:, :1] * 4, base[:, 1:] * 0.3], dim=1)
+    k = torch.randn(1, 1, 256, 16, generator=g) * 2
+    method = XAttention(stride=4, block_size=32)
+    split = XAttention(threshold=(0.5, 0.9), stride=4, block_size=32).select(q, k).to_dense()
+    assert torch.equal(split[:, :1], XAttention(threshold=0.5, stride=4, block_size=32).select(q[:, :1], k).to_dense())
+    assert torch.equal(split[:, 1:], XAttention(threshold=0.9, stride=4, block_size=32).select(q[:, 1:], k).to_dense())
+    from blockattn.bench.quality import attention_recall
+    calibrated = method.calibrate(q, k, target_recall=0.9)
+    assert len(calibrated.threshold) == 2
+    for h, t in enumerate(calibrated.threshold):
+        layout = XAttention(threshold=t, stride=4, block_size=32).select(q[:, h:h + 1], k)
+        assert attention_recall(q[:, h:h + 1], k, layout) >= 0.9 or t == 1.0
+        smaller = [c for c in (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0) if c < t]
+        if smaller:  # the smallest candidate that reaches the target: the one below it does not
+            below = XAttention(threshold=smaller[-1], stride=4, block_size=32).select(q[:, h:h + 1], k)
+            assert attention_recall(q[:, h:h + 1], k, below) < 0.9
+    with pytest.raises(ValueError, match="per-head"):
+        XAttention(threshold=(0.5, 0.9, 0.9)).select(q, k)
+    with pytest.raises(ValueError, match="threshold"):
+        XAttention(threshold=(0.5, 1.5))

@@ -33,19 +33,24 @@ _ROWS_PER_CHUNK = 128  # strided query rows scored at once (a multiple of block_
 class XAttention(Method):
     """Args:
         threshold: cumulative block-score mass to keep per query block, in (0, 1]. Paper default 0.9.
+            A tuple gives one threshold per query head (see `calibrate`).
         stride: antidiagonal sampling stride S. Paper default 8.
         block_size: block size of the layout (queries and keys). Paper default 128.
         causal: causal attention (LLM prefill).
     """
 
-    threshold: float = 0.9
+    threshold: float | tuple = 0.9
     stride: int = 8
     block_size: int = 128
     causal: bool = True
 
     def __post_init__(self):
-        if not (0.0 < self.threshold <= 1.0):
-            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
+        values = self.threshold if isinstance(self.threshold, (tuple, list)) else (self.threshold,)
+        if not values or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0
+                             for t in values):
+            raise ValueError(f"threshold must lie in (0, 1] (one value or one per query head), got {self.threshold!r}")
+        if isinstance(self.threshold, list):
+            self.threshold = tuple(self.threshold)
         if not isinstance(self.stride, int) or self.stride < 1:
             raise ValueError(f"stride must be a positive int, got {self.stride!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size % self.stride:
@@ -98,7 +103,32 @@ class XAttention(Method):
             # the block holding each query block's last query (in the key frame): its own tokens
             last_query = ((torch.arange(n_q, device=q.device) + 1) * self.block_size).clamp(max=q_len) - 1
             forced[torch.arange(n_q), ((last_query + k_len - q_len) // self.block_size).clamp(0, n_k - 1)] = True
-        blocks = cumulative_threshold(scores, self.threshold, forced=forced.expand_as(scores))
+        threshold = self.threshold
+        if isinstance(threshold, tuple):
+            if len(threshold) != scores.shape[1]:
+                raise ValueError(f"threshold has {len(threshold)} per-head values but q has {scores.shape[1]} heads")
+            threshold = torch.tensor(threshold, dtype=scores.dtype).view(1, -1, 1, 1)
+        blocks = cumulative_threshold(scores, threshold, forced=forced.expand_as(scores))
         return BlockLayout.from_dense(blocks, q_len=q_len, k_len=k_len, block_q=self.block_size,
                                       block_k=self.block_size, causal=self.causal)
 
+    def calibrate(self, q: Tensor, k: Tensor, *, target_recall: float = 0.95,
+                  candidates: tuple = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)) -> "XAttention":
+        """Per-head threshold calibration on sample q/k (the paper calibrates thresholds per head
+        offline): each query head gets the smallest candidate whose layout keeps at least
+        `target_recall` of that head's dense attention mass. Returns a copy with the tuple of thresholds."""
+        from blockattn.bench.quality import attention_recall
+        if not 0.0 < target_recall <= 1.0:
+            raise ValueError(f"target_recall must lie in (0, 1], got {target_recall}")
+        heads, group = q.shape[1], q.shape[1] // k.shape[1]
+        chosen = []
+        for h in range(heads):
+            q_h, k_h = q[:, h:h + 1], k[:, h // group:h // group + 1]
+            pick = max(candidates)
+            for t in sorted(candidates):
+                layout = dataclasses.replace(self, threshold=float(t)).select(q_h, k_h)
+                if attention_recall(q_h, k_h, layout, causal=self.causal) >= target_recall:
+                    pick = t
+                    break
+            chosen.append(float(pick))
+        return dataclasses.replace(self, threshold=tuple(chosen))
