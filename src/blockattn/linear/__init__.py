@@ -6,6 +6,7 @@ recurrent definition, the fast forms (`chunk.py`, `recurrent.py`, `triton.py`) s
 """
 from blockattn.linear.based import based, based_linear_step, taylor_linear_attention
 from blockattn.linear.lightning import lightning_attention, lightning_attention_step
+from blockattn.linear.rat import rat, rat_step
 
 __all__ = [
     "based",
@@ -13,4 +14,6 @@ __all__ = [
     "taylor_linear_attention",
     "lightning_attention",
     "lightning_attention_step",
+    "rat",
+    "rat_step",
 ]

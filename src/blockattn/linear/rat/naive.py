@@ -1,0 +1,26 @@
+"""RAT one token at a time: run the gated recurrence, attend over the stored chunk summaries."""
+from __future__ import annotations
+
+import torch
+
+
+def rat_naive(q, k, v, forget, chunk_size: int = 16, scale: float | None = None):
+    batch, heads, length, dim = q.shape
+    scale = dim ** -0.5 if scale is None else scale
+    out = []
+    summaries_k, summaries_v = [], []
+    cur_k = cur_v = None
+    for t in range(length):
+        if t % chunk_size == 0:
+            cur_k, cur_v = q.new_zeros(batch, heads, dim), q.new_zeros(batch, heads, v.shape[3])
+        f = forget[:, :, t]
+        cur_k = f * cur_k + (1 - f) * k[:, :, t]
+        cur_v = f * cur_v + (1 - f) * v[:, :, t]
+        keys = torch.stack(summaries_k + [cur_k], dim=2)
+        values = torch.stack(summaries_v + [cur_v], dim=2)
+        weights = torch.softmax(torch.einsum("bhd,bhnd->bhn", q[:, :, t], keys) * scale, dim=-1)
+        out.append(torch.einsum("bhn,bhne->bhe", weights, values))
+        if t % chunk_size == chunk_size - 1:
+            summaries_k.append(cur_k)
+            summaries_v.append(cur_v)
+    return torch.stack(out, dim=2)
