@@ -38,13 +38,14 @@ def naive_xattention(q, k, *, threshold, stride, block, causal):
                     scores[r * stride // block, c * stride // block] += math.exp(x - top) / norm
             for qb in range(n_q):
                 last = min((qb + 1) * block, q_len) - 1 + offset
-                forced = {0, min(last // block, n_k - 1)} if causal else {0}
+                forced = {min(last // block, n_k - 1)} if causal else set()  # counted first
                 order = sorted(range(n_k), key=lambda j: (j not in forced, -float(scores[qb, j]), j))
                 total, mass = float(scores[qb].sum()), 0.0
                 for j in order:
                     if j in forced or (mass < threshold * total and scores[qb, j] > 0):
                         selected[b, h, qb, j] = True
                     mass += float(scores[qb, j])
+                selected[b, h, qb, 0] = True  # always kept, outside the count
     return selected, scores
 
 

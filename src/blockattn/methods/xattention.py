@@ -6,11 +6,18 @@ every `stride` tokens. Concretely, queries are regrouped as `q[r*S + S-1-i]` and
 rows is the sum of the S x S cell's antidiagonal of Q K^T. Those strided scores (scaled by
 1/(sqrt(D)*S), causal at cell granularity) are softmax-normalised per row and summed per
 (block_size/S)^2 cell group into block scores; each query block then keeps the fewest key blocks
-whose scores reach `threshold` of the row's total. The diagonal block (its own tokens) and the
-first block are always kept, as in the official implementation.
+whose scores reach `threshold` of the row's total, counting the diagonal block (its own tokens,
+causal only) first; the first block is always kept as well, outside the count, as the official
+`find_blocks_chunked` does for prompts within one estimation chunk (16k tokens).
 
-Check done: the selection equals a float64 loop implementation of this rule in
-tests/methods/test_xattention.py (no side-by-side run of the official code, which is CUDA/Triton).
+Checks done: the selection equals a float64 loop implementation of this rule in
+tests/methods/test_xattention.py. Side by side with the official torch path
+(`xattn_estimate(..., use_triton=False)` of mit-han-lab/x-attention, run on CPU outside the repo
+with its `.to("cuda")` calls pointed at the CPU; random 1k/2k-token inputs, thresholds 0.5/0.9/0.95,
+block 128, stride 8): the official selection is a superset of ours, one extra block per row at
+most, because its cumulative sum lags one block behind its ranking when the first block falls
+inside the diagonal window; modelling that lag reproduced the official blocks exactly in all six
+cases. This class keeps the paper's rule (the fewest blocks reaching the threshold).
 """
 from __future__ import annotations
 
@@ -98,7 +105,6 @@ class XAttention(Method):
         n_q, n_k = scores.shape[-2:]
         q_len, k_len = q.shape[2], k.shape[2]
         forced = torch.zeros(n_q, n_k, dtype=torch.bool, device=q.device)
-        forced[:, 0] = True
         if self.causal:
             # the block holding each query block's last query (in the key frame): its own tokens
             last_query = ((torch.arange(n_q, device=q.device) + 1) * self.block_size).clamp(max=q_len) - 1
@@ -108,7 +114,9 @@ class XAttention(Method):
             if len(threshold) != scores.shape[1]:
                 raise ValueError(f"threshold has {len(threshold)} per-head values but q has {scores.shape[1]} heads")
             threshold = torch.tensor(threshold, dtype=scores.dtype).view(1, -1, 1, 1)
-        blocks = cumulative_threshold(scores, threshold, forced=forced.expand_as(scores))
+        blocks = cumulative_threshold(scores, threshold, forced=forced.expand_as(scores)).clone()
+        # the first block is kept too, outside the mass count, as the official selection does
+        blocks[..., 0] = True
         return BlockLayout.from_dense(blocks, q_len=q_len, k_len=k_len, block_q=self.block_size,
                                       block_k=self.block_size, causal=self.causal)
 
