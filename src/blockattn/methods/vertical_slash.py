@@ -9,9 +9,13 @@ kernel's index conversion, each query block of `block_size` rows then computes t
 plus, for every kept diagonal, the `block_size` keys that diagonal crosses inside the block; this
 per-block key set (stripes) is expressed with explicit column tile masks, causal on top.
 
-Check done: the token mask equals a float64 loop implementation of this rule in
-tests/methods/test_vertical_slash.py (no side-by-side run of the official code, whose index
-conversion is a CUDA kernel).
+Checks done: the token mask equals a float64 loop implementation of this rule in
+tests/methods/test_vertical_slash.py. Side by side with the official estimate (`Minference_prefill`
+as shipped in mit-han-lab/x-attention, run on CPU outside the repo with its sparse kernel stubbed
+to record its inputs; head dim 128, random inputs, L = 1024/2048/1500, sizes 100/300, 200/1000,
+1000/6096): the same columns and diagonals for every head. The official code scales the estimate
+by 1/sqrt(128) whatever the head dim; this class uses the attention's 1/sqrt(D). Its index
+conversion (a CUDA kernel) was not run.
 """
 from __future__ import annotations
 
