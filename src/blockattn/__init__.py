@@ -9,4 +9,12 @@ from blockattn.layout import BlockLayout
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # transformers is an optional extra and slow to import: load these on first use
+    if name in ("hf", "models"):
+        import importlib
+        return importlib.import_module(f"blockattn.{name}")
+    raise AttributeError(f"module 'blockattn' has no attribute {name!r}")
+
 __all__ = ["BlockLayout", "attention", "backends", "methods", "patterns", "sparse_attention", "__version__"]

@@ -1,0 +1,363 @@
+"""Hugging Face transformers integration: `attn_implementation="blockattn"` and `patch(model, method, **params)`.
+
+The attention function registered with `AttentionInterface` receives post-RoPE `q [B, Hq, Lq, D]` and
+`k, v [B, Hkv, Lk, D]` (the KV cache already updated, GQA heads not repeated). Prefill calls select a
+layout with the patched method and run it on the engine; decoding steps (`Lq <= decode_max_q` with a
+cache behind them) attend densely over the cache, bottom-right aligned, unless a decode policy is given.
+A mask function is registered with `AttentionMaskInterface` too: without it transformers silently
+passes `attention_mask=None`. It stays O(L): None, or the 2-D `[B, Lk]` padding mask; the token rule
+comes from the layout.
+
+    with blockattn.hf.patch(model, "xattention", threshold=0.9):
+        model.generate(input_ids, max_new_tokens=32)
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+import blockattn
+from blockattn import methods
+from blockattn.layout import BlockLayout
+
+NAME = "blockattn"
+_PLAN_ATTR = "_blockattn_plan"
+
+
+@dataclasses.dataclass
+class Stats:
+    """What the patched layers did since the last `reset()`: calls, time in selection and attention, density."""
+    prefill_calls: int = 0
+    decode_calls: int = 0
+    select_seconds: float = 0.0
+    attend_seconds: float = 0.0
+    density_sum: float = 0.0   # sum over prefill calls of computed tiles / causal tiles
+
+    @property
+    def density(self) -> float:
+        return self.density_sum / self.prefill_calls if self.prefill_calls else float("nan")
+
+    def reset(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, f.default)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one attention layer does: its prefill method (None = dense), optional per-head methods,
+    the decode policy and the engine backend."""
+    method: methods.Method | None
+    head_methods: Callable[[int], methods.Method | None] | None = None
+    decode: Callable | None = None
+    decode_max_q: int = 16
+    backend: str = "auto"
+    max_len: int | None = None
+    stats: Stats = dataclasses.field(default_factory=Stats)
+
+
+_DEFAULT_PLAN = Plan(method=None)
+
+
+def _padding_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask=None, **kwargs):
+    # cache_position may arrive instead of q_length in some versions; only kv_length matters here
+    if attention_mask is None or kv_length is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()
+
+
+def register():
+    """Register the `"blockattn"` attention and mask functions with transformers (idempotent)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, _padding_mask)
+
+
+def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None,
+                      dropout: float = 0.0, **kwargs):
+    """transformers attention function: returns `(out [B, Lq, Hq, D], None)`."""
+    if dropout and module.training:
+        raise ValueError(f"blockattn has no attention dropout; got dropout={dropout} in training mode")
+    plan = getattr(module, _PLAN_ATTR, _DEFAULT_PLAN)
+    q_len, k_len = query.shape[2], key.shape[2]
+    if plan.max_len is not None and k_len > plan.max_len:
+        raise ValueError(f"sequence of {k_len} tokens exceeds the model's context of {plan.max_len} "
+                         f"(max_position_embeddings)")
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    if kwargs.get("is_causal") is None:
+        causal = bool(getattr(module, "is_causal", True))
+    layer = getattr(module, "layer_idx", None)
+    window = kwargs.get("sliding_window")
+    if attention_mask is not None and not (isinstance(attention_mask, Tensor) and attention_mask.dim() == 2):
+        raise ValueError("the blockattn attention function expects the 2-D padding mask of its own mask "
+                         "function; load or switch the model with attn_implementation='blockattn'")
+    if attention_mask is not None:
+        out = _padded(plan, module, query, key, value, attention_mask, scaling, causal, layer, window)
+    else:
+        out = _attend(plan, query, key, value, scaling, causal, layer, window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _padded(plan, module, query, key, value, attention_mask, scaling, causal, layer, window):
+    """Batch with padding: each row attends over its contiguous run of real keys (left or right padding)."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    out = torch.zeros_like(query)
+    for b in range(query.shape[0]):
+        valid = attention_mask[b].nonzero().flatten()
+        if valid.numel() == 0:
+            continue
+        first, last = int(valid[0]), int(valid[-1]) + 1
+        if last - first != valid.numel():
+            raise ValueError(f"attention_mask row {b} is not one contiguous run of real tokens "
+                             "(only left or right padding is supported)")
+        if q_len == k_len:
+            rows = slice(first, last)       # prefill: queries are the same tokens as the keys
+        else:
+            # queries are the last q_len positions; those past the real keys (right padding) are dropped
+            rows = slice(max(0, q_len - (k_len - first)), q_len - (k_len - last))
+        if rows.stop <= rows.start:
+            continue
+        out[b:b + 1, :, rows] = _attend(plan, query[b:b + 1, :, rows], key[b:b + 1, :, first:last],
+                                        value[b:b + 1, :, first:last], scaling, causal, layer, window)
+    return out
+
+
+def _attend(plan: Plan, query, key, value, scaling, causal, layer, window):
+    q_len, k_len = query.shape[2], key.shape[2]
+    stats = plan.stats
+    start = time.perf_counter()
+    decoding = q_len < k_len and q_len <= plan.decode_max_q
+    if decoding:
+        stats.decode_calls += 1
+        layout = (plan.decode(query, key, layer=layer) if plan.decode is not None
+                  else _dense(q_len, k_len, causal))
+    else:
+        stats.prefill_calls += 1
+        layout = _select(plan, query, key, causal, layer)
+        if window is not None:
+            layout = layout & blockattn.patterns.sliding_window(q_len, k_len, window=int(window),
+                                                                 block_q=layout.block_q, block_k=layout.block_k)
+        stats.density_sum += layout.density("causal" if causal else "full")
+    selected = time.perf_counter()
+    out = blockattn.attention(query, key, value, layout, scale=scaling, backend=plan.backend)
+    stats.select_seconds += selected - start
+    stats.attend_seconds += time.perf_counter() - selected
+    return out
+
+
+def _dense(q_len, k_len, causal):
+    return (blockattn.patterns.causal if causal else blockattn.patterns.full)(q_len, k_len)
+
+
+def _select(plan: Plan, query, key, causal, layer) -> BlockLayout:
+    if plan.head_methods is None:
+        if plan.method is None:
+            return _dense(query.shape[2], key.shape[2], causal)
+        return _checked(plan.method, plan.method.select(query, key, causal=causal, layer=layer), causal, query, key)
+    heads, group = query.shape[1], query.shape[1] // key.shape[1]
+    per_head = []
+    for h in range(heads):
+        method = plan.head_methods(h)
+        q, k = query[:, h:h + 1], key[:, h // group:h // group + 1]
+        layout = _dense(q.shape[2], k.shape[2], causal) if method is None else \
+            _checked(method, method.select(q, k, causal=causal, layer=layer, head=h), causal, q, k)
+        per_head.append(layout.expand(query.shape[0], 1) if layout.batch != query.shape[0] else layout)
+    return _stack_heads(per_head)
+
+
+def _checked(method, layout, causal, query, key) -> BlockLayout:
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"method {method.name!r} returned {type(layout).__name__}, expected a BlockLayout")
+    if (layout.q_len, layout.k_len) != (query.shape[2], key.shape[2]):
+        raise ValueError(f"method {method.name!r} returned a layout for ({layout.q_len}, {layout.k_len}) tokens, "
+                         f"expected ({query.shape[2]}, {key.shape[2]})")
+    if not causal and layout.causal:
+        raise ValueError(f"method {method.name!r} builds causal layouts; it cannot serve a bidirectional model")
+    return layout
+
+
+def _stack_heads(layouts: list[BlockLayout]) -> BlockLayout:
+    first = layouts[0]
+    same = all((l.causal, l.window, l.block_q, l.block_k) == (first.causal, first.window, first.block_q,
+                                                            first.block_k) and l.tile_masks is None
+               for l in layouts)
+    if same:
+        blocks = torch.cat([l.to_dense() for l in layouts], dim=1)
+        return BlockLayout.from_dense(blocks, q_len=first.q_len, k_len=first.k_len, block_q=first.block_q,
+                                      block_k=first.block_k, causal=first.causal, window=first.window,
+                                      allow_empty_rows=any(l.allow_empty_rows for l in layouts))
+    # mixed token rules: explicit masks (O(L^2) bits; per-head mixes of different shapes are rare)
+    masks = torch.cat([l.to_token_mask() for l in layouts], dim=1)
+    return BlockLayout.from_token_mask(masks, block_q=first.block_q, block_k=first.block_k,
+                                       allow_empty_rows=any(l.allow_empty_rows for l in layouts))
+
+
+# ---------------------------------------------------------------------------------------------- patching
+def _resolve(spec, name_hint: str):
+    """A method from a name, a Method object, a `(name, params)` pair, a params dict (for the default
+    method), or None (dense)."""
+    if spec is None or isinstance(spec, methods.Method):
+        return spec
+    if isinstance(spec, str):
+        return methods.get(spec)
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict):
+        return methods.get(spec[0], **spec[1])
+    raise TypeError(f"{name_hint} must be a method name, a Method, a (name, params) pair, a params dict or None; "
+                    f"got {type(spec).__name__}")
+
+
+def _per_key(spec, key, default_name: str | None, default_params: dict, what: str):
+    """Look up `spec[key]` (dict) or `spec(key)` (callable); a dict value is the default method's params."""
+    value = spec(key) if callable(spec) else spec.get(key, ...)
+    if value is ...:
+        return ...
+    if isinstance(value, dict):
+        if default_name is None:
+            raise ValueError(f"{what} params {value} given but patch() has no method name to apply them to")
+        return methods.get(default_name, **{**default_params, **value})
+    return _resolve(value, what)
+
+
+def attention_modules(model) -> list:
+    """The attention modules transformers dispatches through `AttentionInterface` (they carry `layer_idx`)."""
+    found = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "config")
+             and any(n in type(m).__name__ for n in ("Attention", "SelfAttention"))]
+    return found
+
+
+class Patch:
+    """Handle returned by `patch`: `unpatch()` or use it as a context manager; `.stats` sums every layer."""
+
+    def __init__(self, model, previous, plans):
+        self.model, self.previous, self.plans = model, previous, plans
+
+    @property
+    def stats(self) -> Stats:
+        total = Stats()
+        for plan in {id(p): p for p in self.plans}.values():
+            for f in dataclasses.fields(Stats):
+                setattr(total, f.name, getattr(total, f.name) + getattr(plan.stats, f.name))
+        total.density_sum = sum(p.stats.density_sum for p in self.plans)
+        total.prefill_calls = sum(p.stats.prefill_calls for p in self.plans)
+        return total
+
+    def reset_stats(self):
+        for plan in self.plans:
+            plan.stats.reset()
+
+    def unpatch(self):
+        unpatch(self.model)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.unpatch()
+        return False
+
+
+def patch(model, method: str | methods.Method | None = "dense", *, layers=None, heads=None, decode=None,
+          decode_max_q: int = 16, backend: str = "auto", **params) -> Patch:
+    """Route `model`'s attention through blockattn.
+
+    Args:
+        model: a transformers `PreTrainedModel` that supports the attention interface.
+        method: registered method name (with `**params` its hyperparameters), a `Method`, or None (dense).
+        layers: per-layer override, `{layer_idx: spec}` or `callable(layer_idx) -> spec`, where spec is a
+            method name, a Method, `(name, params)`, a params dict for `method`, or None for dense.
+        heads: per-head override within every layer, `{head: spec}` or `callable(layer_idx, head) -> spec`.
+        decode: decode policy for steps with `Lq <= decode_max_q` and a cache: a method name/Method (its
+            `select(q, k)` over the cache) or `callable(q, k, layer=...) -> BlockLayout`; None = dense.
+        backend: engine backend ("auto" picks the compiled kernel on CPU, Triton on CUDA).
+
+    Returns a `Patch` (also a context manager that unpatches on exit).
+    """
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as error:  # pragma: no cover - transformers is an optional extra
+        raise ImportError("blockattn.hf needs transformers: pip install 'blockattn[hf]'") from error
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise TypeError(f"{type(model).__name__} does not route attention through transformers' AttentionInterface "
+                        "(_supports_attention_backend is False), so blockattn cannot patch it")
+    modules = attention_modules(model)
+    if not modules:
+        raise TypeError(f"found no attention modules with a layer_idx in {type(model).__name__}; cannot patch it")
+    if backend != "auto" and backend not in blockattn.backends():
+        raise ValueError(f"backend must be 'auto' or one of {list(blockattn.backends())}, got {backend!r}")
+    if isinstance(decode_max_q, bool) or not isinstance(decode_max_q, int) or decode_max_q < 1:
+        raise ValueError(f"decode_max_q must be a positive int, got {decode_max_q!r}")
+    for name, spec in (("layers", layers), ("heads", heads)):
+        if spec is not None and not (isinstance(spec, dict) or callable(spec)):
+            raise TypeError(f"{name} must be a dict or a callable, got {type(spec).__name__}")
+    method_name = method if isinstance(method, str) else None
+    if isinstance(method, str):
+        base = methods.get(method, **params)
+    elif params:
+        raise TypeError(f"hyperparameters {sorted(params)} can only be given with a method name")
+    else:
+        base = _resolve(method, "method")
+    decode_fn = _decode_policy(decode)
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if getattr(model.config, "rope_scaling", None):
+        max_len = None  # scaled RoPE extends the context; trust the user
+
+    register()
+    previous = model.config._attn_implementation
+    plans, by_layer = [], {}
+    for module in modules:
+        layer = module.layer_idx
+        if layer not in by_layer:
+            layer_method = base
+            if layers is not None:
+                override = _per_key(layers, layer, method_name, params, f"layers[{layer}]")
+                if override is not ...:
+                    layer_method = override
+            head_fn = None
+            if heads is not None:
+                def head_fn(h, _layer=layer, _default=layer_method):
+                    spec = heads(_layer, h) if callable(heads) else heads.get(h, ...)
+                    if spec is ...:
+                        return _default
+                    if isinstance(spec, dict):
+                        if method_name is None:
+                            raise ValueError("per-head params need patch() to be given a method name")
+                        return methods.get(method_name, **{**params, **spec})
+                    return _resolve(spec, f"heads[{h}]")
+            by_layer[layer] = Plan(layer_method, head_fn, decode_fn, decode_max_q, backend, max_len)
+        setattr(module, _PLAN_ATTR, by_layer[layer])
+        plans.append(by_layer[layer])
+    model.set_attn_implementation(NAME)
+    model._blockattn_previous = previous
+    return Patch(model, previous, plans)
+
+
+def _decode_policy(decode):
+    if decode is None:
+        return None
+    if isinstance(decode, (str, methods.Method, tuple)):
+        policy = _resolve(decode, "decode")
+        return lambda q, k, layer=None: policy.select(q, k, layer=layer)
+    if callable(decode):
+        return decode
+    raise TypeError(f"decode must be None, a method name, a Method or a callable, got {type(decode).__name__}")
+
+
+def unpatch(model):
+    """Undo `patch`: restore the previous attention implementation and drop the per-layer plans."""
+    previous = getattr(model, "_blockattn_previous", None)
+    if previous is None:
+        raise ValueError("model is not patched by blockattn.hf.patch")
+    for module in model.modules():
+        if hasattr(module, _PLAN_ATTR):
+            delattr(module, _PLAN_ATTR)
+    model.set_attn_implementation(previous)
+    del model._blockattn_previous
