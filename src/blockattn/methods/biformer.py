@@ -1,0 +1,105 @@
+"""BiFormer: Vision Transformer with Bi-Level Routing Attention (Zhu et al., CVPR 2023).
+
+Rule: the tokens are split into regions (an `n_win x n_win` grid of windows over an `(H, W)` image,
+or, for a sequence, `n_win` contiguous segments). Region-level queries and keys are the means of
+the region's query and key vectors over all heads' channels (the routing is computed once and
+shared by the heads); the region affinity `A = Q_r K_r^T` routes each query region to its `topk`
+most affine key regions, and every token of the query region attends to every token of the routed
+regions. With `causal=True` (our option for LLM use) only regions that do not start after the query
+region are candidates, the query region itself is always routed (so no token is left without keys)
+and token causality applies on top.
+
+Check done: the token mask equals a float64 loop implementation of this rule in
+tests/methods/test_biformer.py. Not run side by side with the official code (rayleizhu/BiFormer,
+whose routing is `TopkRouting` in ops/bra_legacy.py); defaults n_win=7, topk=4 are BiFormer-T's
+window count and its stage-2 top-k.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from blockattn.layout import BlockLayout
+from blockattn.methods import register
+from blockattn.methods._labels import label_layout
+from blockattn.methods._select import check_qk, expand_kv_heads
+from blockattn.methods.base import Method
+
+
+def region_labels(length: int, n_win: int, grid=None) -> Tensor:
+    """`[L]` region id of every token: `n_win x n_win` windows over `grid=(H, W)` (row-major tokens),
+    `n_win` contiguous segments of a plain sequence when `grid` is None. Edge regions may be smaller."""
+    if grid is None:
+        size = -(-length // n_win)
+        return torch.arange(length) // size
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in grid):
+        raise ValueError(f"biformer grid must be (H, W) positive ints or None, got {grid!r}")
+    height, width = grid
+    if height * width != length:
+        raise ValueError(f"grid {tuple(grid)} has {height * width} tokens but the sequence has {length}")
+    rows = torch.arange(height) // -(-height // n_win)
+    cols = torch.arange(width) // -(-width // n_win)
+    return (rows.view(-1, 1) * n_win + cols.view(1, -1)).reshape(-1)
+
+
+@register("biformer")
+@dataclasses.dataclass
+class BiFormer(Method):
+    """Args:
+        n_win: regions per side of the image (or segments of a sequence). Paper: 7.
+        topk: routed key regions per query region. Paper (BiFormer-T stage 2): 4.
+        causal: LLM use: only past regions, own region always routed, token causality.
+        tile_size: the engine's tile (block_q = block_k).
+    """
+
+    n_win: int = 7
+    topk: int = 4
+    causal: bool = False
+    tile_size: int = 64
+
+    def __post_init__(self):
+        for name in ("n_win", "topk", "tile_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"causal must be a bool, got {self.causal!r}")
+
+    def route(self, q: Tensor, k: Tensor, grid=None) -> tuple[Tensor, Tensor]:
+        """(region id of every token `[L]`, routed regions bool `[B, nRegions, nRegions]`)."""
+        check_qk(q, k)
+        batch, heads, length, dim = q.shape
+        if k.shape[2] != length:
+            raise ValueError(f"biformer is self-attention: q_len ({length}) must equal k_len ({k.shape[2]})")
+        labels = region_labels(length, self.n_win, grid)
+        n_regions = int(labels.max()) + 1
+        sizes = torch.bincount(labels, minlength=n_regions).view(1, 1, -1, 1).float()
+        keys = expand_kv_heads(k.float(), heads)
+        q_region = torch.zeros(batch, heads, n_regions, dim).index_add_(2, labels, q.float()) / sizes
+        k_region = torch.zeros(batch, heads, n_regions, dim).index_add_(2, labels, keys) / sizes
+        # heads share the routing: the affinity of the concatenated channels is the sum over heads
+        affinity = torch.einsum("bhrd,bhsd->brs", q_region, k_region)
+        regions = torch.arange(n_regions)
+        if self.causal:
+            first = torch.full((n_regions,), length).scatter_reduce(0, labels, torch.arange(length), "amin")
+            past = first.view(1, -1) <= first.view(-1, 1)
+            affinity = affinity.masked_fill(~past, float("-inf"))
+            affinity = torch.where(regions.view(-1, 1) == regions.view(1, -1), float("inf"), affinity)
+            candidates = past
+        else:
+            candidates = torch.ones(n_regions, n_regions, dtype=torch.bool)
+        chosen = affinity.topk(min(self.topk, n_regions), dim=-1).indices
+        routed = torch.zeros(batch, n_regions, n_regions, dtype=torch.bool).scatter_(-1, chosen, True)
+        return labels, routed & candidates
+
+    def select(self, q: Tensor, k: Tensor, grid=None, **ctx) -> BlockLayout:
+        """Layout (heads dimension 1: the heads share the routing) for q `[B, Hq, L, D]`, k `[B, Hkv, L, D]`;
+        `grid=(H, W)` for images."""
+        labels, routed = self.route(q, k, grid)
+        batch, length = q.shape[0], q.shape[2]
+        token_labels = labels.view(1, 1, -1).expand(batch, 1, length)
+        return label_layout(token_labels, token_labels, routed.unsqueeze(1), block_q=self.tile_size,
+                            block_k=self.tile_size, causal=self.causal)
