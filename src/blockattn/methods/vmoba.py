@@ -1,18 +1,21 @@
 """VMoBA: Mixture-of-Block Attention for Video Diffusion Models (Wu et al., 2025).
 
 Rule: tokens lie on a (T, H, W) grid in row-major order. Key blocks follow a layer-wise recurrent
-partition: layer l uses 1D blocks (`block_1d` whole frames) when l % 3 == 0, 2D blocks (an
+partition: layer l uses 1D blocks (`block_1d` whole frames) when l % 3 == 0, 2D blocks (a
 `block_2d` spatial patch through all frames) when l % 3 == 1 and 3D blocks (`block_3d` cubes) when
-l % 3 == 2; edge blocks may be smaller. Each query token scores every key block by the dot
-product with the block's mean-pooled key, softmax-normalised over the blocks. Global selection:
-all (query, block) scores of a head are ranked together and the highest are kept until their
-cumulative sum reaches `threshold` of the head's total (threshold-based selection). Attention is
-not causal (video diffusion). `min_blocks` (our addition, 0 = the pure rule) keeps each query's
-best blocks as well, so no query is left without keys. The layout keeps this exact token mask.
+l % 3 == 2; edge blocks may be smaller. Each query token scores every key block by the dot product
+with the block's mean-pooled key. Threshold selection as in the official code: scores are min-max
+normalised (over the whole head for `selection="head_global"`, the paper's global selection; per
+query for `"query_head"`); the block holding the query itself is always kept and its normalised
+score counted first; the other (query, block) entries are ranked and kept up to and including the
+first one at which the kept share of the normalised total reaches `threshold`. Attention is not
+causal (video diffusion). The layout keeps this exact token mask.
 
-Check done: the token mask equals a float64 loop implementation of this rule in
-tests/methods/test_vmoba.py. Not checked against the official code (not available here); the
-`threshold` and block-shape defaults are our choices, not values verified in the paper.
+Checks done: the token mask equals a float64 loop implementation of this rule in
+tests/methods/test_vmoba.py. The selection follows `_select_threshold_head_global` /
+`_select_threshold_query_head` of KwaiVGI/VMoBA (src/vmoba.py; read, not run: the module imports
+flash-attn at load time); the official code takes the partition as given (tokens already permuted
+into contiguous chunks), so the 1D/2D/3D block shapes here are our defaults, not verified values.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from blockattn.methods import register
 from blockattn.methods._select import check_qk, expand_kv_heads
 from blockattn.methods.base import Method
 
+_EPS = 1e-6  # as in the official selection
+
 
 def _check_shape(name, value, ndim):
     if not isinstance(value, (tuple, list)) or len(value) != ndim or any(
@@ -38,11 +43,12 @@ def _check_shape(name, value, ndim):
 @dataclasses.dataclass
 class VMoBA(Method):
     """Args:
-        threshold: share of a head's total (query, block) similarity kept, in (0, 1].
+        threshold: share of the normalised similarity kept, in (0, 1] (official default 0.25).
         block_1d: frames per 1D block.
         block_2d: (h, w) of a 2D block (spanning all frames).
         block_3d: (t, h, w) of a 3D block.
-        min_blocks: best blocks every query keeps in addition (0: the paper's pure global rule).
+        selection: "head_global" (rank all (query, block) entries of a head together) or
+            "query_head" (rank each query's blocks on their own).
         tile_size: the engine's tile (block_q = block_k).
     """
 
@@ -50,7 +56,7 @@ class VMoBA(Method):
     block_1d: int = 1
     block_2d: tuple = (8, 8)
     block_3d: tuple = (2, 4, 4)
-    min_blocks: int = 1
+    selection: str = "head_global"
     tile_size: int = 64
 
     def __post_init__(self):
@@ -59,11 +65,10 @@ class VMoBA(Method):
         _check_shape("block_1d", (self.block_1d,), 1)
         self.block_2d = _check_shape("block_2d", self.block_2d, 2)
         self.block_3d = _check_shape("block_3d", self.block_3d, 3)
-        for name in ("min_blocks", "tile_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "min_blocks" else 1):
-                raise ValueError(f"{name} must be a {'non-negative' if name == 'min_blocks' else 'positive'} int, "
-                                 f"got {value!r}")
+        if self.selection not in ("head_global", "query_head"):
+            raise ValueError(f"selection must be 'head_global' or 'query_head', got {self.selection!r}")
+        if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or self.tile_size < 1:
+            raise ValueError(f"tile_size must be a positive int, got {self.tile_size!r}")
 
     def block_ids(self, grid, layer: int) -> Tensor:
         """`[L]` key-block id of every token for `layer`'s partition (1D, 2D, 3D in turn)."""
@@ -92,17 +97,26 @@ class VMoBA(Method):
         keys = expand_kv_heads(k.float(), heads)
         sums = torch.zeros(batch, heads, n_blocks, dim).index_add_(2, ids, keys)
         pooled = sums / torch.bincount(ids, minlength=n_blocks).view(1, 1, -1, 1)
-        probs = torch.softmax(q.float() @ pooled.transpose(-1, -2), dim=-1)  # [B, H, L, nBlocks]
-        flat = probs.reshape(batch, heads, -1)
-        order = flat.argsort(dim=-1, descending=True, stable=True)
-        ranked = flat.gather(-1, order)
-        before = ranked.cumsum(-1) - ranked
-        keep = before < self.threshold * flat.sum(-1, keepdim=True)
-        gates = torch.zeros_like(keep).scatter(-1, order, keep).view_as(probs)
-        if self.min_blocks:
-            best = probs.topk(min(self.min_blocks, n_blocks), dim=-1).indices
-            gates.scatter_(-1, best, True)
-        return gates
+        gate = q.float() @ pooled.transpose(-1, -2)  # [B, H, L, nBlocks]
+        own = torch.zeros(length, n_blocks, dtype=torch.bool)
+        own[torch.arange(length), ids] = True
+        # entries ranked together: all of a head's (query, block) pairs, or each query's blocks
+        dims = (2, 3) if self.selection == "head_global" else (3,)
+        low, high = gate.amin(dim=dims, keepdim=True), gate.amax(dim=dims, keepdim=True)
+        span = torch.where(high - low <= _EPS, torch.ones_like(high), high - low)
+        norm = (gate - low) / span
+        total = norm.sum(dim=dims, keepdim=True)
+        remain = (self.threshold - (norm * own).sum(dim=dims, keepdim=True) / (total + _EPS)).clamp(min=0)
+        others = norm.masked_fill(own, 0.0)
+        if self.selection == "head_global":
+            others, total, remain = others.reshape(batch, heads, -1), total.view(batch, heads, 1), remain.view(batch, heads, 1)
+        ranked, order = others.sort(dim=-1, descending=True, stable=True)
+        # keep the ranked entries up to and including the first at which the share is reached
+        reached = ranked.cumsum(-1) / (total + _EPS) >= remain
+        cutoff = torch.where(reached.any(-1), reached.float().argmax(-1), reached.shape[-1] - 1)
+        keep = torch.arange(ranked.shape[-1]) <= cutoff.unsqueeze(-1)
+        chosen = torch.zeros_like(keep).scatter(-1, order, keep).view_as(gate)
+        return chosen | own
 
     def select(self, q: Tensor, k: Tensor, grid=None, layer: int = 0, **ctx) -> BlockLayout:
         gates = self.gates(q, k, grid=grid, layer=layer)
@@ -113,4 +127,4 @@ class VMoBA(Method):
             return gates[b, h, q_idx, ids[kv_idx]]
 
         return BlockLayout.from_token_mask(allowed, block_q=self.tile_size, block_k=self.tile_size, q_len=length,
-                                           k_len=length, batch=batch, heads=heads, allow_empty_rows=self.min_blocks == 0)
+                                           k_len=length, batch=batch, heads=heads)
