@@ -1,0 +1,325 @@
+"""Multi-query associative recall (MQAR, Zoology) and a small harness that trains any token mixer on it.
+
+Paper: Arora, Eyuboglu et al., "Zoology: Measuring and Improving Recall in Efficient Language
+Models" (ICLR 2024). An example is `num_kv_pairs` key-value pairs (keys from [1, V/2), values
+from [V/2, V), distinct within an example) followed by queries: each key is asked once, at a
+distance drawn from a power law (p(gap = i) ∝ a·i^(a−1), a = 0.01 by default, so most queries
+come soon after the context and a few far away); the label at a query position is the key's
+value, every other position is ignored (-100); the remaining positions hold random tokens.
+
+`MIXERS` maps a name to a factory `(d_model, layer) -> nn.Module` whose module maps
+`[B, L, d_model]` to `[B, L, d_model]` causally; adding a mixer is one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+IGNORE = -100
+
+
+def multiquery_ar(num_examples: int, *, vocab_size: int = 8192, input_seq_len: int = 64, num_kv_pairs: int = 4,
+                  power_a: float = 0.01, random_non_queries: bool = True, seed: int = 0):
+    """Zoology's MQAR examples: `(inputs [N, L] int64, labels [N, L] int64)`, labels -100 except at queries.
+
+    The layout follows Zoology's generator: pairs at positions 0..2N−1; the query for the key
+    of pair j sits at 2N + 2·gap_j with distinct gaps drawn from the power law over
+    `(L − 2N) // 2` slots; the label at that position is pair j's value.
+    """
+    for name, value in (("num_examples", num_examples), ("vocab_size", vocab_size),
+                        ("input_seq_len", input_seq_len), ("num_kv_pairs", num_kv_pairs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if input_seq_len % 2:
+        raise ValueError(f"input_seq_len must be even, got {input_seq_len}")
+    if vocab_size <= input_seq_len:
+        raise ValueError(f"vocab_size must exceed input_seq_len ({input_seq_len}), got {vocab_size}")
+    if num_kv_pairs * 4 > input_seq_len:
+        raise ValueError(f"num_kv_pairs * 4 must be <= input_seq_len ({input_seq_len}), got num_kv_pairs={num_kv_pairs}")
+    if num_kv_pairs >= vocab_size // 2:
+        raise ValueError(f"num_kv_pairs must be < vocab_size // 2 - 1 distinct keys, got {num_kv_pairs}")
+    if not 0 < power_a <= 1:
+        raise ValueError(f"power_a must lie in (0, 1], got {power_a}")
+    rng = np.random.default_rng(seed)
+    context = 2 * num_kv_pairs
+    half = vocab_size // 2
+    keys = np.stack([rng.choice(np.arange(1, half), size=num_kv_pairs, replace=False) for _ in range(num_examples)])
+    values = np.stack([rng.choice(np.arange(half, vocab_size), size=num_kv_pairs, replace=False)
+                       for _ in range(num_examples)])
+    space = (input_seq_len - context) // 2
+    p = power_a * np.arange(1, space + 1) ** (power_a - 1)
+    p = p / p.sum()
+    gaps = np.stack([rng.choice(space, size=num_kv_pairs, replace=False, p=p) for _ in range(num_examples)])
+    inputs = np.zeros((num_examples, input_seq_len), dtype=np.int64)
+    labels = np.full((num_examples, input_seq_len), IGNORE, dtype=np.int64)
+    inputs[:, 0:context:2] = keys
+    inputs[:, 1:context:2] = values
+    query_pos = context + 2 * gaps
+    np.put_along_axis(inputs, query_pos, keys, axis=1)
+    np.put_along_axis(labels, query_pos, values, axis=1)
+    inputs, labels = torch.from_numpy(inputs), torch.from_numpy(labels)
+    if random_non_queries:
+        filler = torch.from_numpy(rng.integers(0, vocab_size, size=inputs.shape))
+        inputs = torch.where(inputs == 0, filler, inputs)
+    return inputs, labels
+
+
+# --------------------------------------------------------------------------------------------- mixers
+
+class _Heads(nn.Module):
+    """q, k, v projections split into heads, and the output projection."""
+
+    def __init__(self, d_model: int, heads: int, qk_dim: int | None = None):
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model ({d_model}) must be a multiple of heads ({heads})")
+        self.heads, self.head_dim = heads, d_model // heads
+        self.qk_dim = qk_dim or self.head_dim
+        self.q = nn.Linear(d_model, heads * self.qk_dim, bias=False)
+        self.k = nn.Linear(d_model, heads * self.qk_dim, bias=False)
+        self.v = nn.Linear(d_model, d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def split(self, x):
+        b, length, _ = x.shape
+        return [t.view(b, length, self.heads, -1).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x))]
+
+    def merge(self, y):
+        b, _, length, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(b, length, -1))
+
+
+class SoftmaxMixer(_Heads):
+    """Softmax attention through the engine on a causal or sliding-window layout."""
+
+    def __init__(self, d_model: int, heads: int = 1, window: int | None = None):
+        super().__init__(d_model, heads)
+        self.window = window
+
+    def forward(self, x):
+        import blockattn
+        q, k, v = self.split(x)
+        length = x.shape[1]
+        layout = (blockattn.patterns.causal(length) if self.window is None
+                  else blockattn.patterns.sliding_window(length, window=self.window))
+        return self.merge(blockattn.attention(q, k, v, layout))
+
+
+class SparseMixer(_Heads):
+    """A registered block-sparse method selecting its layout from q, k on every call."""
+
+    def __init__(self, d_model: int, method: str, heads: int = 1, **params):
+        super().__init__(d_model, heads)
+        self.method, self.params = method, params
+
+    def forward(self, x):
+        import blockattn
+        q, k, v = self.split(x)
+        return self.merge(blockattn.sparse_attention(q, k, v, self.method, **self.params))
+
+
+class LightningMixer(_Heads):
+    """TransNormerLLM-style layer: Lightning attention with fixed per-head decays, RMS-normed output.
+    `decay=None` gives plain causal linear attention (λ = 1)."""
+
+    def __init__(self, d_model: int, heads: int = 1, decays: tuple[float, ...] | None = None):
+        super().__init__(d_model, heads)
+        self.register_buffer("decay", torch.tensor(decays if decays is not None else [1.0] * heads))
+        self.norm = nn.RMSNorm(self.head_dim)
+
+    def forward(self, x):
+        from blockattn.linear import lightning_attention
+        q, k, v = self.split(x)
+        q, k = nn.functional.silu(q), nn.functional.silu(k)  # TransNormerLLM's kernel on q and k
+        return self.merge(self.norm(lightning_attention(q, k, v, self.decay, block_size=16)))
+
+
+class BasedMixer(_Heads):
+    """BASED: q, k projected to `feature_dim` for the Taylor linear branch plus a sliding softmax window."""
+
+    def __init__(self, d_model: int, heads: int = 1, feature_dim: int = 16, window: int = 64):
+        super().__init__(d_model, heads, qk_dim=feature_dim)
+        self.window = window
+        self.local = SoftmaxMixer(d_model, heads, window=window)
+
+    def forward(self, x):
+        from blockattn.linear import taylor_linear_attention
+        q, k, v = self.split(x)
+        return self.merge(taylor_linear_attention(q, k, v, block_size=16)) + self.local(x)
+
+
+class RATMixer(_Heads):
+    """RAT layer: sigmoid forget gate per channel, chunked recurrence + attention over chunk summaries."""
+
+    def __init__(self, d_model: int, heads: int = 1, chunk_size: int = 16):
+        super().__init__(d_model, heads)
+        self.chunk_size = chunk_size
+        self.forget = nn.Linear(d_model, d_model)
+
+    def forward(self, x):
+        from blockattn.linear import rat
+        q, k, v = self.split(x)
+        b, length, _ = x.shape
+        f = torch.sigmoid(self.forget(x)).view(b, length, self.heads, -1).transpose(1, 2)
+        return self.merge(rat(q, k, v, f, chunk_size=self.chunk_size))
+
+
+class BlockTransformerMixer(_Heads):
+    """Block Transformer: global attention over pooled blocks + local attention inside each block."""
+
+    def __init__(self, d_model: int, heads: int = 1, block_size: int = 4):
+        super().__init__(d_model, heads)
+        self.block_size = block_size
+
+    def forward(self, x):
+        from blockattn.linear import block_transformer
+        q, k, v = self.split(x)
+        return self.merge(block_transformer(q, k, v, block_size=self.block_size))
+
+
+# Scale-down (L = 64 instead of Zoology's 64..512): windows of 64 would see everything, so the
+# sliding windows and BASED's window are 8 tokens; RAT keeps its paper chunk of 16.
+WINDOW = 8
+MIXERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "attention": lambda d, layer: SoftmaxMixer(d),
+    "sliding_window": lambda d, layer: SoftmaxMixer(d, window=WINDOW),
+    "linear": lambda d, layer: LightningMixer(d),
+    "lightning": lambda d, layer: LightningMixer(d, heads=2, decays=(1 - 2 ** -5, 1 - 2 ** -6)),
+    "based": lambda d, layer: BasedMixer(d, window=WINDOW),
+    "rat": lambda d, layer: RATMixer(d),
+    "rat_hybrid": lambda d, layer: SoftmaxMixer(d, window=WINDOW) if layer == 0 else RATMixer(d),
+    "block_transformer": lambda d, layer: BlockTransformerMixer(d),
+    "moba": lambda d, layer: SparseMixer(d, "moba", block_size=16, top_k=2, tile_size=16),
+}
+
+
+# --------------------------------------------------------------------------------------------- model
+
+class MQARModel(nn.Module):
+    """Zoology-style 2-layer LM: embeddings, then per layer (short causal conv, mixer, MLP), each residual.
+
+    The short depthwise causal convolution in front of every mixer stands in for the short convs of
+    Zoology's/BASED's layers; it lets a tiny CPU-trained model form the key→value shift quickly."""
+
+    def __init__(self, mixer: str, *, vocab_size: int, d_model: int, seq_len: int, layers: int = 2, conv: int = 4):
+        super().__init__()
+        if mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {sorted(MIXERS)}, got {mixer!r}")
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(seq_len, d_model)
+        self.convs = nn.ModuleList(nn.Conv1d(d_model, d_model, conv, groups=d_model, padding=conv - 1)
+                                   for _ in range(layers))
+        self.mixers = nn.ModuleList(MIXERS[mixer](d_model, i) for i in range(layers))
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+                                  for _ in range(layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(3 * layers))
+        self.final = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+
+    def forward(self, tokens):
+        length = tokens.shape[1]
+        x = self.embed(tokens) + self.pos(torch.arange(length, device=tokens.device))
+        for i, (conv, mixer, mlp) in enumerate(zip(self.convs, self.mixers, self.mlps)):
+            h = self.norms[3 * i](x).transpose(1, 2)
+            x = x + conv(h)[..., :length].transpose(1, 2)
+            x = x + mixer(self.norms[3 * i + 1](x))
+            x = x + mlp(self.norms[3 * i + 2](x))
+        return self.head(self.final(x))
+
+
+@dataclasses.dataclass
+class MQARConfig:
+    """Scaled-down MQAR settings (Zoology: V = 8192, L = 64..512, N = 4..64, 100k examples, 64 epochs)."""
+    vocab_size: int = 256
+    seq_len: int = 64
+    num_kv_pairs: int = 8
+    train_examples: int = 6000
+    test_examples: int = 500
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+
+
+def accuracy(model: nn.Module, inputs, labels, batch_size: int = 250) -> float:
+    """Fraction of query positions whose value the model predicts exactly."""
+    correct = total = 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            logits = model(inputs[start:start + batch_size])
+            target = labels[start:start + batch_size]
+            mask = target != IGNORE
+            correct += (logits.argmax(-1)[mask] == target[mask]).sum().item()
+            total += mask.sum().item()
+    model.train()
+    return correct / max(total, 1)
+
+
+def train_mqar(mixer: str, d_model: int, config: MQARConfig = MQARConfig(), progress=None) -> dict:
+    """Train a fresh 2-layer model with `mixer` on MQAR; returns accuracy, seconds and parameter count."""
+    torch.manual_seed(config.seed)
+    data = dict(vocab_size=config.vocab_size, input_seq_len=config.seq_len, num_kv_pairs=config.num_kv_pairs)
+    train_x, train_y = multiquery_ar(config.train_examples, seed=config.seed, **data)
+    test_x, test_y = multiquery_ar(config.test_examples, seed=config.seed + 10, **data)
+    model = MQARModel(mixer, vocab_size=config.vocab_size, d_model=d_model, seq_len=config.seq_len)
+    steps = config.epochs * (config.train_examples // config.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.1)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    start = time.perf_counter()
+    step = 0
+    for _ in range(config.epochs):
+        order = torch.randperm(config.train_examples)
+        for first in range(0, config.train_examples - config.batch_size + 1, config.batch_size):
+            idx = order[first:first + config.batch_size]
+            logits = model(train_x[idx])
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), train_y[idx].flatten(), ignore_index=IGNORE)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if progress is not None:
+                progress.update(1)
+    return {"mixer": mixer, "d_model": d_model, "accuracy": accuracy(model, test_x, test_y),
+            "seconds": time.perf_counter() - start, "params": sum(p.numel() for p in model.parameters()),
+            "steps": step}
+
+
+def format_table(results: list[dict]) -> str:
+    dims = sorted({r["d_model"] for r in results})
+    mixers = list(dict.fromkeys(r["mixer"] for r in results))
+    acc = {(r["mixer"], r["d_model"]): r["accuracy"] for r in results}
+    lines = ["| mixer | " + " | ".join(f"d={d}" for d in dims) + " |", "|---" * (len(dims) + 1) + "|"]
+    for m in mixers:
+        cells = [f"{acc[(m, d)]:.3f}" if (m, d) in acc else "" for d in dims]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_accuracy(results: list[dict], path: str) -> str:
+    """PNG of test accuracy against d_model, one line per mixer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in dict.fromkeys(r["mixer"] for r in results):
+        rows = sorted((r for r in results if r["mixer"] == m), key=lambda r: r["d_model"])
+        ax.plot([r["d_model"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("d_model")
+    ax.set_ylabel("MQAR accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
