@@ -31,3 +31,24 @@ def test_capture_records_post_rope_qkv_without_changing_outputs():
         model(ids)
     expected = reference_attention(q.double(), k.double(), v.double(), patterns.causal(40, block_q=16, block_k=16))
     assert torch.allclose(expected.transpose(1, 2).reshape(1, 40, 32).float(), seen["x"], atol=1e-5)
+
+
+def test_real_text_ids_length_and_too_short():
+    from blockattn.bench.capture import real_text_ids
+
+    class Chars:  # a stand-in tokenizer: one token per character
+        def __call__(self, text, return_tensors):
+            import types
+            return types.SimpleNamespace(input_ids=torch.tensor([[ord(c) % 1000 for c in text]]))
+
+    ids = real_text_ids(Chars(), 5000)
+    import pydoc_data.topics as topics
+    assert ids.shape == (1, 5000)
+    assert ids[0, :10].tolist() == [ord(c) % 1000 for c in "\n\n".join(topics.topics.values())[:10]]
+
+    class Short(Chars):
+        def __call__(self, text, return_tensors):
+            return super().__call__(text[:10], return_tensors)
+
+    with pytest.raises(ValueError, match="not enough text"):
+        real_text_ids(Short(), 100)
