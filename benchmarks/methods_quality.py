@@ -24,10 +24,11 @@ def main():
     parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 10, 20, 28])
     parser.add_argument("--record", default="docs/bench/methods.md")
+    parser.add_argument("--plot", default="docs/bench/methods", help="PNG prefix: PREFIX_recall.png, PREFIX_speed.png")
     args = parser.parse_args()
     methods = args.methods or [m for m in blockattn.methods.names() if m != "dense"]
     model, tokenizer = load_smollm2()
-    rows = []
+    rows, skipped = [], []
     for length in args.lengths:
         captured = capture_qkv(model, real_text_ids(tokenizer, length), layers=args.layers)
         for name in tqdm(methods, desc=f"methods @ {length}"):
@@ -35,13 +36,19 @@ def main():
                 rows.append(measure_layers(name, captured))
             except (TypeError, ValueError) as error:  # e.g. video methods that need grid=(T, H, W)
                 print(f"skipped {name}: {error}")
+                skipped.append(f"- {name} @ {length}: {error}\n")
     table = format_table(rows)
     print(table)
     body = (f"Command: `python benchmarks/methods_quality.py --lengths {' '.join(map(str, args.lengths))}"
-            f" --methods {' '.join(methods)}`\n\nSmolLM2-135M-Instruct (9 query / 3 key heads, D=64), q/k/v captured "
+            f" --methods {' '.join(methods)}`; plots: `{args.plot}_recall.png`, `{args.plot}_speed.png`\n\nSmolLM2-135M-Instruct (9 query / 3 key heads, D=64), q/k/v captured "
             f"at layers {args.layers} on Python's documentation text, means over those layers; each method with its "
             f"paper defaults; engine backend `{'cpu' if blockattn.backends()['cpu'] == 'available' else 'torch'}`, "
-            f"2 threads, shared machine (timings noisy).\n\n{table}\n")
+            f"2 threads, shared machine (timings noisy).\n\n{table}\n"
+            + ("\nNot measured (need a video token grid or other context):\n" + "".join(dict.fromkeys(skipped))
+               if skipped else ""))
+    if args.plot:
+        from blockattn.commands.compare import plot
+        print("wrote", *plot(rows, args.plot))
     if args.record:
         os.makedirs(os.path.dirname(args.record) or ".", exist_ok=True)
         record_markdown(args.record, "methods-quality", body)
