@@ -1,0 +1,151 @@
+"""Miras' four choices as composable parts: memory architecture, attentional bias, retention gate, learning rule.
+
+Paper: Behrouz, Razaviyayn, Zhong, Mirrokni, "It's All Connected: A Journey Through Test-Time
+Memorization, Attentional Bias, Retention, and Online Optimization" (2025). A sequence model is
+an associative memory M_W updated per token by an online optimiser that lowers an attentional
+bias ℓ(M_W(k_t), v_t) while a retention gate keeps W near its past. Every choice here keeps the
+update *linear in an accumulator* A (W = φ(A)), which is what lets `chunk.py` train in parallel
+inside a chunk exactly as the token loop in `naive.py` does.
+
+Weights are carried flat: `[N, P]` with N = batch·heads, P = the memory's parameter count.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# ----------------------------------------------------------------------------- memory architectures
+
+@dataclasses.dataclass(frozen=True)
+class LinearMemory:
+    """M_W(x) = W x, W `[Dv, Dk]` (linear attention / DeltaNet's memory)."""
+
+    def shapes(self, d_k: int, d_v: int) -> list[tuple[int, int]]:
+        return [(d_v, d_k)]
+
+    def forward(self, mats: list[Tensor], x: Tensor) -> Tensor:
+        return (mats[0] @ x.unsqueeze(-1)).squeeze(-1)
+
+    def backward(self, mats: list[Tensor], x: Tensor, grad_out: Tensor) -> list[Tensor]:
+        """Weight gradients of ⟨grad_out, M_W(x)⟩, in closed form (no autograd inside the chunk)."""
+        return [grad_out.unsqueeze(-1) * x.unsqueeze(-2)]
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPMemory:
+    """M_W(x) = W2 silu(W1 x), W1 `[E·Dk, Dk]`, W2 `[Dv, E·Dk]` (Titans' deep memory, L_M = 2)."""
+
+    expansion: int = 2
+
+    def shapes(self, d_k: int, d_v: int) -> list[tuple[int, int]]:
+        return [(self.expansion * d_k, d_k), (d_v, self.expansion * d_k)]
+
+    def forward(self, mats: list[Tensor], x: Tensor) -> Tensor:
+        hidden = F.silu((mats[0] @ x.unsqueeze(-1)).squeeze(-1))
+        return (mats[1] @ hidden.unsqueeze(-1)).squeeze(-1)
+
+    def backward(self, mats: list[Tensor], x: Tensor, grad_out: Tensor) -> list[Tensor]:
+        pre = (mats[0] @ x.unsqueeze(-1)).squeeze(-1)
+        sig = torch.sigmoid(pre)
+        hidden = pre * sig
+        grad_hidden = (mats[1].transpose(-1, -2) @ grad_out.unsqueeze(-1)).squeeze(-1)
+        grad_pre = grad_hidden * sig * (1 + pre * (1 - sig))
+        return [grad_pre.unsqueeze(-1) * x.unsqueeze(-2), grad_out.unsqueeze(-1) * hidden.unsqueeze(-2)]
+
+
+def unflatten(flat: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
+    """`[..., P]` -> one `[..., r, c]` tensor per memory matrix."""
+    mats, start = [], 0
+    for rows, cols in shapes:
+        mats.append(flat[..., start:start + rows * cols].unflatten(-1, (rows, cols)))
+        start += rows * cols
+    return mats
+
+
+def flatten(mats: list[Tensor]) -> Tensor:
+    return torch.cat([m.flatten(-2) for m in mats], dim=-1)
+
+
+# ----------------------------------------------------------------------------- attentional biases
+# Each returns dℓ/d(prediction); the memory's `backward` turns it into weight gradients.
+
+@dataclasses.dataclass(frozen=True)
+class L2Bias:
+    """ℓ = ‖M(k) − v‖²₂ (Titans, DeltaNet, Memora)."""
+
+    def grad(self, pred: Tensor, target: Tensor, delta: Tensor | None = None) -> Tensor:
+        return 2 * (pred - target)
+
+
+@dataclasses.dataclass(frozen=True)
+class LpBias:
+    """ℓ = ‖M(k) − v‖_p^p (Moneta; p = 3 in the paper)."""
+
+    p: float = 3.0
+
+    def grad(self, pred: Tensor, target: Tensor, delta: Tensor | None = None) -> Tensor:
+        err = pred - target
+        return self.p * torch.sign(err) * err.abs() ** (self.p - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class HuberBias:
+    """Yaad's Huber bias: the ℓ2 gradient while ‖M(k) − v‖₂ ≤ δ_t, else δ_t times the ℓ1 gradient."""
+
+    def grad(self, pred: Tensor, target: Tensor, delta: Tensor | None = None) -> Tensor:
+        err = pred - target
+        small = err.norm(dim=-1, keepdim=True) <= delta.unsqueeze(-1)
+        return torch.where(small, 2 * err, delta.unsqueeze(-1) * torch.sign(err))
+
+
+# ----------------------------------------------------------------------------- retention gates
+# A retention gate maps the accumulator A to the weights W = φ(A); the decay factor on A is the gate.
+
+@dataclasses.dataclass(frozen=True)
+class L2Retention:
+    """W = A: weight decay towards 0 (Titans' forgetting, Yaad)."""
+
+    def weights(self, accum: Tensor, shapes) -> Tensor:
+        return accum
+
+
+@dataclasses.dataclass(frozen=True)
+class LqRetention:
+    """Moneta's ℓ_q retention: W = A / ‖A‖_q^(q−2), per memory matrix (q = 4 in the paper)."""
+
+    q: float = 4.0
+
+    def weights(self, accum: Tensor, shapes) -> Tensor:
+        mats = unflatten(accum, shapes)
+        out = [m / m.flatten(-2).norm(p=self.q, dim=-1)[..., None, None] ** (self.q - 2) for m in mats]
+        return flatten(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class KLRetention:
+    """Memora's KL retention: W = softmax(A) row-wise, i.e. W_t = softmax(α_t log W_{t−1} − η_t ∇ℓ).
+
+    Row constants do not change a softmax, so A_t = α_t A_{t−1} − η_t ∇ℓ is exact."""
+
+    def weights(self, accum: Tensor, shapes) -> Tensor:
+        return flatten([torch.softmax(m, dim=-1) for m in unflatten(accum, shapes)])
+
+
+# ----------------------------------------------------------------------------- learning rules
+
+@dataclasses.dataclass(frozen=True)
+class GradientDescent:
+    """A_t = a_t A_{t−1} − θ_t g_t."""
+
+    uses_momentum = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MomentumDescent:
+    """Titans' surprise with momentum: S_t = η_t S_{t−1} − θ_t g_t, A_t = a_t A_{t−1} + S_t."""
+
+    uses_momentum = True
