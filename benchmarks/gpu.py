@@ -11,6 +11,7 @@ Each row catches its own errors so one failure does not lose the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -39,6 +40,14 @@ def timed(fn, device, repeats):
         fn()
         best = min(best, (time.perf_counter() - t) * 1e3)
     return best
+
+
+def sdpa_backend(device):
+    """SDPA pinned to FlashAttention on CUDA (an error, not a silent fallback, if Flash cannot run)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
 
 
 def step(fn, backward, inputs, grad):
@@ -72,12 +81,24 @@ def main():
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (Triton interpreter)"
     print(f"# {name}, torch {torch.__version__}, {args.dtype}, B=1, H={heads}, D={dim}, block {block}")
 
-    # correctness first: the full causal layout against SDPA
+    # correctness first: the full causal layout against SDPA, output and gradients, in both half dtypes
     L = lengths[0]
-    q, k, v = (torch.randn(1, heads, L, dim, device=device, dtype=dtype) for _ in range(3))
-    ours = blockattn.attention(q, k, v, patterns.causal(L, block_q=block, block_k=block), backend="triton")
-    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    print(f"# check vs SDPA at L={L}: max abs diff {(ours.float() - theirs.float()).abs().max().item():.2e}")
+    for check_dtype in (torch.bfloat16, torch.float16):
+        try:
+            inputs = [torch.randn(1, heads, L, dim, device=device, dtype=check_dtype, requires_grad=True)
+                      for _ in range(3)]
+            grad = torch.randn(1, heads, L, dim, device=device, dtype=check_dtype)
+            layout = patterns.causal(L, block_q=block, block_k=block).to(device)
+            ours = blockattn.attention(*inputs, layout, backend="triton")
+            with sdpa_backend(device):
+                theirs = F.scaled_dot_product_attention(*inputs, is_causal=True)
+            diffs = [(ours - theirs).float().abs().max().item()]
+            diffs += [(a - b).float().abs().max().item() for a, b in zip(torch.autograd.grad(ours, inputs, grad),
+                                                                         torch.autograd.grad(theirs, inputs, grad))]
+            print(f"# check vs SDPA at L={L}, {str(check_dtype)[6:]}: max abs diff out {diffs[0]:.2e}, "
+                  f"dq {diffs[1]:.2e}, dk {diffs[2]:.2e}, dv {diffs[3]:.2e}", flush=True)
+        except Exception as error:
+            print(f"# check vs SDPA at L={L}, {check_dtype}: error {type(error).__name__}: {str(error)[:200]}")
 
     from blockattn.ops.flex import compiled_flex_attention
     print("| layout | L | mode | triton ms | SDPA ms | vs SDPA | Flex ms (compile s) | vs Flex | density | TFLOP/s |")
@@ -86,17 +107,20 @@ def main():
         for backward in (False, True):
             mode = "fwd+bwd" if backward else "fwd"
             try:
-                layout = build(L)
+                layout = build(L).to(device)
                 inputs = [torch.randn(1, heads, L, dim, device=device, dtype=dtype, requires_grad=backward)
                           for _ in range(3)]
                 grad = torch.randn(1, heads, L, dim, device=device, dtype=dtype)
                 ours = timed(step(lambda q, k, v: blockattn.attention(q, k, v, layout, backend="triton"), backward,
                                   inputs, grad), device, args.repeats)
-                sdpa = timed(step(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=layout.causal),
-                                  backward, inputs, grad), device, args.repeats)
+                with sdpa_backend(device):
+                    sdpa = timed(step(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=layout.causal),
+                                      backward, inputs, grad), device, args.repeats)
                 flex_text, vs_flex = "-", "-"
                 if device.type == "cuda":
-                    block_mask = layout.to(device).to_block_mask()
+                    # a fresh compile per layout: past dynamo's recompile limit Flex would silently run eagerly
+                    torch._dynamo.reset()
+                    block_mask = layout.to_block_mask()
                     flex = compiled_flex_attention()
                     call = step(lambda q, k, v: flex(q, k, v, block_mask=block_mask), backward, inputs, grad)
                     start = time.perf_counter()
