@@ -111,3 +111,21 @@ def check_inputs(q, k, v, parts, init, lr, decay, momentum, delta, chunk_size, s
 def heads_first(x: Tensor | None) -> Tensor | None:
     """`[B, H, L, ...]` -> `[B·H, L, ...]`."""
     return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def default_init(parts: MirasParts, heads: int, d_k: int, d_v: int, *, dtype=torch.float32, device=None,
+                 seed: int = 0) -> Tensor:
+    """Initial memory `[H, P]`: fan-in scaled normal weights from a seeded generator (reproducible)."""
+    generator = torch.Generator().manual_seed(seed)
+    mats = [torch.randn(heads, r, c, generator=generator, dtype=torch.float64) / c ** 0.5
+            for r, c in parts.memory.shapes(d_k, d_v)]
+    return torch.cat([m.flatten(-2) for m in mats], dim=-1).to(dtype=dtype, device=device)
+
+
+def run_memory(q, k, v, parts, *, lr, decay, momentum=None, delta=None, init=None, chunk_size=16):
+    """The public functional form: the chunked path, the default initial memory when `init` is None."""
+    from blockattn.linear.miras.chunk import memory_chunk
+    if init is None and isinstance(q, Tensor) and isinstance(v, Tensor) and q.dim() == 4 and v.dim() == 4:
+        init = default_init(parts, q.shape[1], q.shape[3], v.shape[3], dtype=q.dtype, device=q.device)
+    return memory_chunk(q, k, v, parts=parts, lr=lr, decay=decay, momentum=momentum, delta=delta, init=init,
+                        chunk_size=chunk_size)
