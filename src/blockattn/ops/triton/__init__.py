@@ -41,6 +41,31 @@ def _launch_args(q, k, layout, scale):
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
+# pipeline depth that fit in shared memory, per kernel and tile shape, learnt on the first launch
+_STAGES_THAT_FIT: dict = {}
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    """Launch with 8 warps for big tiles (a 128x128 fp32 accumulator does not fit 4 warps' registers)
+    and double-buffered K/V loads; a GPU whose shared memory cannot hold that gets one stage less."""
+    from triton.runtime.errors import OutOfResources
+
+    block_q, block_k, block_d = kwargs["BLOCK_Q"], kwargs["BLOCK_K"], kwargs["BLOCK_D"]
+    big = block_q * block_k >= 128 * 64 or max(block_q, block_k) * block_d >= 128 * 128
+    warps = 8 if big else 4
+    key = (kernel, block_q, block_k, block_d, kwargs["PRECISION"])
+    stages = _STAGES_THAT_FIT.get(key, 2)
+    while True:
+        try:
+            kernel[grid](*args, num_warps=warps, num_stages=stages, **kwargs)
+            _STAGES_THAT_FIT[key] = stages
+            return
+        except OutOfResources:
+            if stages == 1:
+                raise
+            stages -= 1
+
+
 def _masks(layout, device):
     if layout.tile_masks is None:
         empty = torch.zeros(1, dtype=torch.int32, device=device)
@@ -58,8 +83,9 @@ class _TritonAttention(torch.autograd.Function):
         mask_ids, tile_masks = _masks(layout, q.device)
         args = _launch_args(q, k, layout, scale)
         grid = (layout.num_q_blocks, q.shape[0] * q.shape[1])
-        forward_kernel[grid](q, k, v, out, lse, layout.kv_counts.to(q.device), layout.kv_indices.to(q.device),
-                             mask_ids, tile_masks, n_q=layout.num_q_blocks, max_k=layout.max_blocks, **args)
+        _launch(forward_kernel, grid, q, k, v, out, lse, layout.kv_counts.to(q.device),
+                layout.kv_indices.to(q.device), mask_ids, tile_masks, n_q=layout.num_q_blocks,
+                max_k=layout.max_blocks, **args)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale = layout, scale
         ctx.mark_non_differentiable(lse)
@@ -78,10 +104,12 @@ class _TritonAttention(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         q_counts, q_indices, q_mask_ids = layout.transpose()
         q_mask_ids = mask_ids if q_mask_ids is None else q_mask_ids.to(q.device)
-        backward_dkdv_kernel[(layout.num_k_blocks, k.shape[0] * k.shape[1])](
+        _launch(
+            backward_dkdv_kernel, (layout.num_k_blocks, k.shape[0] * k.shape[1]),
             q, k, v, grad_out, lse, delta, dk, dv, q_counts.to(q.device), q_indices.to(q.device), q_mask_ids,
             tile_masks, n_k=layout.num_k_blocks, max_q=q_indices.shape[3], **args)
-        backward_dq_kernel[(layout.num_q_blocks, q.shape[0] * q.shape[1])](
+        _launch(
+            backward_dq_kernel, (layout.num_q_blocks, q.shape[0] * q.shape[1]),
             q, k, v, grad_out, lse, delta, dq, layout.kv_counts.to(q.device), layout.kv_indices.to(q.device),
             mask_ids, tile_masks, n_q=layout.num_q_blocks, max_k=layout.max_blocks, **args)
         return dq, dk, dv, None, None
