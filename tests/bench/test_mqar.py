@@ -1,0 +1,110 @@
+"""MQAR data against Zoology's definition, causality of every registered mixer, the command's table/plot."""
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from blockattn.bench import mqar
+from blockattn.commands import mqar as mqar_command
+
+
+def test_examples_follow_the_definition():
+    vocab, length, pairs = 64, 32, 4
+    inputs, labels = mqar.multiquery_ar(200, vocab_size=vocab, input_seq_len=length, num_kv_pairs=pairs, seed=3)
+    assert inputs.shape == labels.shape == (200, length) and inputs.dtype == torch.int64
+    for x, y in zip(inputs.tolist(), labels.tolist()):
+        keys, values = x[0:2 * pairs:2], x[1:2 * pairs:2]
+        assert all(1 <= key < vocab // 2 for key in keys) and len(set(keys)) == pairs
+        assert all(vocab // 2 <= val < vocab for val in values) and len(set(values)) == pairs
+        answer = dict(zip(keys, values))
+        asked = [t for t in range(length) if y[t] != mqar.IGNORE]
+        assert len(asked) == pairs
+        assert sorted(x[t] for t in asked) == sorted(keys)
+        for t in asked:
+            assert t >= 2 * pairs and (t - 2 * pairs) % 2 == 0
+            assert y[t] == answer[x[t]]
+    assert (labels[:, : 2 * pairs] == mqar.IGNORE).all()
+
+
+def test_non_queries_are_zero_without_random_fill():
+    inputs, labels = mqar.multiquery_ar(50, vocab_size=64, input_seq_len=32, num_kv_pairs=4, random_non_queries=False)
+    filler = (labels == mqar.IGNORE)
+    filler[:, :8] = False
+    assert (inputs[filler] == 0).all()
+
+
+def test_query_gaps_follow_the_power_law():
+    pairs, length = 2, 40
+    _, labels = mqar.multiquery_ar(3000, vocab_size=64, input_seq_len=length, num_kv_pairs=pairs, seed=1)
+    gaps = ((labels != mqar.IGNORE).nonzero()[:, 1] - 2 * pairs) // 2
+    space = (length - 2 * pairs) // 2
+    counts = np.bincount(gaps.numpy(), minlength=space)
+    # p(i) ∝ i^(a−1) with a = 0.01 falls off nearly as 1/i: the first slot is the most frequent
+    # and the near slots together dominate, unlike a uniform placement (each slot ≈ 1/space).
+    assert counts.argmax() == 0
+    assert counts[: space // 4].sum() > counts[3 * space // 4:].sum() * 2
+
+
+def test_seeds_differ_and_repeat():
+    a = mqar.multiquery_ar(20, vocab_size=64, input_seq_len=32, num_kv_pairs=4, seed=0)
+    b = mqar.multiquery_ar(20, vocab_size=64, input_seq_len=32, num_kv_pairs=4, seed=0)
+    c = mqar.multiquery_ar(20, vocab_size=64, input_seq_len=32, num_kv_pairs=4, seed=1)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(input_seq_len=33), "input_seq_len must be even"),
+    (dict(vocab_size=32), "vocab_size must exceed input_seq_len"),
+    (dict(num_kv_pairs=9), r"num_kv_pairs \* 4 must be <= input_seq_len"),
+    (dict(power_a=0.0), r"power_a must lie in \(0, 1\]"),
+    (dict(num_kv_pairs=0), "num_kv_pairs must be a positive int"),
+])
+def test_bad_generator_arguments(kwargs, message):
+    args = dict(vocab_size=64, input_seq_len=32, num_kv_pairs=4) | kwargs
+    with pytest.raises(ValueError, match=message):
+        mqar.multiquery_ar(5, **args)
+
+
+@pytest.mark.parametrize("mixer", sorted(mqar.MIXERS))
+def test_every_mixer_is_causal(mixer):
+    torch.manual_seed(0)
+    model = mqar.MQARModel(mixer, vocab_size=64, d_model=16, seq_len=32).eval()
+    tokens = torch.randint(0, 64, (2, 32))
+    changed = tokens.clone()
+    changed[:, 20:] = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert a.shape == (2, 32, 64)
+    assert torch.allclose(a[:, :20], b[:, :20], atol=1e-5)
+    assert not torch.allclose(a[:, 20:], b[:, 20:])
+
+
+def test_unknown_mixer():
+    with pytest.raises(ValueError, match="mixer must be one of"):
+        mqar.MQARModel("mamba", vocab_size=64, d_model=16, seq_len=32)
+
+
+def test_accuracy_counts_only_queries():
+    class Oracle(torch.nn.Module):
+        def forward(self, tokens):
+            return torch.nn.functional.one_hot(self.answer, 64).float()
+    inputs, labels = mqar.multiquery_ar(10, vocab_size=64, input_seq_len=32, num_kv_pairs=4)
+    model = Oracle()
+    model.answer = labels.clamp(min=0)
+    assert mqar.accuracy(model, inputs, labels) == 1.0
+    model.answer = (labels.clamp(min=0) + 1) % 64
+    assert mqar.accuracy(model, inputs, labels) == 0.0
+
+
+def test_command_tabulates_and_plots_saved_results(tmp_path, capsys):
+    results = [{"mixer": m, "d_model": d, "accuracy": acc, "seconds": 1.0, "params": 1, "steps": 1}
+               for m, d, acc in [("attention", 16, 0.5), ("attention", 32, 0.99), ("linear", 16, 0.1)]]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    args = types.SimpleNamespace(mixers=["attention"], load=[str(path)], plot=str(tmp_path / "acc.png"))
+    mqar_command.run(args)
+    out = capsys.readouterr().out
+    assert "| attention | 0.500 | 0.990 |" in out and "| linear | 0.100 |  |" in out
+    assert (tmp_path / "acc.png").stat().st_size > 1000
