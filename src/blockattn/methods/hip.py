@@ -1,0 +1,131 @@
+"""HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning (Lee et al., ICLR 2025).
+
+Rule: per query block and head, a tree search finds `k / block_size_k` key blocks among the
+blocks the block may see. The candidate range is first cut into that many equal nodes; then, level
+by level, every node is split in two (a one-block node stays whole), each child is scored by its
+representative key — the child's centre token — as the largest `q . k_rep` over the block's
+queries, and the best `k / block_size_k` children become the next level's nodes. When every node
+is one block, the nodes are the selection. The first `sink_blocks` blocks and the query's own
+(diagonal) block are always kept as well; rows that can see no more blocks than the budget keep
+them all. The search costs O(k log L) scores per query block instead of O(L).
+
+Our reading of the paper, not checked against the official code (DeepAuto-AI/hip-attention,
+Triton/CUDA kernels): the paper's fine key granularity (b_k = 2 tokens) is replaced by the engine
+tile, and the representative is the centre token. Check done: the selection equals a float64 loop
+implementation of this search in tests/methods/test_hip.py, which also checks that every level
+keeps the top-k of its own hierarchical scores.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from blockattn.layout import BlockLayout
+from blockattn.methods import register
+from blockattn.methods._select import check_qk, expand_kv_heads
+from blockattn.methods.base import Method
+
+
+@register("hip")
+@dataclasses.dataclass
+class HiPAttention(Method):
+    """Args:
+        k: key tokens each query block selects by the tree search. Paper: 512.
+        block_size_q: query block (and tile) size. Paper: 32; here the engine tile.
+        block_size_k: key block (and tile) size. Paper: 2; here the engine tile.
+        sink_blocks: first key blocks always kept (attention sink).
+        causal: no future keys (LLM prefill).
+    """
+
+    k: int = 512
+    block_size_q: int = 64
+    block_size_k: int = 64
+    sink_blocks: int = 1
+    causal: bool = True
+
+    def __post_init__(self):
+        for name in ("k", "block_size_q", "block_size_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.k % self.block_size_k:
+            raise ValueError(f"k ({self.k}) must be a multiple of block_size_k ({self.block_size_k})")
+        if isinstance(self.sink_blocks, bool) or not isinstance(self.sink_blocks, int) or self.sink_blocks < 0:
+            raise ValueError(f"sink_blocks must be a non-negative int, got {self.sink_blocks!r}")
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"causal must be a bool, got {self.causal!r}")
+
+    def visible_blocks(self, q_len: int, k_len: int) -> Tensor:
+        """`[nQ]`: how many leading key blocks each query block may see."""
+        n_q, n_k = -(-q_len // self.block_size_q), -(-k_len // self.block_size_k)
+        if not self.causal:
+            return torch.full((n_q,), n_k)
+        last = (torch.arange(1, n_q + 1) * self.block_size_q).clamp(max=q_len) - 1 + (k_len - q_len)
+        return last // self.block_size_k + 1
+
+    def search(self, q: Tensor, k: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """The tree search level by level: for each level (candidate starts, candidate ends, candidate
+        scores, chosen) with candidates `[B, Hq, nQ, C]` as key-block ranges `[start, end)` (empty
+        candidates have start == end and score -inf) and chosen bool `[B, Hq, nQ, C]`."""
+        batch, heads, q_len, dim = q.shape
+        k_len = k.shape[2]
+        budget = self.k // self.block_size_k
+        bq, bk = self.block_size_q, self.block_size_k
+        n_q = -(-q_len // bq)
+        keys = expand_kv_heads(k.float(), heads)
+        queries = torch.nn.functional.pad(q.float(), (0, 0, 0, n_q * bq - q_len)).view(batch, heads, n_q, bq, dim)
+        valid_rows = (torch.arange(n_q * bq) < q_len).view(n_q, bq)
+        visible = self.visible_blocks(q_len, k_len).view(1, 1, n_q, 1)
+        slot = torch.arange(budget).view(1, 1, 1, -1)
+        starts = (slot * visible) // budget
+        ends = ((slot + 1) * visible) // budget
+        starts, ends = starts.expand(batch, heads, n_q, budget), ends.expand(batch, heads, n_q, budget)
+        levels = []
+        while True:
+            middle = (starts + ends + 1) // 2
+            cand_starts = torch.cat([starts, middle], -1)
+            cand_ends = torch.cat([middle, ends], -1)
+            nonempty = cand_ends > cand_starts
+            first = cand_starts * bk
+            last = (cand_ends * bk).clamp(max=k_len) - 1
+            representative = ((first + last) // 2).clamp(min=0, max=k_len - 1)
+            rep_keys = keys.gather(2, representative.view(batch, heads, -1, 1).expand(-1, -1, -1, dim))
+            rep_keys = rep_keys.view(batch, heads, n_q, -1, dim)
+            scores = (queries @ rep_keys.transpose(-1, -2)).masked_fill(~valid_rows.view(1, 1, n_q, bq, 1),
+                                                                        float("-inf")).amax(3)
+            scores = scores.masked_fill(~nonempty, float("-inf"))
+            chosen_ids = scores.topk(budget, dim=-1).indices
+            chosen = torch.zeros_like(nonempty).scatter_(-1, chosen_ids, True) & nonempty
+            levels.append((cand_starts, cand_ends, scores, chosen))
+            starts, ends = cand_starts.gather(-1, chosen_ids), cand_ends.gather(-1, chosen_ids)
+            if not bool(((ends - starts) > 1).any()):
+                return levels
+
+    def block_mask(self, q: Tensor, k: Tensor) -> Tensor:
+        """bool `[B, Hq, nQ, nK]`: the selected key blocks of every query block."""
+        check_qk(q, k)
+        batch, heads, q_len, _ = q.shape
+        k_len = k.shape[2]
+        if self.causal and q_len > k_len:
+            raise ValueError(f"q_len ({q_len}) must not exceed k_len ({k_len}) for causal HiP")
+        n_q, n_k = -(-q_len // self.block_size_q), -(-k_len // self.block_size_k)
+        visible = self.visible_blocks(q_len, k_len)
+        block_ids = torch.arange(n_k)
+        seen = block_ids.view(1, -1) < visible.view(-1, 1)                             # [nQ, nK]
+        forced = seen & ((block_ids.view(1, -1) < self.sink_blocks)
+                         | (block_ids.view(1, -1) == (visible - 1).view(-1, 1)))
+        budget = self.k // self.block_size_k
+        starts, ends, _, chosen = self.search(q, k)[-1]
+        mask = torch.zeros(batch, heads, n_q, n_k + 1, dtype=torch.bool)
+        picked = torch.where(chosen & (ends - starts == 1), starts, n_k)
+        mask.scatter_(-1, picked.long(), True)
+        mask = mask[..., :n_k]
+        mask |= (visible <= budget).view(1, 1, -1, 1) & seen   # short rows keep everything they see
+        return (mask & seen) | forced
+
+    def select(self, q: Tensor, k: Tensor, **ctx) -> BlockLayout:
+        blocks = self.block_mask(q, k)
+        return BlockLayout.from_dense(blocks, q_len=q.shape[2], k_len=k.shape[2], block_q=self.block_size_q,
+                                      block_k=self.block_size_k, causal=self.causal)
