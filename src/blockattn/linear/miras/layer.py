@@ -17,7 +17,7 @@ from blockattn.linear.miras.parts import HuberBias, MomentumDescent
 
 
 class MemoryMixer(nn.Module):
-    def __init__(self, d_model: int, parts: MirasParts, *, heads: int = 1, chunk_size: int = 16, lr_max: float = 1.0):
+    def __init__(self, d_model: int, parts: MirasParts, *, heads: int = 1, chunk_size: int = 16, lr_max: float = 0.1):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by heads ({heads})")
@@ -44,7 +44,7 @@ class MemoryMixer(nn.Module):
         kwargs = dict(lr=self.lr_max * torch.sigmoid(gates[0]), decay=torch.sigmoid(gates[1]).clamp(min=1e-4))
         extra = 2
         if isinstance(self.parts.rule, MomentumDescent):
-            kwargs["momentum"] = torch.sigmoid(gates[extra]).clamp(max=0.999)
+            kwargs["momentum"] = torch.sigmoid(gates[extra]).clamp(1e-4, 0.999)
             extra += 1
         if isinstance(self.parts.bias, HuberBias):
             kwargs["delta"] = F.softplus(gates[extra]) + 1e-3
