@@ -74,7 +74,7 @@ def test_defaults_on_smollm2_shapes_through_sparse_attention():
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, h, 512, 64, generator=g) for h in (9, 3, 3))
     method = BiFormer(causal=True)
-    out = blockattn.sparse_attention(q, k, v, method)
+    out = blockattn.sparse_attention(q, k, v, method, backend="torch")
     mask = method.select(q, k).to_token_mask()
     keys, values = k.repeat_interleave(3, 1).double(), v.repeat_interleave(3, 1).double()
     scores = (q.double() @ keys.transpose(-1, -2) / 8).masked_fill(~mask, float("-inf"))

@@ -89,7 +89,7 @@ def test_defaults_on_smollm2_shapes():
     blocks = method.block_mask(q, k)
     assert blocks[..., 0].all() and blocks.diagonal(dim1=-2, dim2=-1).all() and not blocks.triu(1).any()
     assert (blocks.sum(-1)[..., 8:] >= 8).all() and (blocks.sum(-1) <= 10).all()
-    out = blockattn.sparse_attention(q, k, v, method)
+    out = blockattn.sparse_attention(q, k, v, method, backend="torch")
     mask = method.select(q, k).to_token_mask()
     keys, values = k.repeat_interleave(3, 1).double(), v.repeat_interleave(3, 1).double()
     scores = (q.double() @ keys.transpose(-1, -2) / 8).masked_fill(~mask, float("-inf"))

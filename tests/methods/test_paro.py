@@ -118,7 +118,7 @@ def test_attend_unpermutes_and_equals_select(causal, quant_bits):
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(2, h, 128, 16, generator=g) for h in (4, 2, 2))
     method = PAROAttention(density=0.5, block_size=16, causal=causal, quant_bits=quant_bits)
-    out = method.attend(q, k, v, grid=grid)
+    out = method.attend(q, k, v, grid=grid, backend="torch")
     mask = method.select(q, k, grid=grid).to_token_mask()
     keys, values = k.repeat_interleave(2, 1).double(), v.repeat_interleave(2, 1).double()
     scores = (q.double() @ keys.transpose(-1, -2) / 4).masked_fill(~mask, float("-inf"))
@@ -136,7 +136,7 @@ def test_defaults_on_smollm2_shapes():
     blocks = layout.to_dense()
     assert (blocks.sum(-1) == torch.tensor([1, 1, 2, 2, 3, 3, 4, 4])).all()  # ceil(0.5 x causal blocks)
     assert blocks.diagonal(dim1=-2, dim2=-1).all() and not blocks.triu(1).any()
-    out = blockattn.sparse_attention(q, k, v, method)
+    out = blockattn.sparse_attention(q, k, v, method, backend="torch")
     assert out.shape == q.shape and torch.isfinite(out).all()
 
 

@@ -80,7 +80,7 @@ def test_defaults_on_smollm2_shapes_are_causal_and_exact():
     method = RoutingTransformer()
     mask = method.select(q, k).to_token_mask()
     assert not mask.triu(1).any() and mask.diagonal(dim1=-2, dim2=-1).all()
-    out = blockattn.sparse_attention(q, k, v, method)
+    out = blockattn.sparse_attention(q, k, v, method, backend="torch")
     keys, values = k.repeat_interleave(3, 1).double(), v.repeat_interleave(3, 1).double()
     scores = (q.double() @ keys.transpose(-1, -2) / 8).masked_fill(~mask, float("-inf"))
     assert torch.allclose(out.double(), torch.softmax(scores, -1) @ values, atol=1e-5)
