@@ -1,0 +1,77 @@
+"""Plots of `blockattn eval` results: a needle-in-a-haystack heatmap per method (accuracy by context
+length x needle depth) and a speed/quality Pareto plot (prefill speedup vs passkey accuracy)."""
+from __future__ import annotations
+
+import os
+import re
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name).strip("_")
+
+
+def heatmaps(results: dict, folder: str) -> list[str]:
+    """One PNG per method, `<folder>/needle_<method>.png`; returns the paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    lengths, depths = results["config"]["lengths"], results["config"]["depths"]
+    paths = []
+    for entry in results["methods"]:
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for i, depth in enumerate(depths):
+            for j, length in enumerate(lengths):
+                found = [c["found"] for c in entry["cells"] if c["length"] == length and c["depth"] == depth]
+                if found:
+                    grid[i, j] = sum(found) / len(found)
+        fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(lengths), 1.4 + 0.6 * len(depths)))
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        for i in range(len(depths)):
+            for j in range(len(lengths)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=8)
+        ax.set_title(f"passkey: {entry['method']}", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.05)
+        fig.tight_layout()
+        path = os.path.join(folder, f"needle_{_safe(entry['method'])}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def pareto(results: dict, path: str) -> str:
+    """Prefill speedup over unpatched SDPA (x) against passkey accuracy (y), one point per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from blockattn.commands.compare import pareto_front
+
+    rows = [e for e in results["methods"] if e["cells"] and e["prefill_speedup"] == e["prefill_speedup"]]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    points = [(-e["prefill_speedup"], e["accuracy"]) for e in rows]
+    for e in rows:
+        ax.scatter(e["prefill_speedup"], e["accuracy"], s=40)
+        ax.annotate(e["method"], (e["prefill_speedup"], e["accuracy"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    if rows:
+        front = pareto_front(points)
+        ax.plot([rows[i]["prefill_speedup"] for i in front], [rows[i]["accuracy"] for i in front], "k--", lw=0.8,
+                label="Pareto front")
+        ax.legend(fontsize=8)
+    ax.axvline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("prefill speedup vs unpatched SDPA model (same run)")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("speed / quality", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,69 @@
+"""`blockattn eval`: does the model still answer with a method, and is it faster? Passkey retrieval on
+SmolLM2 (or any local model) at several lengths and depths for dense and every registered method."""
+HELP = ("passkey retrieval on a real model (SmolLM2 by default) for dense and every registered method: "
+        "table, results.json, a needle heatmap PNG per method and a speed/quality Pareto PNG")
+
+QUICK = {"lengths": [1024], "depths": [0.1, 0.5, 0.9], "methods": ["dense", "streaming:window=256"]}
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="built-in model name (smollm2-135m) or a local Hugging Face model directory")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="method specs 'name' or 'name:key=value,...' (default: dense and every registered "
+                             "method)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="context lengths (default 2048 4096 8192)")
+    parser.add_argument("--depths", type=float, nargs="+", default=None,
+                        help="needle depths in [0, 1] (default 0 .25 .5 .75 1)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="passkey seeds (one sample per seed)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"short run: lengths {QUICK['lengths']}, depths {QUICK['depths']}, "
+                             f"methods {QUICK['methods']} (each overridable)")
+    parser.add_argument("--backend", default="auto", help="engine backend (default auto)")
+    parser.add_argument("-o", "--output", default="eval_results",
+                        help="folder for results.json, table.md and the PNGs (default ./eval_results)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args):
+    import json
+    import os
+    import time
+
+    from blockattn import methods as registry
+    from blockattn import models
+    from blockattn.bench import eval_plots, harness
+
+    quick = getattr(args, "quick", False)
+    specs = args.methods or (QUICK["methods"] if quick else
+                             ["dense"] + [n for n in registry.names() if n != "dense"])
+    parsed = [harness.parse_method(s) for s in specs]  # fail on bad names/params before loading the model
+    config = harness.EvalConfig(backend=args.backend, seeds=tuple(args.seeds))
+    if quick:
+        config.lengths, config.depths = tuple(QUICK["lengths"]), tuple(QUICK["depths"])
+        config.quality_layers, config.decode_prompt = (0, 15, 29), 128
+    if args.lengths:
+        config.lengths = tuple(args.lengths)
+    if args.depths:
+        config.depths = tuple(args.depths)
+
+    start = time.perf_counter()
+    model, tokenizer = models.load(args.model)
+    if "ForCausalLM" not in type(model).__name__:
+        raise ValueError(f"blockattn eval needs a causal language model; {args.model!r} loads as "
+                         f"{type(model).__name__}")
+    results = harness.run_eval(model, tokenizer, parsed, config, progress=not args.no_progress)
+    results["model"] = str(args.model)
+    results["wall_seconds"] = time.perf_counter() - start
+    os.makedirs(args.output, exist_ok=True)
+    table = harness.format_table(results)
+    with open(os.path.join(args.output, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    with open(os.path.join(args.output, "table.md"), "w") as f:
+        f.write(table + "\n")
+    paths = eval_plots.heatmaps(results, args.output)
+    paths.append(eval_plots.pareto(results, os.path.join(args.output, "pareto.png")))
+    print(table)
+    print(f"\nwall time {results['wall_seconds']:.0f} s; wrote {os.path.join(args.output, 'results.json')}, "
+          f"table.md and {len(paths)} PNGs under {args.output}")
+    return 0
