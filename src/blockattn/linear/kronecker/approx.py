@@ -51,14 +51,20 @@ def _tensor_powers(x: Tensor, degree: int, coefficients: list[float] | None = No
     return torch.cat(feats, dim=-1)
 
 
-def tensor_attention_approx(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor, *, degree: int | None = None,
-                            eps: float = 1e-3, scale: float | None = None, causal: bool = True) -> Tensor:
-    """Polynomial (bounded-entry) tensor attention. Shapes as `tensor_attention`; `[B, H, n, dv]` out.
+def tensor_attention_approx(q: Tensor, k1: Tensor, v1: Tensor, *, k2: Tensor | None = None, v2: Tensor | None = None,
+                            degree: int | None = None, eps: float = 1e-3, scale: float | None = None,
+                            causal: bool = True) -> Tensor:
+    """Polynomial (bounded-entry) tensor attention. Shapes as `tensor_attention` (k2, v2 default to k1, v1).
 
     Args:
         degree: Taylor degree g; default the smallest whose `error_bound` for the inputs' β is ≤ `eps`.
         eps: target output error (for unit-bounded values) when `degree` is None.
+
+    Returns:
+        `[B, H, n, dv]`.
     """
+    k2 = k1 if k2 is None else k2
+    v2 = v1 if v2 is None else v2
     scale = check_tensor_attention(q, k1, k2, v1, v2, scale, causal)
     if degree is None:
         degree = degree_for(entry_bound(q, k1, k2, scale), eps)

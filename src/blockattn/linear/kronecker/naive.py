@@ -42,11 +42,14 @@ def check_tensor_attention(q, k1, k2, v1, v2, scale, causal) -> float:
     return float(scale)
 
 
-def tensor_attention(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor, *, scale: float | None = None,
-                     causal: bool = True, max_len: int = 256) -> Tensor:
+def tensor_attention(q: Tensor, k1: Tensor, v1: Tensor, *, k2: Tensor | None = None, v2: Tensor | None = None,
+                     scale: float | None = None, causal: bool = True, max_len: int = 256) -> Tensor:
     """Exact tensor attention. q, k1, k2 `[B, H, n, d]`, v1, v2 `[B, H, n, dv]` -> `[B, H, n, dv]`.
 
-    Materialises the `[n, n, n]` score tensor per head, so n is capped by `max_len`."""
+    k2, v2 default to k1, v1 (the `blockattn.linear.<method>(q, k, v)` form). Materialises the
+    `[n, n, n]` score tensor per head, so n is capped by `max_len`."""
+    k2 = k1 if k2 is None else k2
+    v2 = v1 if v2 is None else v2
     scale = check_tensor_attention(q, k1, k2, v1, v2, scale, causal)
     check_positive_int("max_len", max_len)
     n = q.shape[2]
