@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from blockattn.linear.memory_mixers import memory_mixer
+
 IGNORE = -100
 
 
@@ -197,6 +199,12 @@ MIXERS: dict[str, Callable[[int, int], nn.Module]] = {
     "rat_hybrid": lambda d, layer: SoftmaxMixer(d, window=WINDOW) if layer == 0 else RATMixer(d),
     "block_transformer": lambda d, layer: BlockTransformerMixer(d),
     "moba": lambda d, layer: SparseMixer(d, "moba", block_size=8, top_k=2, tile_size=8),
+    "titans_mac": lambda d, layer: memory_mixer("titans_mac", d, window=WINDOW),
+    "titans_mag": lambda d, layer: memory_mixer("titans_mag", d, window=WINDOW),
+    "titans_mal": lambda d, layer: memory_mixer("titans_mal", d, window=WINDOW),
+    "moneta": lambda d, layer: memory_mixer("moneta", d, window=WINDOW),
+    "yaad": lambda d, layer: memory_mixer("yaad", d, window=WINDOW),
+    "memora": lambda d, layer: memory_mixer("memora", d, window=WINDOW),
 }
 
 
