@@ -1,0 +1,107 @@
+"""LongHeads: Multi-Head Attention is Secretly a Long Context Processor (Lu et al., 2024).
+
+Rule: the context is cut into chunks of `window_size` tokens and every head lets each query attend
+to `atten_length / window_size` chunks (so each head works within a length it was trained on).
+A chunk is summarised by a key: attention inside the chunk (non-causal) gives one output per token,
+their mean `m` pools the chunk's keys, `key_c = softmax(m K_c^T / sqrt(d)) K_c`. A query token at
+position >= `begin_selective_length` scores the chunks up to its own by `q . key_c` and keeps the
+first chunk, the previous and the current chunk, and the best of the rest up to the budget;
+earlier tokens attend causally to everything. Selection is per head and per query token; the layout
+keeps the exact token mask (causal).
+
+Read from the official code (LuLuLuyi/LongHeads, modeling_longheads/modeling_llama.py): defaults
+window_size=256, atten_length=4096, begin_selective_length=4096, the chunk key above and the forced
+first/previous/current chunks. Differences: the official code uses the values inside the chunk
+attention and scores with pre-RoPE queries; `select(q, k)` sees post-RoPE q/k only, so it uses `v`
+when passed (`select(q, k, v=v)`) and the keys otherwise, and it ignores padding in a last partial
+chunk. Check done: the token mask equals a float64 loop implementation of this rule in
+tests/methods/test_longheads.py (no side-by-side run: the official code needs flash-attn on CUDA).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from blockattn.layout import BlockLayout
+from blockattn.methods import register
+from blockattn.methods._labels import label_layout
+from blockattn.methods._select import check_qk, expand_kv_heads
+from blockattn.methods.base import Method
+
+
+@register("longheads")
+@dataclasses.dataclass
+class LongHeads(Method):
+    """Args:
+        window_size: chunk size in tokens. Paper: 256.
+        atten_length: tokens (chunks x window_size) each query attends to. Paper: 4096.
+        begin_selective_length: queries before this position attend to everything (causal). Paper: 4096.
+        tile_size: the engine's tile (block_q = block_k).
+    """
+
+    window_size: int = 256
+    atten_length: int = 4096
+    begin_selective_length: int = 4096
+    tile_size: int = 64
+
+    def __post_init__(self):
+        for name in ("window_size", "atten_length", "tile_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        value = self.begin_selective_length
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"begin_selective_length must be a non-negative int, got {value!r}")
+        if self.atten_length % self.window_size or self.atten_length < 3 * self.window_size:
+            raise ValueError(f"atten_length ({self.atten_length}) must be a multiple of window_size "
+                             f"({self.window_size}) holding at least 3 chunks (first, previous, current)")
+
+    def chunk_keys(self, q: Tensor, k: Tensor, v: Tensor | None = None) -> Tensor:
+        """`[B, Hq, nChunks, D]`: each chunk's attention-pooled key, per query head."""
+        batch, heads, length, dim = q.shape
+        w = self.window_size
+        n_chunks = -(-length // w)
+        pad = n_chunks * w - length
+        keys = expand_kv_heads(k.float(), heads)
+        values = keys if v is None else expand_kv_heads(v.float(), heads)
+        split = [torch.nn.functional.pad(x, (0, 0, 0, pad)).view(batch, heads, n_chunks, w, dim)
+                 for x in (q.float(), keys, values)]
+        valid = (torch.arange(n_chunks * w) < length).view(n_chunks, w)
+        logits = (split[0] @ split[1].transpose(-1, -2)) * dim ** -0.5
+        logits = logits.masked_fill(~valid.view(1, 1, n_chunks, 1, w), float("-inf"))
+        outputs = torch.softmax(logits, -1) @ split[2]                                   # [B, H, nC, w, D]
+        summary = (outputs * valid.view(1, 1, n_chunks, w, 1)).sum(3) / valid.sum(-1).view(1, 1, -1, 1)
+        pool = (summary.unsqueeze(3) @ split[1].transpose(-1, -2)).squeeze(3) * dim ** -0.5  # [B, H, nC, w]
+        pool = torch.softmax(pool.masked_fill(~valid, float("-inf")), -1)
+        return (pool.unsqueeze(3) @ split[1]).squeeze(3)
+
+    def gates(self, q: Tensor, k: Tensor, v: Tensor | None = None) -> Tensor:
+        """bool `[B, Hq, L, nChunks]`: the chunks each query token attends to."""
+        check_qk(q, k)
+        batch, heads, length, _ = q.shape
+        if k.shape[2] != length:
+            raise ValueError(f"longheads selects for prefill: q_len ({length}) must equal k_len ({k.shape[2]})")
+        if v is not None and v.shape != k.shape:
+            raise ValueError(f"v must have k's shape {list(k.shape)}, got {list(v.shape)}")
+        n_chunks = -(-length // self.window_size)
+        chunk_ids = torch.arange(n_chunks).view(1, -1)
+        current = (torch.arange(length) // self.window_size).view(-1, 1)
+        visible = chunk_ids <= current                                                    # [L, nC]
+        scores = q.float() @ self.chunk_keys(q, k, v).transpose(-1, -2)                   # [B, H, L, nC]
+        forced = (chunk_ids == 0) | (chunk_ids == current) | (chunk_ids == current - 1)
+        scores = scores.masked_fill(~visible, float("-inf")).masked_fill(forced & visible, float("inf"))
+        budget = min(self.atten_length // self.window_size, n_chunks)
+        chosen = scores.topk(budget, dim=-1).indices
+        gates = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True) & visible
+        early = (torch.arange(length) < self.begin_selective_length).view(-1, 1)
+        return gates | (early & visible)
+
+    def select(self, q: Tensor, k: Tensor, v: Tensor | None = None, **ctx) -> BlockLayout:
+        gates = self.gates(q, k, v)
+        batch, heads, length, _ = gates.shape
+        token_ids = torch.arange(length).expand(batch, heads, length)
+        chunk_of_key = (torch.arange(length) // self.window_size).expand(batch, heads, length)
+        return label_layout(token_ids, chunk_of_key, gates, block_q=self.tile_size, block_k=self.tile_size,
+                            causal=True)
