@@ -59,14 +59,17 @@ def titans_naive(q: Tensor, k: Tensor, v: Tensor, *, lr=0.1, momentum=0.9, forge
 
 def titans_step(q: Tensor, k: Tensor, v: Tensor, state: MemoryState, *, lr=0.1, momentum=0.9, forget=0.01,
                 chunk_size: int = 16, expansion: int = 2) -> tuple[Tensor, MemoryState]:
-    """One decode step continuing a prefill: q, k `[B, H, Dk]`, v `[B, H, Dv]` -> (`[B, H, Dv]`, new state)."""
+    """One decode step continuing a prefill: q, k `[B, H, Dk]`, v `[B, H, Dv]`, gates floats or `[B, H]`.
+
+    Returns `([B, H, Dv], new state)`."""
     if not isinstance(state, MemoryState):
         raise TypeError(f"state must be the MemoryState returned with output_state=True, got {type(state).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a tensor [B, H, D] for one decode step")
+    lr, momentum, decay = (g.unsqueeze(-1) if isinstance(g, Tensor) else g for g in (lr, momentum, forget_to_decay(forget)))
     out, new_state = memory_naive(q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), parts=Titans(expansion).parts, lr=lr,
-                                  decay=forget_to_decay(forget), momentum=momentum, chunk_size=chunk_size,
+                                  decay=decay, momentum=momentum, chunk_size=chunk_size,
                                   initial_state=state, output_state=True)
     return out.squeeze(2), new_state
 

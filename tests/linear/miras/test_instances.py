@@ -1,0 +1,50 @@
+"""Moneta, Yaad, Memora: the named configurations, their public functions, and the MemoryMixer layer."""
+import pytest
+import torch
+
+import blockattn.linear as linear
+from blockattn.linear.miras import GradientDescent, HuberBias, KLRetention, L2Bias, L2Retention, LpBias, LqRetention
+from blockattn.linear.miras.layer import MemoryMixer
+from blockattn.linear.miras.memora import Memora
+from blockattn.linear.miras.moneta import Moneta
+from blockattn.linear.miras.yaad import Yaad
+from blockattn.linear.miras import memory_naive
+from blockattn.linear.miras.common import default_init
+from tests.linear._util import rel_err
+
+
+def test_configurations_follow_the_paper():
+    moneta = Moneta().parts
+    assert isinstance(moneta.bias, LpBias) and moneta.bias.p == 3 and isinstance(moneta.retention, LqRetention)
+    assert moneta.retention.q == 4 and isinstance(moneta.rule, GradientDescent)
+    assert isinstance(Yaad().parts.bias, HuberBias) and isinstance(Yaad().parts.retention, L2Retention)
+    assert isinstance(Memora().parts.bias, L2Bias) and isinstance(Memora().parts.retention, KLRetention)
+
+
+@pytest.mark.parametrize("name,config,extra", [("moneta", Moneta(), {}), ("yaad", Yaad(), {"delta": 0.7}),
+                                               ("memora", Memora(), {})])
+def test_public_functions_equal_the_token_loop(name, config, extra):
+    q, k, v = (torch.nn.functional.normalize(torch.randn(1, 2, 16, 4), dim=-1) for _ in range(3))
+    out = getattr(linear, name)(q, k, v, lr=0.2, decay=0.95, chunk_size=8, **extra)
+    init = default_init(config.parts, 2, 4, 4)
+    ref = memory_naive(q, k, v, parts=config.parts, lr=0.2, decay=0.95, init=init, chunk_size=8, **extra)
+    assert out.shape == (1, 2, 16, 4) and rel_err(out, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("config", [Moneta(), Yaad(), Memora()], ids=lambda c: type(c).__name__)
+def test_memory_mixer_is_causal_and_trainable(config):
+    torch.manual_seed(0)
+    mixer = MemoryMixer(8, config.parts, heads=2, chunk_size=4)
+    x = torch.randn(2, 10, 8)  # 10 is not a multiple of 4: the layer pads at the end
+    y = mixer(x)
+    x2 = x.clone()
+    x2[:, 6:] += 1.0
+    y2 = mixer(x2)
+    assert y.shape == x.shape and torch.equal(y[:, :6], y2[:, :6]) and not torch.allclose(y[:, 6:], y2[:, 6:])
+    y.square().mean().backward()
+    assert all(p.grad is not None and bool(p.grad.isfinite().all()) for p in mixer.parameters())
+
+
+def test_memory_mixer_rejects_bad_heads():
+    with pytest.raises(ValueError, match="divisible by heads"):
+        MemoryMixer(10, Moneta().parts, heads=3)
