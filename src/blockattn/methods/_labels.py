@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from blockattn.layout import BlockLayout, _analytic_block_support, _block_lists, _tile_bounds
+from blockattn.layout import BlockLayout, _analytic_block_support, _block_lists
 
 _TILES_AT_ONCE = 2048
 
@@ -41,12 +41,18 @@ def label_layout(q_labels: Tensor, k_labels: Tensor, allowed: Tensor, *, block_q
     q_pres = _presence(q_labels, allowed.shape[2], block_q)
     k_pres = _presence(k_labels, allowed.shape[3], block_k)
     listed = (q_pres @ allowed.float() @ k_pres.transpose(-1, -2)) > 0
+    # a tile holding no disallowed label pair needs no mask, unless causality cuts through it
+    full = listed & ((q_pres @ (~allowed).float() @ k_pres.transpose(-1, -2)) == 0)
     support = _analytic_block_support(q_len, k_len, block_q, block_k, causal, None, q_labels.device)
     listed &= support
+    if causal:
+        q_first = torch.arange(n_q) * block_q + offset
+        k_last = ((torch.arange(n_k) + 1) * block_k).clamp(max=k_len) - 1
+        full &= (k_last.view(1, -1) <= q_first.view(-1, 1))
     if diagonal:
-        diag = _analytic_block_support(q_len, k_len, block_q, block_k, True, (0, 0), q_labels.device)
-        listed |= diag
-    b, h, qb, kb = listed.nonzero(as_tuple=True)
+        listed |= _analytic_block_support(q_len, k_len, block_q, block_k, True, (0, 0), q_labels.device)
+    full &= listed
+    b, h, qb, kb = (listed & ~full).nonzero(as_tuple=True)
     # pad the labels with a sentinel label that allows nothing, so edge tiles index safely
     q_pad = torch.nn.functional.pad(q_labels.long(), (0, n_q * block_q - q_len), value=allowed.shape[2])
     k_pad = torch.nn.functional.pad(k_labels.long(), (0, n_k * block_k - k_len), value=allowed.shape[3])
@@ -66,29 +72,25 @@ def label_layout(q_labels: Tensor, k_labels: Tensor, allowed: Tensor, *, block_q
         if causal:
             tile &= cols.unsqueeze(1) <= aligned
         if diagonal:
-            tile |= cols.unsqueeze(1) == aligned
-        masks[sl] = tile & _tile_bounds(tq, tk, q_len, k_len, block_q, block_k)
-    return _from_tile_masks(listed.shape, (b, h, qb, kb), masks, q_len=q_len, k_len=k_len, block_q=block_q,
+            tile |= (cols.unsqueeze(1) == aligned) & (rows < q_len).unsqueeze(2)
+        masks[sl] = tile
+    return _from_tile_masks(full, (b, h, qb, kb), masks, q_len=q_len, k_len=k_len, block_q=block_q,
                             block_k=block_k, allow_empty_rows=allow_empty_rows)
 
 
-def _from_tile_masks(shape, tiles, masks: Tensor, *, q_len, k_len, block_q, block_k, allow_empty_rows) -> BlockLayout:
-    """Layout listing the tiles whose mask is not empty; tiles not entirely allowed keep their mask."""
+def _from_tile_masks(full: Tensor, tiles, masks: Tensor, *, q_len, k_len, block_q, block_k,
+                     allow_empty_rows) -> BlockLayout:
+    """Layout listing the `full` tiles (no mask) and the given partial tiles whose mask is not empty."""
     tb, th, tq, tk = tiles
-    bounds = _tile_bounds(tq, tk, q_len, k_len, block_q, block_k)
-    flat = masks.flatten(1)
-    keep = flat.any(1)
-    full = (masks | ~bounds).flatten(1).all(1)
-    dense = torch.zeros(shape, dtype=torch.bool)
+    keep = masks.flatten(1).any(1)
+    dense = full.clone()
     dense[tb[keep], th[keep], tq[keep], tk[keep]] = True
     counts, indices = _block_lists(dense)
-    partial = keep & ~full
     tile_mask_ids = tile_masks = None
-    if partial.any():
-        tile_masks = masks[partial].contiguous()
-        ids_dense = torch.full(shape, -1, dtype=torch.int32)
-        ids_dense[tb[partial], th[partial], tq[partial], tk[partial]] = torch.arange(int(partial.sum()),
-                                                                                     dtype=torch.int32)
+    if keep.any():
+        tile_masks = masks[keep].contiguous()
+        ids_dense = torch.full(dense.shape, -1, dtype=torch.int32)
+        ids_dense[tb[keep], th[keep], tq[keep], tk[keep]] = torch.arange(int(keep.sum()), dtype=torch.int32)
         tile_mask_ids = torch.gather(ids_dense, 3, indices.clamp(min=0).long())
     return BlockLayout(counts, indices, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
                        tile_mask_ids=tile_mask_ids, tile_masks=tile_masks, allow_empty_rows=allow_empty_rows)

@@ -35,7 +35,7 @@ import blockattn
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn.methods._labels import label_layout
-from blockattn.methods._select import check_qk, expand_kv_heads, top_k
+from blockattn.methods._select import check_qk, expand_kv_heads
 from blockattn.methods.base import Method
 
 #: the 6 axis orders, outermost axis first ("thw" is the row-major identity)
@@ -179,11 +179,11 @@ class PAROAttention(Method):
             3, key_block, (scores > float("-inf")).float()) > 0
         diagonal = torch.eye(n_blocks, dtype=torch.bool).expand_as(allowed)
         keep = self._keep(allowed.sum(-1))
-        chosen = torch.zeros_like(allowed)
-        for count in keep.unique().tolist():
-            rows = keep == count
-            chosen |= top_k(mass, count, allowed=allowed | diagonal, forced=diagonal) & rows.unsqueeze(-1)
-        return chosen
+        # one ranking per row: the diagonal block first, then allowed blocks by mass; keep the first `keep`
+        keyed = mass.masked_fill(~allowed, float("-inf")).masked_fill(diagonal, float("inf"))
+        order = keyed.argsort(dim=-1, descending=True, stable=True)
+        ranked = torch.arange(n_blocks).expand_as(order) < keep.unsqueeze(-1)
+        return torch.zeros_like(allowed).scatter_(-1, order, ranked) & (allowed | diagonal)
 
     def select(self, q: Tensor, k: Tensor, grid=None, **ctx) -> BlockLayout:
         """The selected token mask in the original token order, `[B, Hq]` heads."""
