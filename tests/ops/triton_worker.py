@@ -20,6 +20,10 @@ def main(first: int, count: int) -> None:
         case = random_case(seed, max_len=140, head_dims=(16, 32, 80), block_sizes=(16, 32))
         check_backend(case, "triton", fwd_tol=1e-5, grad_tol=1e-4)
         labels.append(case.label)
+    for seed in range(first + 3, first + 3 + 6 * 3, 6):  # explicit tile masks packed into two words per row
+        case = random_case(seed, max_len=140, head_dims=(16,), block_sizes=(64,))
+        assert case.layout.tile_masks is not None, case.label
+        check_backend(case, "triton", fwd_tol=1e-5, grad_tol=1e-4)
     for seed in range(4 if first == 0 else 0):
         dtype = (torch.bfloat16, torch.float16)[seed % 2]
         case = random_case(5000 + seed, dtype=dtype, max_len=100, head_dims=(16, 32), block_sizes=(16, 32))

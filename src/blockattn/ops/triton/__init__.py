@@ -37,7 +37,7 @@ def _launch_args(q, k, layout, scale):
                 q_len=q.shape[2], k_len=k.shape[2], offset=layout.offset, scale=scale, left=left, right=right,
                 D=q.shape[3], BLOCK_D=max(16, 1 << (q.shape[3] - 1).bit_length()), BLOCK_Q=layout.block_q,
                 BLOCK_K=layout.block_k, CAUSAL=layout.causal, WINDOW=layout.window is not None,
-                HAS_MASKS=layout.tile_masks is not None,
+                HAS_MASKS=layout.tile_masks is not None, WORD=_word_bits(layout),
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
@@ -66,11 +66,21 @@ def _launch(kernel, grid, *args, **kwargs):
             stages -= 1
 
 
+def _word_bits(layout) -> int:
+    return min(layout.block_k, 32)
+
+
 def _masks(layout, device):
+    """(tile_mask_ids, tile masks packed `_word_bits` bits per int32 word: [M, block_q, block_k / word])."""
     if layout.tile_masks is None:
         empty = torch.zeros(1, dtype=torch.int32, device=device)
-        return empty, torch.zeros(1, dtype=torch.uint8, device=device)
-    return layout.tile_mask_ids.to(device), layout.tile_masks.to(device=device, dtype=torch.uint8)
+        return empty, empty
+    word = _word_bits(layout)
+    masks = layout.tile_masks.to(device)
+    bits = masks.view(masks.shape[0], layout.block_q, layout.block_k // word, word).to(torch.int64)
+    packed = (bits << torch.arange(word, device=device)).sum(-1)
+    packed = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)  # two's complement
+    return layout.tile_mask_ids.to(device), packed.contiguous()
 
 
 class _TritonAttention(torch.autograd.Function):

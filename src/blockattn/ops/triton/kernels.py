@@ -10,7 +10,7 @@ import triton.language as tl
 @triton.jit
 def _token_rule(q_pos, k_pos, q_len, k_len, offset, mask_id, tile_masks, BLOCK_Q: tl.constexpr,
                 BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, left, right,
-                HAS_MASKS: tl.constexpr):
+                HAS_MASKS: tl.constexpr, WORD: tl.constexpr):
     """bool [BLOCK_Q, BLOCK_K]: which (query, key) pairs of the tile the layout allows."""
     aligned = q_pos[:, None] + offset
     keep = (q_pos[:, None] < q_len) & (k_pos[None, :] < k_len)
@@ -19,9 +19,13 @@ def _token_rule(q_pos, k_pos, q_len, k_len, offset, mask_id, tile_masks, BLOCK_Q
     if WINDOW:
         keep = keep & (k_pos[None, :] >= aligned - left) & (k_pos[None, :] <= aligned + right)
     if HAS_MASKS:
-        rows = tl.arange(0, BLOCK_Q)
-        cols = tl.arange(0, BLOCK_K)
-        bits = tl.load(tile_masks + tl.maximum(mask_id, 0) * BLOCK_Q * BLOCK_K + rows[:, None] * BLOCK_K + cols[None, :])
+        # tile masks arrive packed, WORD bits per int32 word: a [BLOCK_Q, BLOCK_K] tensor of 64-bit
+        # addresses for a bool tile spills registers at 128x128, a [BLOCK_Q, BLOCK_K / WORD] one does not;
+        # tiles without an explicit mask (id -1) read tile 0 and ignore it
+        WORDS: tl.constexpr = BLOCK_K // WORD
+        words = tl.load(tile_masks + tl.maximum(mask_id, 0).to(tl.int64) * (BLOCK_Q * WORDS)
+                        + tl.arange(0, BLOCK_Q)[:, None] * WORDS + tl.arange(0, WORDS)[None, :])
+        bits = tl.reshape((words[:, :, None] >> tl.arange(0, WORD)[None, None, :]) & 1, (BLOCK_Q, BLOCK_K))
         keep = keep & ((bits != 0) | (mask_id < 0))
     return keep
 
@@ -30,7 +34,8 @@ def _token_rule(q_pos, k_pos, q_len, k_len, offset, mask_id, tile_masks, BLOCK_Q
 def forward_kernel(Q, K, V, Out, Lse, counts, indices, mask_ids, tile_masks,
                    heads_q, heads_kv, layout_b, layout_h, n_q, max_k, q_len, k_len, offset, scale, left, right,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASKS: tl.constexpr, PRECISION: tl.constexpr):
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASKS: tl.constexpr, WORD: tl.constexpr,
+                   PRECISION: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads_q
@@ -59,7 +64,7 @@ def forward_kernel(Q, K, V, Out, Lse, counts, indices, mask_ids, tile_masks,
         v = tl.load(V + k_rows[:, None] * D + d[None, :], mask=in_k, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         keep = _token_rule(q_pos, k_pos, q_len, k_len, offset, mask_id, tile_masks, BLOCK_Q, BLOCK_K, CAUSAL,
-                           WINDOW, left, right, HAS_MASKS)
+                           WINDOW, left, right, HAS_MASKS, WORD)
         s = tl.where(keep, s, float("-inf"))
         new_m = tl.maximum(m, tl.max(s, 1))
         safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
@@ -81,7 +86,7 @@ def backward_dkdv_kernel(Q, K, V, dO, Lse, Delta, dK, dV, q_counts, q_indices, q
                          heads_q, heads_kv, layout_b, layout_h, n_k, max_q, q_len, k_len, offset, scale, left, right,
                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                          CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASKS: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         WORD: tl.constexpr, PRECISION: tl.constexpr):
     kb = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // heads_kv
@@ -112,7 +117,7 @@ def backward_dkdv_kernel(Q, K, V, dO, Lse, Delta, dK, dV, q_counts, q_indices, q
             delta = tl.load(Delta + q_rows, mask=q_pos < q_len, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             keep = _token_rule(q_pos, k_pos, q_len, k_len, offset, mask_id, tile_masks, BLOCK_Q, BLOCK_K, CAUSAL,
-                               WINDOW, left, right, HAS_MASKS)
+                               WINDOW, left, right, HAS_MASKS, WORD)
             keep = keep & (lse[:, None] != float("-inf"))
             p = tl.where(keep, tl.exp(s - tl.where(lse == float("-inf"), 0.0, lse)[:, None]), 0.0)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
@@ -127,7 +132,8 @@ def backward_dkdv_kernel(Q, K, V, dO, Lse, Delta, dK, dV, q_counts, q_indices, q
 def backward_dq_kernel(Q, K, V, dO, Lse, Delta, dQ, counts, indices, mask_ids, tile_masks,
                        heads_q, heads_kv, layout_b, layout_h, n_q, max_k, q_len, k_len, offset, scale, left, right,
                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                       CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASKS: tl.constexpr, PRECISION: tl.constexpr):
+                       CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASKS: tl.constexpr, WORD: tl.constexpr,
+                       PRECISION: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads_q
@@ -156,7 +162,7 @@ def backward_dq_kernel(Q, K, V, dO, Lse, Delta, dQ, counts, indices, mask_ids, t
         v = tl.load(V + k_rows[:, None] * D + d[None, :], mask=in_k, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         keep = _token_rule(q_pos, k_pos, q_len, k_len, offset, mask_id, tile_masks, BLOCK_Q, BLOCK_K, CAUSAL,
-                           WINDOW, left, right, HAS_MASKS)
+                           WINDOW, left, right, HAS_MASKS, WORD)
         keep = keep & (lse[:, None] != float("-inf"))
         p = tl.where(keep, tl.exp(s - tl.where(lse == float("-inf"), 0.0, lse)[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
