@@ -9,6 +9,17 @@ pytestmark = pytest.mark.skipif(blockattn.backends()["cpu"] != "available",
                                 reason=f"cpu kernel not built: {blockattn.backends()['cpu']}")
 
 
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the kernel must fill (out, lse, dk, dv) starts as NaN, so an unwritten element fails."""
+    from blockattn.ops import cpu
+
+    def nan_buffer(like, shape=None):
+        return torch.full(like.shape if shape is None else shape, float("nan"), dtype=torch.float32)
+
+    monkeypatch.setattr(cpu, "_new_buffer", nan_buffer)
+
+
 @pytest.mark.parametrize("seed", range(220))
 def test_matches_reference_fp32(seed):
     check_backend(random_case(seed), "cpu", fwd_tol=1e-5, grad_tol=1e-4)
@@ -35,3 +46,42 @@ def test_long_rows_span_many_tiles():
     from tests.ops.cases import Case
     layout = blockattn.patterns.random_blocks(1024, density=0.5, heads=2, seed=4)
     check_backend(Case(q, k, v, layout, "long"), "cpu", fwd_tol=1e-5, grad_tol=1e-4)
+
+
+def test_outputs_are_poisoned_before_the_kernel_runs():
+    from blockattn.ops import cpu
+    assert torch.isnan(cpu._new_buffer(torch.zeros(2, 3))).all()
+
+
+def test_empty_rows_give_zero_output_and_minus_inf_lse():
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    blocks = torch.zeros(1, 2, 3, 3, dtype=torch.bool)
+    blocks[0, 0, 0, 1] = True  # head 0: only the first query block has keys; head 1: nothing at all
+    layout = blockattn.BlockLayout.from_dense(blocks, q_len=40, k_len=40, block_q=16, block_k=16,
+                                              allow_empty_rows=True)
+    out, lse = blockattn.attention(q, k, v, layout, return_lse=True, backend="cpu")
+    assert torch.isfinite(lse[0, 0, :16]).all()
+    assert torch.equal(out[0, 0, 16:], torch.zeros(24, 16)) and torch.equal(out[0, 1], torch.zeros(40, 16))
+    assert torch.isneginf(lse[0, 0, 16:]).all() and torch.isneginf(lse[0, 1]).all()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(k=torch.randn(1, 3, 32, 16), v=torch.randn(1, 3, 32, 16)), "head"),
+    (dict(q=torch.randn(1, 2, 32, 16).to(torch.int32)), "float32"),
+])
+def test_bad_inputs_raise_value_error(bad, message):
+    args = dict(q=torch.randn(1, 2, 32, 16), k=torch.randn(1, 2, 32, 16), v=torch.randn(1, 2, 32, 16))
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=message):
+        blockattn.attention(args["q"], args["k"], args["v"], blockattn.patterns.causal(32, block_q=16, block_k=16),
+                            backend="cpu")
+
+
+def test_non_contiguous_inputs():
+    # [B, L, H, D] storage seen as [B, H, L, D], as model code produces it
+    from tests.ops.cases import Case
+    q, k, v = (torch.randn(2, 70, 4, 32).transpose(1, 2) for _ in range(3))
+    blocks = torch.rand(1, 4, 3, 5) < 0.5
+    blocks[..., 0] = True
+    layout = blockattn.BlockLayout.from_dense(blocks, q_len=70, k_len=70, block_q=32, block_k=16, causal=True)
+    check_backend(Case(q, k[:, :2], v[:, :2], layout, "strided"), "cpu", fwd_tol=1e-5, grad_tol=1e-4)

@@ -34,7 +34,13 @@ def _rule(layout: BlockLayout) -> dict:
 def _tile_masks(layout: BlockLayout) -> torch.Tensor:
     if layout.tile_masks is None:
         return torch.empty(0, dtype=torch.uint8)
-    return layout.tile_masks.to(torch.uint8).contiguous()
+    return layout.tile_masks.contiguous().view(torch.uint8)  # same bytes, no copy
+
+
+def _new_buffer(like: torch.Tensor, shape=None) -> torch.Tensor:
+    """Uninitialised float32 buffer the kernel fills completely (tests replace this with a NaN-filled
+    one to catch elements the kernel fails to write)."""
+    return torch.empty(like.shape if shape is None else shape, dtype=torch.float32)
 
 
 class _CpuAttention(torch.autograd.Function):
@@ -43,8 +49,10 @@ class _CpuAttention(torch.autograd.Function):
         mask_ids = layout.tile_mask_ids.contiguous() if layout.tile_mask_ids is not None else \
             torch.empty(0, dtype=torch.int32)
         rule = _rule(layout)
-        out, lse = _kernel.forward(q, k, v, layout.kv_counts, layout.kv_indices, mask_ids, _tile_masks(layout),
-                                   rule["block_q"], rule["block_k"], rule["causal"], rule["left"], rule["right"], scale)
+        out, lse = _new_buffer(q), _new_buffer(q, q.shape[:3])
+        _kernel.forward(q, k, v, layout.kv_counts.contiguous(), layout.kv_indices.contiguous(), mask_ids,
+                        _tile_masks(layout), rule["block_q"], rule["block_k"], rule["causal"], rule["left"],
+                        rule["right"], scale, out, lse)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale = layout, scale
         ctx.mark_non_differentiable(lse)
@@ -60,9 +68,10 @@ class _CpuAttention(torch.autograd.Function):
         if q_mask_ids is None:
             q_mask_ids = torch.empty(0, dtype=torch.int32)
         rule = _rule(layout)
-        dq, dk, dv = _kernel.backward(q, k, v, grad_out, lse, delta, q_counts, q_indices, q_mask_ids,
-                                      _tile_masks(layout), rule["block_q"], rule["block_k"], rule["causal"],
-                                      rule["left"], rule["right"], ctx.scale)
+        dk, dv = _new_buffer(k), _new_buffer(v)
+        dq = _kernel.backward(q, k, v, grad_out, lse, delta.contiguous(), q_counts.contiguous(),
+                              q_indices.contiguous(), q_mask_ids, _tile_masks(layout), rule["block_q"],
+                              rule["block_k"], rule["causal"], rule["left"], rule["right"], ctx.scale, dk, dv)
         return dq, dk, dv, None, None
 
 

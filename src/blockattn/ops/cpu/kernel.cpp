@@ -208,15 +208,18 @@ std::vector<int64_t> longest_first(const std::vector<int64_t>& cost) {
 
 }  // namespace
 
-// out [B,Hq,Lq,D], lse [B,Hq,Lq] for float32 contiguous q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] and the layout's
-// block lists (counts [Bl,Hl,nQ], indices [Bl,Hl,nQ,maxK], mask_ids like indices or empty).
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& counts,
-                                const at::Tensor& indices, const at::Tensor& mask_ids, const at::Tensor& tile_masks,
-                                int64_t block_q, int64_t block_k, bool causal, int64_t left, int64_t right,
-                                double scale) {
+// Writes out [B,Hq,Lq,D] and lse [B,Hq,Lq] (every element) for float32 contiguous q [B,Hq,Lq,D], k/v
+// [B,Hkv,Lk,D] and the layout's block lists (counts [Bl,Hl,nQ], indices [Bl,Hl,nQ,maxK], mask_ids like
+// indices or empty).
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& counts,
+             const at::Tensor& indices, const at::Tensor& mask_ids, const at::Tensor& tile_masks, int64_t block_q,
+             int64_t block_k, bool causal, int64_t left, int64_t right, double scale, at::Tensor& out,
+             at::Tensor& lse) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &out, &lse})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "cpu kernel expects contiguous float32");
+  for (const at::Tensor* t : {&counts, &indices})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "cpu kernel expects contiguous int32 lists");
   const Problem p = make_problem(q, k, counts, block_q, block_k, causal, left, right, scale, tile_masks);
-  auto out = at::empty_like(q);
-  auto lse = at::empty({p.B, p.Hq, p.Lq}, q.options());
   const float* Q = q.data_ptr<float>();
   const float* K = k.data_ptr<float>();
   const float* V = v.data_ptr<float>();
@@ -311,23 +314,24 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       }
     }
   });
-  return {out, lse};
 }
 
-// dq, dk, dv. `delta` = rowsum(dout * out) [B,Hq,Lq]; the transposed lists give, per key block, the query
+// Writes dk, dv (every element) and returns dq. `delta` = rowsum(dout * out) [B,Hq,Lq]; the transposed lists give, per key block, the query
 // blocks that list it (q_counts [Bl,Hl,nK], q_indices/q_mask_ids [Bl,Hl,nK,maxQ]). Parallel over
 // (batch, kv head, key block): dK and dV are owned by one work item; dQ goes to per-thread buffers.
-std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
-                                 const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& q_counts,
-                                 const at::Tensor& q_indices, const at::Tensor& q_mask_ids,
-                                 const at::Tensor& tile_masks, int64_t block_q, int64_t block_k, bool causal,
-                                 int64_t left, int64_t right, double scale) {
+at::Tensor backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
+                    const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& q_counts,
+                    const at::Tensor& q_indices, const at::Tensor& q_mask_ids, const at::Tensor& tile_masks,
+                    int64_t block_q, int64_t block_k, bool causal, int64_t left, int64_t right, double scale,
+                    at::Tensor& dk, at::Tensor& dv) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &dout, &lse, &delta, &dk, &dv})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "cpu kernel expects contiguous float32");
+  for (const at::Tensor* t : {&q_counts, &q_indices})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "cpu kernel expects contiguous int32 lists");
   const Problem p = make_problem(q, k, q_counts, block_q, block_k, causal, left, right, scale, tile_masks);
   const int64_t D = p.D, group = p.Hq / p.Hkv, maxQ = q_indices.size(3);
   const int64_t threads = at::get_num_threads();
   auto dq_parts = at::zeros({threads, p.B, p.Hq, p.Lq, D}, q.options());
-  auto dk = at::empty_like(k);
-  auto dv = at::empty_like(v);
   const float* Q = q.data_ptr<float>();
   const float* K = k.data_ptr<float>();
   const float* V = v.data_ptr<float>();
@@ -402,7 +406,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
     std::copy(dKacc, dKacc + cols * D, dK + ((b * p.Hkv + hk) * p.Lk + k0) * D);
     std::copy(dVacc, dVacc + cols * D, dV + ((b * p.Hkv + hk) * p.Lk + k0) * D);
   });
-  return {dq_parts.sum(0), dk, dv};
+  return dq_parts.sum(0);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
