@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import blockattn
 from blockattn.bench.capture import capture_qkv, load_smollm2, real_text_ids
-from blockattn.bench.quality import format_table, measure_layers
+from blockattn.bench.quality import format_table, measure_layers, skip_reason
 from blockattn.bench.timing import record_markdown
 
 
@@ -32,11 +32,12 @@ def main():
     for length in args.lengths:
         captured = capture_qkv(model, real_text_ids(tokenizer, length), layers=args.layers)
         for name in tqdm(methods, desc=f"methods @ {length}"):
-            try:
-                rows.append(measure_layers(name, captured))
-            except (TypeError, ValueError) as error:  # e.g. video methods that need grid=(T, H, W)
-                print(f"skipped {name}: {error}")
-                skipped.append(f"- {name} @ {length}: {error}\n")
+            reason = skip_reason(name, *next(iter(captured.values()))[:2])
+            if reason:  # e.g. video methods that need grid=(T, H, W)
+                print(f"skipped {name}: {reason}")
+                skipped.append(f"- {name} @ {length}: {reason}\n")
+                continue
+            rows.append(measure_layers(name, captured))
     table = format_table(rows)
     print(table)
     body = (f"Command: `python benchmarks/methods_quality.py --lengths {' '.join(map(str, args.lengths))}"

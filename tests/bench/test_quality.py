@@ -24,3 +24,10 @@ def test_measure_dense_layout_is_exact_and_table_prints():
     loose = measure(blockattn.methods.get("xattention", threshold=0.3, block_size=32), q, k, v, repeats=1)
     assert loose.density < 1 and loose.recall < 1 and loose.output_error > 0
     assert "| xattention | 256 |" in format_table([full, loose])
+
+
+def test_skip_reason_names_missing_context_only():
+    from blockattn.bench.quality import skip_reason
+    q, k = torch.randn(1, 2, 300, 16), torch.randn(1, 1, 300, 16)
+    assert "grid" in skip_reason("vmoba", q, k)
+    assert skip_reason("xattention", q, k) is None

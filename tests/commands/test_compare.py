@@ -16,10 +16,10 @@ def test_pareto_front_matches_brute_force():
 
 def test_compare_random_writes_plots_and_table(tmp_path, capsys):
     prefix = str(tmp_path / "cmp")
-    assert cli.main(["compare", "--random", "--lengths", "512", "--methods", "xattention", "sale",
+    assert cli.main(["compare", "--random", "--lengths", "512", "--methods", "xattention", "sale", "vmoba",
                      "--repeats", "1", "-o", prefix]) == 0
     out = capsys.readouterr().out
-    assert "| xattention | 512 |" in out and "| sale | 512 |" in out
+    assert "| xattention | 512 |" in out and "| sale | 512 |" in out and "skipped vmoba @ 512" in out
     for suffix in ("_recall.png", "_speed.png", ".md"):
         assert (tmp_path / f"cmp{suffix}").stat().st_size > 0
 

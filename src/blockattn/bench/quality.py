@@ -93,6 +93,19 @@ def measure(method, q: Tensor, k: Tensor, v: Tensor, *, name: str | None = None,
                    layout.density("causal"), layout.token_density(), select_ms, attend_ms, dense_ms)
 
 
+def skip_reason(method, q: Tensor, k: Tensor) -> str | None:
+    """Why `method` cannot select on plain q/k (e.g. a video method that needs `grid=(T, H, W)`),
+    tried on the first 256 tokens; None when it can. Errors elsewhere are not hidden by this."""
+    if isinstance(method, str):
+        method = blockattn.methods.get(method)
+    n = min(256, q.shape[2])
+    try:
+        method.select(q[:, :, :n], k[:, :, :n])
+    except (TypeError, ValueError) as error:
+        return str(error)
+    return None
+
+
 def measure_layers(method, captured: dict, *, name: str | None = None, backend: str = "auto",
                    repeats: int = 2) -> Quality:
     """`measure` on each captured layer `{layer: (q, k, v)}`, averaged over the layers."""

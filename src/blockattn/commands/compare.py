@@ -68,7 +68,7 @@ def run(args):
     from tqdm import tqdm
 
     import blockattn
-    from blockattn.bench.quality import format_table, measure_layers
+    from blockattn.bench.quality import format_table, measure_layers, skip_reason
 
     names = args.methods or [m for m in blockattn.methods.names() if m != "dense"]
     unknown = sorted(set(names) - set(blockattn.methods.names()))
@@ -90,10 +90,11 @@ def run(args):
         else:
             captured = capture_qkv(model, real_text_ids(tokenizer, length), layers=args.layers)
         for name in tqdm(names, desc=f"methods @ {length}"):
-            try:
-                rows.append(measure_layers(name, captured, repeats=args.repeats))
-            except (TypeError, ValueError) as error:  # e.g. video methods that need grid=(T, H, W)
-                skipped.append(f"{name} @ {length}: {error}")
+            reason = skip_reason(name, *captured[next(iter(captured))][:2])
+            if reason:  # e.g. video methods that need grid=(T, H, W)
+                skipped.append(f"{name} @ {length}: {reason}")
+                continue
+            rows.append(measure_layers(name, captured, repeats=args.repeats))
     if not rows:
         print("error: no method could be measured:\n" + "\n".join(skipped))
         return 2
