@@ -38,23 +38,29 @@ def main():
     args = parser.parse_args()
     model, tokenizer = load_smollm2()
     rows = []
+
+    def record():
+        table = format_table(rows)
+        body = (f"Command: `python benchmarks/methods_b_quality.py --lengths {' '.join(map(str, args.lengths))} "
+                f"--layers {' '.join(map(str, args.layers))}`\n\nSmolLM2-135M-Instruct (9 query / 3 key heads, "
+                f"D=64), q/k/v captured at layers {args.layers} on Python's documentation text, means over those "
+                f"layers; one timed run each; engine backend "
+                f"`{'cpu' if blockattn.backends()['cpu'] == 'available' else 'torch'}`, 2 cores shared with other "
+                f"jobs (load far above 2 during the run: timings are noisy and inflated; selection and dense times "
+                f"of a row were measured back to back).\n\n{table}\n")
+        if args.record:
+            os.makedirs(os.path.dirname(args.record) or ".", exist_ok=True)
+            record_markdown(args.record, "methods-b-quality", body)
+        return table
+
     for length in args.lengths:
         captured = capture_qkv(model, real_text_ids(tokenizer, length), layers=args.layers)
         for label in tqdm(args.configs, desc=f"methods @ {length}"):
             name, params = CONFIGS[label]
             rows.append(measure_layers(blockattn.methods.get(name, **params), captured, name=label, repeats=1))
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-    table = format_table(rows)
-    print(table)
-    body = (f"Command: `python benchmarks/methods_b_quality.py --lengths {' '.join(map(str, args.lengths))} "
-            f"--layers {' '.join(map(str, args.layers))}`\n\nSmolLM2-135M-Instruct (9 query / 3 key heads, D=64), "
-            f"q/k/v captured at layers {args.layers} on Python's documentation text, means over those layers; one "
-            f"timed run each; engine backend `{'cpu' if blockattn.backends()['cpu'] == 'available' else 'torch'}`, "
-            f"2 cores shared with other jobs (load far above 2 during the run: timings are noisy and inflated, "
-            f"ratios within a row were measured back to back).\n\n{table}\n")
-    if args.record:
-        os.makedirs(os.path.dirname(args.record) or ".", exist_ok=True)
-        record_markdown(args.record, "methods-b-quality", body)
+            record()  # after every row, so an interrupted run keeps what it measured
+    print(record())
 
 
 if __name__ == "__main__":
