@@ -1,0 +1,87 @@
+"""bench.harness / metrics / eval_plots on a tiny random Llama: the passkey cells equal the unpatched
+model's own answers for dense, a window that cannot see the needle never finds it, plots are written,
+and bad method specs are refused."""
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from blockattn.bench import eval_plots, harness, metrics, tasks  # noqa: E402
+
+
+class Digits:
+    """Tokenizer stand-in: one token per character (enough for passkey prompts)."""
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = [min(ord(c), 127) for c in text]
+        return type("Enc", (), {"input_ids": torch.tensor([ids]) if return_tensors else ids})()
+
+
+def copy_model():
+    """A tiny random 1-layer Llama (GQA: 2 query heads, 1 key head)."""
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_parse_method():
+    assert harness.parse_method("dense") == ("dense", {})
+    assert harness.parse_method("streaming:window=64,sink=2") == ("streaming", {"window": 64, "sink": 2})
+    with pytest.raises(ValueError, match="known methods"):
+        harness.parse_method("nope")
+    with pytest.raises(TypeError, match="does not take"):
+        harness.parse_method("dense:window=3")
+    with pytest.raises(ValueError, match="key=value"):
+        harness.parse_method("streaming:64")
+
+
+def test_run_eval_cells_match_unpatched_model_and_outputs(tmp_path):
+    model, tok = copy_model(), Digits()
+    config = harness.EvalConfig(lengths=(256, 320), depths=(0.1, 0.9), quality_layers=(0,), decode_prompt=64,
+                                decode_tokens=3, backend="torch")
+    results = harness.run_eval(model, tok, ["dense:block_size=32", "streaming:window=32,block_size=32"], config,
+                               progress=False)
+    dense, stream = results["methods"]
+    assert "error" not in dense and "error" not in stream
+    for cell in dense["cells"]:
+        sample = tasks.passkey(tok, cell["length"], cell["depth"], seed=cell["seed"])
+        assert cell["found"] == tasks.answer_found(model, sample)[0]
+    assert dense["density"] == pytest.approx(1.0) and stream["density"] < 0.6
+    assert dense["layer_quality"]["output_error"] < 1e-5 and dense["layer_quality"]["recall"] == pytest.approx(1.0)
+    assert stream["layer_quality"]["recall"] < 1.0 and stream["layer_quality"]["output_error"] > 1e-3
+    assert dense["decode_tokens_per_s"] > 0 and dense["prefill_speedup"] > 0
+    table = harness.format_table(results)
+    assert "passkey@256" in table and "streaming(window=32,block_size=32)" in table
+    paths = eval_plots.heatmaps(results, str(tmp_path))
+    paths.append(eval_plots.pareto(results, str(tmp_path / "pareto.png")))
+    assert len(paths) == 3 and all(os.path.getsize(p) > 1000 for p in paths)
+    json.dumps(results, default=str)
+
+
+def test_a_method_that_raises_is_recorded_not_fatal():
+    model, tok = copy_model(), Digits()
+    config = harness.EvalConfig(lengths=(300,), depths=(0.5,), quality_layers=(0,), decode_prompt=32,
+                                decode_tokens=2, backend="torch")
+    # an engine error inside one method's run (here an unknown backend) is recorded in its row
+    results = harness.run_eval(model, tok, [("dense", {})], harness.EvalConfig(**{**config.__dict__,
+                                                                                  "backend": "nope"}),
+                               progress=False)
+    assert "backend" in results["methods"][0]["error"]
+    assert "failed" in harness.format_table(results)
+
+
+def test_lengths_beyond_context_and_bad_depths_are_refused():
+    model, tok = copy_model(), Digits()
+    with pytest.raises(ValueError, match="context of 2048"):
+        harness.run_eval(model, tok, ["dense"], harness.EvalConfig(lengths=(4096,)), progress=False)
+    with pytest.raises(ValueError, match="depths"):
+        harness.run_eval(model, tok, ["dense"], harness.EvalConfig(lengths=(300,), depths=(2.0,)), progress=False)
+
+
+def test_decode_tokens_per_second_rejects_bad_count():
+    with pytest.raises(ValueError, match="new_tokens"):
+        metrics.decode_tokens_per_second(copy_model(), torch.zeros(1, 4, dtype=torch.long), new_tokens=1)
