@@ -4,12 +4,12 @@ import torch
 from blockattn.linear.miras import (GradientDescent, KLRetention, L2Bias, L2Retention, LinearMemory, LqRetention,
                                     MirasParts, MLPMemory, MomentumDescent, memory_naive, memory_step)
 from blockattn.linear.miras.common import initial_state
-from tests.linear._util import rel_err
 
 
 def test_linear_memory_is_the_delta_rule_with_momentum():
     batch, heads, length, d_k, d_v = 1, 2, 10, 3, 2
-    q, k, v = torch.randn(batch, heads, length, d_k, dtype=torch.float64), torch.randn(batch, heads, length, d_k, dtype=torch.float64), torch.randn(batch, heads, length, d_v, dtype=torch.float64)
+    q, k = (torch.randn(batch, heads, length, d_k, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(batch, heads, length, d_v, dtype=torch.float64)
     lr, decay, mom = (torch.rand(batch, heads, length, dtype=torch.float64) * 0.5 + 0.1 for _ in range(3))
     init = torch.randn(heads, d_v * d_k, dtype=torch.float64)
     parts = MirasParts(LinearMemory(), L2Bias(), L2Retention(), MomentumDescent())

@@ -18,7 +18,6 @@ import math
 import torch
 from torch import Tensor
 
-from blockattn.linear._checks import check_positive_int
 from blockattn.linear.kronecker.naive import check_tensor_attention
 
 

@@ -108,10 +108,6 @@ def check_inputs(q, k, v, parts, init, lr, decay, momentum, delta, chunk_size, s
     return lr, decay, momentum, delta
 
 
-def heads_first(x: Tensor | None) -> Tensor | None:
-    """`[B, H, L, ...]` -> `[B·H, L, ...]`."""
-    return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-
 
 def default_init(parts: MirasParts, heads: int, d_k: int, d_v: int, *, dtype=torch.float32, device=None,
                  seed: int = 0) -> Tensor:
