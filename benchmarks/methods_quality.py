@@ -24,6 +24,7 @@ def main():
     parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 10, 20, 28])
     parser.add_argument("--record", default="docs/bench/methods.md")
+    parser.add_argument("--section", default="methods-quality", help="marker name of the table in --record")
     parser.add_argument("--plot", default="docs/bench/methods", help="PNG prefix: PREFIX_recall.png, PREFIX_speed.png")
     args = parser.parse_args()
     methods = args.methods or [m for m in blockattn.methods.names() if m != "dense"]
@@ -41,6 +42,7 @@ def main():
     table = format_table(rows)
     print(table)
     body = (f"Command: `python benchmarks/methods_quality.py --lengths {' '.join(map(str, args.lengths))}"
+            f" --layers {' '.join(map(str, args.layers))}"
             f" --methods {' '.join(methods)}`; plots: `{args.plot}_recall.png`, `{args.plot}_speed.png`\n\nSmolLM2-135M-Instruct (9 query / 3 key heads, D=64), q/k/v captured "
             f"at layers {args.layers} on Python's documentation text, means over those layers; each method with its "
             f"paper defaults; engine backend `{'cpu' if blockattn.backends()['cpu'] == 'available' else 'torch'}`, "
@@ -52,7 +54,7 @@ def main():
         print("wrote", *plot(rows, args.plot))
     if args.record:
         os.makedirs(os.path.dirname(args.record) or ".", exist_ok=True)
-        record_markdown(args.record, "methods-quality", body)
+        record_markdown(args.record, args.section, body)
 
 
 if __name__ == "__main__":
