@@ -6,15 +6,30 @@ fp32, B=1, Hq=Hkv=8, D=64, block 64. Rows: full causal (forward, forward+backwar
 SDPA(is_causal=True); a random causal block layout (10% of the causal tiles, per-head different)
 against SDPA causal and against compiled FlexAttention on the same layout (compile time excluded);
 and the peak resident-memory growth of one call at L=65536, 5% density. Times are the minimum of
-`--repeats` runs; the machine may be shared, so ratios are noisy.
+`--repeats` rounds in which the contenders run in turn (interleaved, so a burst of load from other
+processes hits both sides of a ratio alike); the machine may be shared, so ratios are noisy.
 """
 import argparse
+import time
 
 import torch
 import torch.nn.functional as F
 
 import blockattn
-from blockattn.bench.timing import peak_rss_growth, time_call
+from blockattn.bench.timing import peak_rss_growth
+
+
+def interleaved_min(fns, repeats):
+    """Minimum wall time in ms of each callable, after one warm-up call each, over `repeats` rounds."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [b * 1e3 for b in best]
 
 
 def _inputs(L, heads, dim, grad=False):
@@ -34,14 +49,13 @@ def causal_rows(L, heads, dim, repeats):
     q, k, v = _inputs(L, heads, dim)
     layout = blockattn.patterns.causal(L)
     with torch.no_grad():
-        sdpa = time_call(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats=repeats)
-        cpu = time_call(lambda: blockattn.attention(q, k, v, layout, backend="cpu"), repeats=repeats)
+        sdpa, cpu = interleaved_min([lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                     lambda: blockattn.attention(q, k, v, layout, backend="cpu")], repeats)
     yield f"causal L={L}", "forward", cpu, "SDPA causal", sdpa
     inputs = _inputs(L, heads, dim, grad=True)
-    sdpa = time_call(_fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), inputs),
-                     repeats=repeats)
-    cpu = time_call(_fwd_bwd(lambda q, k, v: blockattn.attention(q, k, v, layout, backend="cpu"), inputs),
-                    repeats=repeats)
+    sdpa, cpu = interleaved_min(
+        [_fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), inputs),
+         _fwd_bwd(lambda q, k, v: blockattn.attention(q, k, v, layout, backend="cpu"), inputs)], repeats)
     yield f"causal L={L}", "fwd+bwd", cpu, "SDPA causal fwd+bwd", sdpa
 
 
@@ -51,16 +65,18 @@ def random_rows(L, heads, dim, repeats, flex):
     q, k, v = _inputs(L, heads, dim)
     layout = blockattn.patterns.random_blocks(L, density=0.1, heads=heads)
     name = f"random 10% L={L}"
+    fns = [lambda: blockattn.attention(q, k, v, layout, backend="cpu"),
+           lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)]
+    if flex:
+        block_mask = layout_to_block_mask(layout)
+        compiled = compiled_flex_attention()
+        # the warm-up call of interleaved_min compiles; only warm calls are timed
+        fns.append(lambda: compiled(q, k, v, block_mask=block_mask, scale=dim ** -0.5))
     with torch.no_grad():
-        cpu = time_call(lambda: blockattn.attention(q, k, v, layout, backend="cpu"), repeats=repeats)
-        sdpa = time_call(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats=repeats)
-        yield name, "forward", cpu, "SDPA causal (dense)", sdpa
-        if flex:
-            block_mask = layout_to_block_mask(layout)
-            fn = compiled_flex_attention()
-            # warmup=1 inside time_call compiles; only the warm calls are timed
-            flex_ms = time_call(lambda: fn(q, k, v, block_mask=block_mask, scale=dim ** -0.5), repeats=repeats)
-            yield name, "forward", cpu, "compiled FlexAttention", flex_ms
+        cpu, sdpa, *flex_ms = interleaved_min(fns, repeats)
+    yield name, "forward", cpu, "SDPA causal (dense)", sdpa
+    if flex:
+        yield name, "forward", cpu, "compiled FlexAttention", flex_ms[0]
 
 
 def memory_row(L, heads, dim, density):
@@ -99,7 +115,7 @@ def main():
         print(f"| {case} | {mode} | {cpu:.0f} | {base_name} | {base:.0f} | {cpu / base:.3f} |")
     grown = memory_row(args.memory_length, heads, dim, 0.05)
     print(f"\nL={args.memory_length}, 5% of causal tiles: peak RSS growth of one forward call beyond q, k, v "
-          f"and out = {grown / 2**20:.0f} MiB")
+          f"and out = {grown / 2**20:.1f} MiB")
     if args.png:
         import matplotlib
         matplotlib.use("Agg")

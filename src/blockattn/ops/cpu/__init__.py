@@ -23,6 +23,9 @@ def available(device=None) -> str:
         return f"unavailable: compiled kernel not built or not importable ({_IMPORT_ERROR}); reinstall with ./setup.sh"
     if device is not None and device.type != "cpu":
         return f"unavailable on {device.type}: the cpu backend takes CPU tensors"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        # the kernel is built with AVX2/FMA intrinsics; running it elsewhere would be an illegal instruction
+        return f"unavailable: this CPU lacks AVX2 (torch reports {torch.backends.cpu.get_cpu_capability()})"
     return "available"
 
 
