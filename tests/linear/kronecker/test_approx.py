@@ -43,6 +43,7 @@ def test_error_bound_formula():
     eps = math.exp(2 * beta) * beta ** 4 / math.factorial(4)
     assert error_bound(beta, degree, 2.0) == pytest.approx(2 * eps / (1 - eps) * 2.0)
     assert error_bound(3.0, 1) == math.inf
+    assert error_bound(500.0, 3) == math.inf and error_bound(0.0, 2) == 0.0  # no overflow, no log(0)
 
 
 def test_large_entries_and_bad_degree_raise():

@@ -28,8 +28,14 @@ def entry_bound(q: Tensor, k1: Tensor, k2: Tensor, scale: float) -> float:
 
 def error_bound(beta: float, degree: int, value_bound: float = 1.0) -> float:
     """Max-norm bound on the output error of the degree-`degree` approximation; inf when ε ≥ 1."""
-    eps = math.exp(2 * beta) * beta ** (degree + 1) / math.factorial(degree + 1)
-    return 2 * eps / (1 - eps) * value_bound if eps < 1 else math.inf
+    if beta == 0:
+        return 0.0
+    # log space: e^{2β} overflows a float long before the bound stops being vacuous
+    log_eps = 2 * beta + (degree + 1) * math.log(beta) - math.lgamma(degree + 2)
+    if log_eps >= 0:
+        return math.inf
+    eps = math.exp(log_eps)
+    return 2 * eps / (1 - eps) * value_bound
 
 
 def degree_for(beta: float, eps: float, max_degree: int = 12) -> int:
