@@ -48,3 +48,29 @@ def test_memory_mixer_is_causal_and_trainable(config):
 def test_memory_mixer_rejects_bad_heads():
     with pytest.raises(ValueError, match="divisible by heads"):
         MemoryMixer(10, Moneta().parts, heads=3)
+
+
+@pytest.mark.parametrize("name", ["moneta", "yaad", "memora", "titans"])
+def test_non_causal_use_is_refused(name):
+    q = torch.randn(1, 1, 8, 4)
+    with pytest.raises(ValueError, match="causal-only"):
+        getattr(linear, name)(q, q, q, chunk_size=4, causal=False)
+
+
+@pytest.mark.parametrize("config,extra", [(Moneta(), {}), (Yaad(), {"delta": 0.7}), (Memora(), {})],
+                         ids=["moneta", "yaad", "memora"])
+def test_decode_steps_continue_a_prefill(config, extra):
+    from blockattn.linear.miras import memory_chunk, memory_step
+    q, k, v = (torch.nn.functional.normalize(torch.randn(1, 2, 12, 4), dim=-1) for _ in range(3))
+    init = default_init(config.parts, 2, 4, 4)
+    kwargs = dict(parts=config.parts, lr=0.2, decay=0.95, init=init, chunk_size=4, **extra)
+    full = memory_chunk(q, k, v, **kwargs)
+    _, state = memory_chunk(q[:, :, :8], k[:, :, :8], v[:, :, :8], output_state=True, **kwargs)
+    gate = lambda value: torch.full((2,), float(value))  # noqa: E731
+    delta = gate(extra["delta"]) if extra else None
+    steps = []
+    for t in range(8, 12):
+        y, state = memory_step(config.parts, state, q[0, :, t], k[0, :, t], v[0, :, t], gate(0.2), gate(0.95), None,
+                               delta, 4)
+        steps.append(y)
+    assert rel_err(torch.stack(steps, dim=1).unsqueeze(0), full[:, :, 8:]) <= 1e-5

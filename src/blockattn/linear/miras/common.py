@@ -6,7 +6,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from blockattn.linear._checks import check_positive_int, check_qkv
+from blockattn.linear._checks import check_causal, check_positive_int, check_qkv
 from blockattn.linear.miras.parts import (GradientDescent, HuberBias, L2Bias, L2Retention, LinearMemory,
                                           LpBias, KLRetention, LqRetention, MLPMemory, MomentumDescent)
 
@@ -118,8 +118,11 @@ def default_init(parts: MirasParts, heads: int, d_k: int, d_v: int, *, dtype=tor
     return torch.cat([m.flatten(-2) for m in mats], dim=-1).to(dtype=dtype, device=device)
 
 
-def run_memory(q, k, v, parts, *, lr, decay, momentum=None, delta=None, init=None, chunk_size=16):
-    """The public functional form: the chunked path, the default initial memory when `init` is None."""
+def run_memory(q, k, v, parts, *, lr, decay, momentum=None, delta=None, init=None, chunk_size=16, causal=True):
+    """The public functional form: the chunked path, the default initial memory when `init` is None.
+
+    A test-time memory only ever learns from the past, so `causal` must be True."""
+    check_causal(causal)
     from blockattn.linear.miras.chunk import memory_chunk
     if init is None and isinstance(q, Tensor) and isinstance(v, Tensor) and q.dim() == 4 and v.dim() == 4:
         init = default_init(parts, q.shape[1], q.shape[3], v.shape[3], dtype=q.dtype, device=q.device)

@@ -21,6 +21,6 @@ class Memora:
         return MirasParts(MLPMemory(self.expansion), L2Bias(), KLRetention(), GradientDescent())
 
 
-def memora(q, k, v, *, lr=0.1, decay=0.99, init=None, chunk_size: int = 16):
+def memora(q, k, v, *, lr=0.1, decay=0.99, init=None, chunk_size: int = 16, causal: bool = True):
     """Causal Memora memory read-out: q, k `[B, H, L, Dk]`, v `[B, H, L, Dv]` -> `[B, H, L, Dv]` (chunked form)."""
-    return run_memory(q, k, v, Memora().parts, lr=lr, decay=decay, init=init, chunk_size=chunk_size)
+    return run_memory(q, k, v, Memora().parts, lr=lr, decay=decay, init=init, chunk_size=chunk_size, causal=causal)

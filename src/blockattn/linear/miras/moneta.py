@@ -24,6 +24,8 @@ class Moneta:
         return MirasParts(MLPMemory(self.expansion), LpBias(self.p), LqRetention(self.q), GradientDescent())
 
 
-def moneta(q, k, v, *, lr=0.1, decay=0.99, p: float = 3.0, q_norm: float = 4.0, init=None, chunk_size: int = 16):
+def moneta(q, k, v, *, lr=0.1, decay=0.99, p: float = 3.0, q_norm: float = 4.0, init=None, chunk_size: int = 16,
+           causal: bool = True):
     """Causal Moneta memory read-out: q, k `[B, H, L, Dk]`, v `[B, H, L, Dv]` -> `[B, H, L, Dv]` (chunked form)."""
-    return run_memory(q, k, v, Moneta(p, q_norm).parts, lr=lr, decay=decay, init=init, chunk_size=chunk_size)
+    return run_memory(q, k, v, Moneta(p, q_norm).parts, lr=lr, decay=decay, init=init, chunk_size=chunk_size,
+                      causal=causal)

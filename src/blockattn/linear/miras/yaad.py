@@ -21,6 +21,7 @@ class Yaad:
         return MirasParts(MLPMemory(self.expansion), HuberBias(), L2Retention(), GradientDescent())
 
 
-def yaad(q, k, v, *, lr=0.1, decay=0.99, delta=1.0, init=None, chunk_size: int = 16):
+def yaad(q, k, v, *, lr=0.1, decay=0.99, delta=1.0, init=None, chunk_size: int = 16, causal: bool = True):
     """Causal Yaad memory read-out: q, k `[B, H, L, Dk]`, v `[B, H, L, Dv]` -> `[B, H, L, Dv]` (chunked form)."""
-    return run_memory(q, k, v, Yaad().parts, lr=lr, decay=decay, delta=delta, init=init, chunk_size=chunk_size)
+    return run_memory(q, k, v, Yaad().parts, lr=lr, decay=decay, delta=delta, init=init, chunk_size=chunk_size,
+                      causal=causal)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from blockattn.linear._checks import check_causal
 from blockattn.linear.miras.chunk import memory_chunk
 from blockattn.linear.miras.common import MemoryState
 from blockattn.linear.titans.naive import Titans, forget_to_decay, resolve_init
@@ -15,7 +16,7 @@ from blockattn.linear.titans.naive import Titans, forget_to_decay, resolve_init
 
 def titans(q: Tensor, k: Tensor, v: Tensor, *, lr=0.1, momentum=0.9, forget=0.01, chunk_size: int = 16,
            expansion: int = 2, init: Tensor | None = None, initial_state: MemoryState | None = None,
-           output_state: bool = False):
+           output_state: bool = False, causal: bool = True):
     """Causal Titans memory read-out y_t = M_t(q_t).
 
     Args:
@@ -28,6 +29,7 @@ def titans(q: Tensor, k: Tensor, v: Tensor, *, lr=0.1, momentum=0.9, forget=0.01
     Returns:
         `[B, H, L, Dv]` (and the state when `output_state`).
     """
+    check_causal(causal)
     parts = Titans(expansion).parts
     return memory_chunk(q, k, v, parts=parts, lr=lr, decay=forget_to_decay(forget), momentum=momentum,
                         init=resolve_init(init, parts, q, v) if initial_state is None else None,

@@ -13,6 +13,7 @@ import dataclasses
 
 from torch import Tensor
 
+from blockattn.linear._checks import check_causal
 from blockattn.linear.miras.common import MemoryState, MirasParts, default_init
 from blockattn.linear.miras.naive import memory_naive
 from blockattn.linear.miras.parts import L2Bias, L2Retention, MLPMemory, MomentumDescent
@@ -49,8 +50,9 @@ def resolve_init(init, parts, q, v):
 
 def titans_naive(q: Tensor, k: Tensor, v: Tensor, *, lr=0.1, momentum=0.9, forget=0.01, chunk_size: int = 16,
                  expansion: int = 2, init: Tensor | None = None, initial_state: MemoryState | None = None,
-                 output_state: bool = False):
+                 output_state: bool = False, causal: bool = True):
     """Token loop. q, k `[B, H, L, Dk]`, v `[B, H, L, Dv]`; gates θ (lr), η (momentum), α (forget) floats or `[B, H, L]`."""
+    check_causal(causal)
     parts = Titans(expansion).parts
     return memory_naive(q, k, v, parts=parts, lr=lr, decay=forget_to_decay(forget), momentum=momentum,
                         init=resolve_init(init, parts, q, v) if initial_state is None else None,
