@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 import blockattn
-from blockattn.linear._checks import check_positive_int, check_qkv
+from blockattn.linear._checks import check_causal, check_positive_int, check_qkv
 from blockattn.linear.lightning.chunk import _lightning_blocked
 
 
@@ -26,7 +26,8 @@ def taylor_feature_map(x: Tensor) -> Tensor:
     return torch.cat([torch.ones_like(x[..., :1]), x / d ** 0.25, second], dim=-1)
 
 
-def taylor_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: int = 64, eps: float = 1e-12) -> Tensor:
+def taylor_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: int = 64, eps: float = 1e-12,
+                            causal: bool = True) -> Tensor:
     """Causal normalised linear attention with the Taylor feature map, in blocks.
 
     Args:
@@ -37,6 +38,7 @@ def taylor_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: int 
         normaliser rides along as an extra value column of ones.
     """
     check_qkv(q, k, v)
+    check_causal(causal)
     check_positive_int("block_size", block_size)
     fq, fk = taylor_feature_map(q), taylor_feature_map(k)
     v_aug = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
@@ -45,7 +47,7 @@ def taylor_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: int 
     return out[..., :-1] / (out[..., -1:] + eps)
 
 
-def based(q: Tensor, k: Tensor, v: Tensor, *, window: int = 64, block_size: int = 64) -> Tensor:
+def based(q: Tensor, k: Tensor, v: Tensor, *, window: int = 64, block_size: int = 64, causal: bool = True) -> Tensor:
     """BASED token mixing: Taylor linear attention plus exact softmax attention over the last `window` tokens.
 
     Args:
@@ -58,6 +60,7 @@ def based(q: Tensor, k: Tensor, v: Tensor, *, window: int = 64, block_size: int 
         `[B, H, L, d]`, the sum of the two branches.
     """
     check_qkv(q, k, v, same_value_dim=True)
+    check_causal(causal)
     check_positive_int("window", window)
     length = q.shape[2]
     layout = blockattn.patterns.sliding_window(length, window=window)

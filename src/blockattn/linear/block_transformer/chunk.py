@@ -17,10 +17,11 @@ from torch import Tensor
 
 import blockattn
 from blockattn.layout import BlockLayout
-from blockattn.linear._checks import check_positive_int, check_qkv
+from blockattn.linear._checks import check_causal, check_positive_int, check_qkv
 
 
-def block_transformer(q: Tensor, k: Tensor, v: Tensor, *, block_size: int = 4, scale: float | None = None) -> Tensor:
+def block_transformer(q: Tensor, k: Tensor, v: Tensor, *, block_size: int = 4, scale: float | None = None,
+                      causal: bool = True) -> Tensor:
     """Causal global-to-local attention.
 
     Args:
@@ -33,6 +34,7 @@ def block_transformer(q: Tensor, k: Tensor, v: Tensor, *, block_size: int = 4, s
         mean-pooled q, k, v of blocks 0..j−1).
     """
     check_qkv(q, k, v, same_value_dim=True)
+    check_causal(causal)
     check_positive_int("block_size", block_size)
     batch, heads, length, dim = q.shape
     if length % block_size:

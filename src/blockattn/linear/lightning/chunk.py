@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from blockattn.linear._checks import check_positive_int, check_qkv
+from blockattn.linear._checks import check_causal, check_positive_int, check_qkv
 
 
 def check_decay(decay, heads: int, like: Tensor) -> Tensor:
@@ -67,7 +67,7 @@ def _lightning_blocked(q, k, v, lam, block_size, initial_state):
 
 def lightning_attention(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, *, block_size: int = 64,
                         initial_state: Tensor | None = None, output_final_state: bool = False,
-                        backend: str = "auto"):
+                        backend: str = "auto", causal: bool = True):
     """Causal linear attention with per-head decay, o_t = q_t · Σ_{s≤t} λ_h^(t−s) k_sᵀ v_s.
 
     Args:
@@ -78,11 +78,13 @@ def lightning_attention(q: Tensor, k: Tensor, v: Tensor, decay: Tensor, *, block
         output_final_state: also return the `[B, H, Dk, Dv]` state after the last token,
             which `lightning_attention_step` continues exactly.
         backend: "auto" (Triton on CUDA, blocked PyTorch otherwise), "torch" or "triton".
+        causal: must be True; the running-state form has no non-causal variant.
 
     Returns:
         `o [B, H, L, Dv]` (and the final state when asked). Differentiable in q, k, v, decay.
     """
     check_qkv(q, k, v)
+    check_causal(causal)
     check_positive_int("block_size", block_size)
     batch, heads, _, dk = q.shape
     lam = check_decay(decay, heads, q)

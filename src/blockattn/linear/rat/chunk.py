@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from blockattn.linear._checks import check_positive_int, check_qkv
+from blockattn.linear._checks import check_causal, check_positive_int, check_qkv
 
 
 def check_forget(forget, like: Tensor) -> None:
@@ -40,7 +40,7 @@ def intra_chunk_recurrence(x: Tensor, forget: Tensor, chunk_size: int) -> Tensor
 
 
 def rat(q: Tensor, k: Tensor, v: Tensor, forget: Tensor, *, chunk_size: int = 16, scale: float | None = None,
-        output_cache: bool = False):
+        output_cache: bool = False, causal: bool = True):
     """Causal RAT attention.
 
     Args:
@@ -53,6 +53,7 @@ def rat(q: Tensor, k: Tensor, v: Tensor, forget: Tensor, *, chunk_size: int = 16
         `[B, H, L, D]`. Time is O(L·D·C) for the recurrence plus O(L·L/C·D) for the attention.
     """
     check_qkv(q, k, v, same_value_dim=True)
+    check_causal(causal)
     check_positive_int("chunk_size", chunk_size)
     check_forget(forget, k)
     length = q.shape[2]
