@@ -30,12 +30,19 @@ def _inputs(parts, batch=2, heads=2, length=16, d_k=4, d_v=3):
     return q, k, v, gates, init
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("parts", COMBOS, ids=lambda p: "-".join(type(x).__name__ for x in vars(p).values()))
 @pytest.mark.parametrize("chunk_size", [1, 4, 8])
-def test_chunk_equals_token_loop_forward_and_gradients(parts, chunk_size):
+def test_chunk_equals_token_loop_forward_and_gradients(parts, chunk_size, dtype):
+    if dtype == torch.float32 and isinstance(parts.retention, LqRetention):
+        # Moneta's ℓ_q renormalisation after every token makes the gradients ill-conditioned: the fp32
+        # token loop itself is up to ~2e-3 off its float64 value on some seeds, so only float64 can
+        # show the two forms are the same computation (they agree to ~1e-12 there).
+        pytest.skip("ill-conditioned in fp32 for both forms; checked in float64")
     q, k, v, gates, init = _inputs(parts)
     names = ["q", "k", "v", "init", *gates]
-    tensors = [q, k, v, init, *gates.values()]
+    tensors = [t.to(dtype) for t in (q, k, v, init, *gates.values())]
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
     probe = None
     results = []
     for fn in (memory_naive, memory_chunk):
@@ -46,9 +53,9 @@ def test_chunk_equals_token_loop_forward_and_gradients(parts, chunk_size):
         (out * probe).sum().backward()
         results.append((out.detach(), [t.grad for t in leaves]))
     (out_ref, grads_ref), (out_fast, grads_fast) = results
-    assert rel_err(out_fast, out_ref) <= 1e-4
+    assert rel_err(out_fast, out_ref) <= tol
     for name, g_fast, g_ref in zip(names, grads_fast, grads_ref):
-        assert rel_err(g_fast, g_ref) <= 1e-4, name
+        assert rel_err(g_fast, g_ref) <= tol, name
 
 
 def test_state_continues_across_calls():
