@@ -83,3 +83,12 @@ def test_sparse_attention_rejects_unknown_method():
     q, k, v = _inputs()
     with pytest.raises(ValueError, match="unknown method 'nope'; known methods"):
         blockattn.sparse_attention(q, k, v, "nope")
+
+
+def test_sparse_attention_passes_context_to_select():
+    from blockattn.ops.reference import reference_attention
+    q, k, v = (torch.randn(1, 2, 4 * 8 * 8, 16) for _ in range(3))
+    grid = (4, 8, 8)
+    out = blockattn.sparse_attention(q, k, v, "vmoba", context={"grid": grid})
+    layout = blockattn.methods.get("vmoba").select(q, k, grid=grid)
+    assert torch.allclose(out.double(), reference_attention(q.double(), k.double(), v.double(), layout), atol=1e-5)

@@ -81,10 +81,11 @@ def backends() -> dict[str, str]:
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, method, *, scale: float | None = None,
-                     return_lse: bool = False, backend: str = "auto", **params):
+                     return_lse: bool = False, backend: str = "auto", context: dict | None = None, **params):
     """Select a layout with `method` (a registered name or a method object) and attend over it.
 
-    Extra keyword arguments are the method's hyperparameters when `method` is a name.
+    Extra keyword arguments are the method's hyperparameters when `method` is a name; `context` is
+    passed to `method.select` (e.g. `{"grid": (T, H, W)}` for video methods).
     """
     from blockattn import methods
 
@@ -94,5 +95,5 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, method, *, scale: float | 
         raise TypeError(f"hyperparameters {sorted(params)} can only be given with a method name")
     if not isinstance(method, methods.Method):
         raise TypeError(f"method must be a registered name or a blockattn.methods.Method, got {type(method).__name__}")
-    layout = method.select(q, k)
+    layout = method.select(q, k, **(context or {}))
     return attention(q, k, v, layout, scale=scale, return_lse=return_lse, backend=backend)
