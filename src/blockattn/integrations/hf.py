@@ -244,12 +244,10 @@ class Patch:
         for plan in {id(p): p for p in self.plans}.values():
             for f in dataclasses.fields(Stats):
                 setattr(total, f.name, getattr(total, f.name) + getattr(plan.stats, f.name))
-        total.density_sum = sum(p.stats.density_sum for p in self.plans)
-        total.prefill_calls = sum(p.stats.prefill_calls for p in self.plans)
         return total
 
     def reset_stats(self):
-        for plan in self.plans:
+        for plan in {id(p): p for p in self.plans}.values():
             plan.stats.reset()
 
     def unpatch(self):
@@ -307,8 +305,9 @@ def patch(model, method: str | methods.Method | None = "dense", *, layers=None, 
         base = _resolve(method, "method")
     decode_fn = _decode_policy(decode)
     max_len = getattr(model.config, "max_position_embeddings", None)
-    if getattr(model.config, "rope_scaling", None):
-        max_len = None  # scaled RoPE extends the context; trust the user
+    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", "default") != "default":
+        max_len = None  # scaled RoPE (yarn, linear, ...) extends the context; trust the user
 
     register()
     previous = model.config._attn_implementation
