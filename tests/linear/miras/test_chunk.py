@@ -20,7 +20,7 @@ COMBOS = [
 def _inputs(parts, batch=2, heads=2, length=16, d_k=4, d_v=3):
     q, k = (torch.nn.functional.normalize(torch.randn(batch, heads, length, d_k), dim=-1) for _ in range(2))
     v = torch.randn(batch, heads, length, d_v)
-    gates = dict(lr=torch.rand(batch, heads, length) * 0.2, decay=1 - 0.3 * torch.rand(batch, heads, length))
+    gates = dict(lr=torch.rand(batch, heads, length) * 0.1, decay=1 - 0.3 * torch.rand(batch, heads, length))
     if isinstance(parts.rule, MomentumDescent):
         gates["momentum"] = 0.1 + 0.8 * torch.rand(batch, heads, length)
     if isinstance(parts.bias, HuberBias):

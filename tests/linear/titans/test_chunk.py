@@ -9,7 +9,7 @@ from tests.linear._util import rel_err
 def _inputs(batch=2, heads=2, length=16, d_k=4, d_v=5):
     q, k = (torch.nn.functional.normalize(torch.randn(batch, heads, length, d_k), dim=-1) for _ in range(2))
     v = torch.randn(batch, heads, length, d_v)
-    lr = 0.3 * torch.rand(batch, heads, length)
+    lr = 0.1 * torch.rand(batch, heads, length)  # small steps: the MLP memory must not diverge on random data
     momentum = 0.1 + 0.8 * torch.rand(batch, heads, length)
     forget = 0.2 * torch.rand(batch, heads, length)
     return q, k, v, lr, momentum, forget
@@ -18,7 +18,7 @@ def _inputs(batch=2, heads=2, length=16, d_k=4, d_v=5):
 @pytest.mark.parametrize("chunk_size", [1, 4, 16])
 def test_chunk_equals_token_loop(chunk_size):
     tensors = _inputs()
-    init = 0.5 * torch.randn(2, 2 * 4 * 4 + 5 * 8)
+    init = 0.3 * torch.randn(2, 2 * 4 * 4 + 5 * 8)
     probe = torch.randn(2, 2, 16, 5)
     results = []
     for fn in (titans_naive, titans):
