@@ -3,6 +3,8 @@
 The kernel's tile is the layout's block, so `block_q` and `block_k` must be powers of two >= 16
 (Triton's `tl.dot` shape rule); head dims are padded to a power of two inside the kernel.
 float32 matmuls use IEEE precision (no TF32) so results match the float64 reference.
+A tile shape that does not fit the GPU's shared memory even with one pipeline stage (on an H200:
+D=256 with 128x128 blocks in the dK/dV pass) raises Triton's OutOfResources; use 64-sized blocks there.
 """
 from __future__ import annotations
 
