@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from blockattn.layout import BlockLayout
+from blockattn.ops._autograd import LayoutAttention
 
 try:
     from blockattn.ops.cpu import _kernel
@@ -46,36 +47,27 @@ def _new_buffer(like: torch.Tensor, shape=None) -> torch.Tensor:
     return torch.empty(like.shape if shape is None else shape, dtype=torch.float32)
 
 
-class _CpuAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, layout, scale):
-        mask_ids = layout.tile_mask_ids.contiguous() if layout.tile_mask_ids is not None else \
-            torch.empty(0, dtype=torch.int32)
-        rule = _rule(layout)
-        out, lse = _new_buffer(q), _new_buffer(q, q.shape[:3])
-        _kernel.forward(q, k, v, layout.kv_counts.contiguous(), layout.kv_indices.contiguous(), mask_ids,
-                        _tile_masks(layout), rule["block_q"], rule["block_k"], rule["causal"], rule["left"],
-                        rule["right"], scale, out, lse)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.scale = layout, scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+def _forward(q, k, v, layout, scale):
+    mask_ids = layout.tile_mask_ids.contiguous() if layout.tile_mask_ids is not None else \
+        torch.empty(0, dtype=torch.int32)
+    rule = _rule(layout)
+    out, lse = _new_buffer(q), _new_buffer(q, q.shape[:3])
+    _kernel.forward(q, k, v, layout.kv_counts.contiguous(), layout.kv_indices.contiguous(), mask_ids,
+                    _tile_masks(layout), rule["block_q"], rule["block_k"], rule["causal"], rule["left"],
+                    rule["right"], scale, out, lse)
+    return out, lse
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        layout = ctx.layout
-        grad_out = grad_out.float().contiguous()
-        delta = (grad_out * out).sum(-1)
-        q_counts, q_indices, q_mask_ids = layout.transpose()
-        if q_mask_ids is None:
-            q_mask_ids = torch.empty(0, dtype=torch.int32)
-        rule = _rule(layout)
-        dk, dv = _new_buffer(k), _new_buffer(v)
-        dq = _kernel.backward(q, k, v, grad_out, lse, delta.contiguous(), q_counts.contiguous(),
-                              q_indices.contiguous(), q_mask_ids, _tile_masks(layout), rule["block_q"],
-                              rule["block_k"], rule["causal"], rule["left"], rule["right"], ctx.scale, dk, dv)
-        return dq, dk, dv, None, None
+
+def _backward(q, k, v, lse, grad_out, delta, layout, scale):
+    q_counts, q_indices, q_mask_ids = layout.transpose()
+    if q_mask_ids is None:
+        q_mask_ids = torch.empty(0, dtype=torch.int32)
+    rule = _rule(layout)
+    dk, dv = _new_buffer(k), _new_buffer(v)
+    dq = _kernel.backward(q, k, v, grad_out.float().contiguous(), lse, delta, q_counts.contiguous(),
+                          q_indices.contiguous(), q_mask_ids, _tile_masks(layout), rule["block_q"],
+                          rule["block_k"], rule["causal"], rule["left"], rule["right"], scale, dk, dv)
+    return dq, dk, dv
 
 
 def run(q, k, v, layout: BlockLayout, *, scale):
@@ -85,5 +77,5 @@ def run(q, k, v, layout: BlockLayout, *, scale):
     dtype = q.dtype
     # the kernel reads plain contiguous float32; for float32 inputs these are no-op views
     q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
-    out, lse = _CpuAttention.apply(q32, k32, v32, layout.to("cpu"), scale)
+    out, lse = LayoutAttention.apply(q32, k32, v32, layout.to("cpu"), scale, _forward, _backward)
     return out.to(dtype), lse

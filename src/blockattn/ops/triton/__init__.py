@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from blockattn.ops._autograd import LayoutAttention
+
 
 def available(device=None) -> str:
     try:
@@ -85,46 +87,37 @@ def _masks(layout, device):
     return layout.tile_mask_ids.to(device), packed.contiguous()
 
 
-class _TritonAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, layout, scale):
-        from blockattn.ops.triton.kernels import forward_kernel
+def _forward(q, k, v, layout, scale):
+    from blockattn.ops.triton.kernels import forward_kernel
 
-        out = torch.empty_like(q)
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        mask_ids, tile_masks = _masks(layout, q.device)
-        args = _launch_args(q, k, layout, scale)
-        grid = (layout.num_q_blocks, q.shape[0] * q.shape[1])
-        _launch(forward_kernel, grid, q, k, v, out, lse, layout.kv_counts.to(q.device),
-                layout.kv_indices.to(q.device), mask_ids, tile_masks, n_q=layout.num_q_blocks,
-                max_k=layout.max_blocks, **args)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.scale = layout, scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    mask_ids, tile_masks = _masks(layout, q.device)
+    args = _launch_args(q, k, layout, scale)
+    grid = (layout.num_q_blocks, q.shape[0] * q.shape[1])
+    _launch(forward_kernel, grid, q, k, v, out, lse, layout.kv_counts.to(q.device),
+            layout.kv_indices.to(q.device), mask_ids, tile_masks, n_q=layout.num_q_blocks,
+            max_k=layout.max_blocks, **args)
+    return out, lse
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        from blockattn.ops.triton.kernels import backward_dkdv_kernel, backward_dq_kernel
 
-        q, k, v, out, lse = ctx.saved_tensors
-        layout = ctx.layout
-        grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1)
-        args = _launch_args(q, k, layout, ctx.scale)
-        mask_ids, tile_masks = _masks(layout, q.device)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        q_counts, q_indices, q_mask_ids = layout.transpose()
-        q_mask_ids = mask_ids if q_mask_ids is None else q_mask_ids.to(q.device)
-        _launch(
-            backward_dkdv_kernel, (layout.num_k_blocks, k.shape[0] * k.shape[1]),
-            q, k, v, grad_out, lse, delta, dk, dv, q_counts.to(q.device), q_indices.to(q.device), q_mask_ids,
-            tile_masks, n_k=layout.num_k_blocks, max_q=q_indices.shape[3], **args)
-        _launch(
-            backward_dq_kernel, (layout.num_q_blocks, q.shape[0] * q.shape[1]),
-            q, k, v, grad_out, lse, delta, dq, layout.kv_counts.to(q.device), layout.kv_indices.to(q.device),
-            mask_ids, tile_masks, n_q=layout.num_q_blocks, max_k=layout.max_blocks, **args)
-        return dq, dk, dv, None, None
+def _backward(q, k, v, lse, grad_out, delta, layout, scale):
+    from blockattn.ops.triton.kernels import backward_dkdv_kernel, backward_dq_kernel
+
+    args = _launch_args(q, k, layout, scale)
+    mask_ids, tile_masks = _masks(layout, q.device)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    q_counts, q_indices, q_mask_ids = layout.transpose()
+    q_mask_ids = mask_ids if q_mask_ids is None else q_mask_ids.to(q.device)
+    _launch(
+        backward_dkdv_kernel, (layout.num_k_blocks, k.shape[0] * k.shape[1]),
+        q, k, v, grad_out, lse, delta, dk, dv, q_counts.to(q.device), q_indices.to(q.device), q_mask_ids,
+        tile_masks, n_k=layout.num_k_blocks, max_q=q_indices.shape[3], **args)
+    _launch(
+        backward_dq_kernel, (layout.num_q_blocks, q.shape[0] * q.shape[1]),
+        q, k, v, grad_out, lse, delta, dq, layout.kv_counts.to(q.device), layout.kv_indices.to(q.device),
+        mask_ids, tile_masks, n_q=layout.num_q_blocks, max_k=layout.max_blocks, **args)
+    return dq, dk, dv
 
 
 def run(q, k, v, layout, *, scale):
@@ -137,4 +130,4 @@ def run(q, k, v, layout, *, scale):
         out, lse = run(q.float(), k.float(), v.float(), layout, scale=scale)
         return out.to(torch.bfloat16), lse
     q, k, v = (t.contiguous() for t in (q, k, v))
-    return _TritonAttention.apply(q, k, v, layout, scale)
+    return LayoutAttention.apply(q, k, v, layout, scale, _forward, _backward)
