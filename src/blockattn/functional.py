@@ -1,28 +1,17 @@
 """The public entry points: `attention` (one layout, one engine) and `sparse_attention` (select, then attend)."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
+from blockattn._checks import check_qkv_tensors
 from blockattn.layout import BlockLayout
 from blockattn.ops import dispatch
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_HEAD_DIM = 256
 
 
 def _check_inputs(q, k, v, layout, scale, backend):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dims [B, H, L, D], got shape {list(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_qkv_tensors(q, k, v)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape [B, Hkv, Lk, D], got {list(k.shape)} and {list(v.shape)}")
     if q.shape[0] != k.shape[0]:

@@ -1,24 +1,11 @@
 """Boundary checks shared by the linear ops: `[B, H, L, D]` tensors, one dtype and device."""
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+from blockattn._checks import check_qkv_tensors
 
 
 def check_qkv(q, k, v, *, same_value_dim: bool = False) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dims [B, H, L, D], got shape {list(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_qkv_tensors(q, k, v)
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape [B, H, L, D] (feature dims must match), "
                          f"got {list(q.shape)} and {list(k.shape)}")
