@@ -43,19 +43,11 @@ def draw(layout, path: str, *, max_heads: int = 4, title: str | None = None) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
 
-    from blockattn.layout import _tile_bounds
+    from blockattn.plots import block_picture
 
     heads = min(layout.heads, max_heads)
-    b, h, qb, kb = layout.listed_tiles()
-    blocks = torch.zeros(layout.heads, layout.num_q_blocks, layout.num_k_blocks)
-    first = b == 0
-    b, h, qb, kb = b[first], h[first], qb[first], kb[first]
-    if len(b):
-        masks = layout.tile_token_masks(b, h, qb, kb)
-        full = (masks | ~_tile_bounds(qb, kb, layout.q_len, layout.k_len, layout.block_q, layout.block_k)).flatten(1).all(1)
-        blocks[h, qb, kb] = torch.where(full, 1.0, 0.5)
+    blocks = block_picture(layout)
     zoom = layout.q_len * layout.k_len <= _TOKEN_ZOOM_LIMIT
     rows = 2 if zoom else 1
     fig, axes = plt.subplots(rows, heads, figsize=(max(3.3 * heads, 6.0), 3.4 * rows), squeeze=False)
