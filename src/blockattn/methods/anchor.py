@@ -48,10 +48,7 @@ class AnchorAttention(Method):
     def __post_init__(self):
         if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)) or not self.theta >= 0:
             raise ValueError(f"theta must be a non-negative number, got {self.theta!r}")
-        for name in ("step", "block_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.check_positive_ints("step", "block_size")
 
     def stripes(self, q: Tensor, k: Tensor) -> Tensor:
         """bool `[B, Hq, nQ, L]`: the key tokens each query block attends to (before causality)."""

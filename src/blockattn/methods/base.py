@@ -5,7 +5,7 @@ import dataclasses
 
 from torch import Tensor
 
-from blockattn.layout import BlockLayout
+from blockattn.layout import BlockLayout, _check_positive_int
 
 
 @dataclasses.dataclass
@@ -21,6 +21,11 @@ class Method:
     def select(self, q: Tensor, k: Tensor, **ctx) -> BlockLayout:
         """Return the layout for queries `[B, Hq, Lq, D]` and keys `[B, Hkv, Lk, D]`."""
         raise NotImplementedError
+
+    def check_positive_ints(self, *names: str) -> None:
+        """`ValueError` naming the first of these fields that is not a positive int."""
+        for name in names:
+            _check_positive_int(name, getattr(self, name))
 
     def params(self) -> dict:
         return dataclasses.asdict(self)

@@ -62,10 +62,7 @@ class BiFormer(Method):
     tile_size: int = 64
 
     def __post_init__(self):
-        for name in ("n_win", "topk", "tile_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.check_positive_ints("n_win", "topk", "tile_size")
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal must be a bool, got {self.causal!r}")
 

@@ -46,10 +46,7 @@ class HiPAttention(Method):
     causal: bool = True
 
     def __post_init__(self):
-        for name in ("k", "block_size_q", "block_size_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.check_positive_ints("k", "block_size_q", "block_size_k")
         if self.k % self.block_size_k:
             raise ValueError(f"k ({self.k}) must be a multiple of block_size_k ({self.block_size_k})")
         if isinstance(self.sink_blocks, bool) or not isinstance(self.sink_blocks, int) or self.sink_blocks < 0:

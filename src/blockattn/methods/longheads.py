@@ -47,10 +47,7 @@ class LongHeads(Method):
     tile_size: int = 64
 
     def __post_init__(self):
-        for name in ("window_size", "atten_length", "tile_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.check_positive_ints("window_size", "atten_length", "tile_size")
         value = self.begin_selective_length
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"begin_selective_length must be a non-negative int, got {value!r}")

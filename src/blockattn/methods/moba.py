@@ -40,10 +40,7 @@ class MoBA(Method):
     tile_size: int = 64
 
     def __post_init__(self):
-        for name in ("block_size", "top_k", "tile_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.check_positive_ints("block_size", "top_k", "tile_size")
         if self.block_size % self.tile_size:
             raise ValueError(f"block_size ({self.block_size}) must be a multiple of tile_size ({self.tile_size})")
 

@@ -79,10 +79,7 @@ class PAROAttention(Method):
     def __post_init__(self):
         if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
             raise ValueError(f"density must lie in (0, 1], got {self.density!r}")
-        for name in ("block_size", "sample_blocks"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.check_positive_ints("block_size", "sample_blocks")
         if self.quant_bits not in (None, 8, 4):
             raise ValueError(f"quant_bits must be None, 8 or 4, got {self.quant_bits!r}")
         if not isinstance(self.causal, bool):

@@ -56,8 +56,7 @@ class RoutingTransformer(Method):
             raise ValueError(f"decay must lie in [0, 1), got {self.decay!r}")
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
             raise ValueError(f"iterations must be a non-negative int, got {self.iterations!r}")
-        if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or self.tile_size < 1:
-            raise ValueError(f"tile_size must be a positive int, got {self.tile_size!r}")
+        self.check_positive_ints("tile_size")
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal must be a bool, got {self.causal!r}")
 

@@ -54,8 +54,7 @@ class SALE(Method):
     def __post_init__(self):
         if self.bits not in (4, 8) or isinstance(self.bits, bool):
             raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        self.check_positive_ints("block_size")
         if not (0.0 < self.threshold <= 1.0):
             raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
 

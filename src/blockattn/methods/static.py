@@ -70,8 +70,7 @@ class SlidingWindow(Method):
 
     def __post_init__(self):
         _check_block(self.block_size)
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be a positive int, got {self.window!r}")
+        self.check_positive_ints("window")
 
     def select(self, q: Tensor, k: Tensor, *, causal: bool = True, **ctx) -> BlockLayout:
         q_len, k_len = _lengths(q, k)
@@ -91,10 +90,7 @@ class StreamingLLM(Method):
 
     def __post_init__(self):
         _check_block(self.block_size)
-        for name in ("sink", "window"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.check_positive_ints("sink", "window")
 
     def select(self, q: Tensor, k: Tensor, *, causal: bool = True, **ctx) -> BlockLayout:
         q_len, k_len = _lengths(q, k)

@@ -49,10 +49,7 @@ class VerticalSlash(Method):
     block_size: int = 64
 
     def __post_init__(self):
-        for name in ("vertical_size", "slash_size", "last_q", "block_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.check_positive_ints("vertical_size", "slash_size", "last_q", "block_size")
 
     def lines(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """bool `[B, Hq, L]` kept key columns and bool `[B, Hq, L]` kept diagonal offsets."""

@@ -67,8 +67,7 @@ class VMoBA(Method):
         self.block_3d = _check_shape("block_3d", self.block_3d, 3)
         if self.selection not in ("head_global", "query_head"):
             raise ValueError(f"selection must be 'head_global' or 'query_head', got {self.selection!r}")
-        if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or self.tile_size < 1:
-            raise ValueError(f"tile_size must be a positive int, got {self.tile_size!r}")
+        self.check_positive_ints("tile_size")
 
     def block_ids(self, grid, layer: int) -> Tensor:
         """`[L]` key-block id of every token for `layer`'s partition (1D, 2D, 3D in turn)."""
