@@ -20,27 +20,70 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(cpu, "_new_buffer", nan_buffer)
 
 
+def _isas():
+    """The forward implementations this CPU can run: "avx2" always, "avx512" where supported."""
+    from blockattn.ops import cpu
+    if cpu._kernel is None:
+        return ["avx2"]
+    current, isas = cpu._kernel.isa(), ["avx2"]
+    try:
+        cpu._kernel.set_isa("avx512")
+        isas.append("avx512")
+    except RuntimeError:
+        pass
+    cpu._kernel.set_isa(current)
+    return isas
+
+
+@pytest.fixture(params=_isas())
+def isa(request):
+    """Runs the test once per forward implementation (AVX-512 micro-kernels, AVX2 + MKL)."""
+    from blockattn.ops import cpu
+    current = cpu._kernel.isa()
+    cpu._kernel.set_isa(request.param)
+    yield request.param
+    cpu._kernel.set_isa(current)
+
+
 @pytest.mark.parametrize("seed", range(220))
-def test_matches_reference_fp32(seed):
+def test_matches_reference_fp32(seed, isa):
     check_backend(random_case(seed), "cpu", fwd_tol=1e-5, grad_tol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seed", range(12))
-def test_matches_reference_half(seed, dtype):
+def test_matches_reference_half(seed, dtype, isa):
     check_backend(random_case(2000 + seed, dtype=dtype), "cpu", fwd_tol=1e-2, grad_tol=2e-2, lse_tol=1e-2)
 
 
 @pytest.mark.parametrize("dim", [80, 128, 256])
-def test_large_head_dims_and_custom_scale(dim):
+def test_large_head_dims_and_custom_scale(dim, isa):
     check_backend(random_case(11, head_dims=(dim,)), "cpu", fwd_tol=1e-5, grad_tol=1e-4, scale=0.2)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_odd_block_sizes_and_head_dims(seed, isa):
+    # query blocks of 48 / 80 / 128 rows: partial 16-lane vectors and several 64-query chunks in the
+    # AVX-512 forward; head dims that are not multiples of its 4-row micro-tiles
+    case = random_case(5000 + seed, block_sizes=(7, 48, 80, 128), head_dims=(3, 8, 36, 100))
+    check_backend(case, "cpu", fwd_tol=1e-5, grad_tol=1e-4)
+
+
+def test_isa_can_be_forced_to_avx2():
+    from blockattn.ops import cpu
+    current = cpu.isa()
+    cpu._kernel.set_isa("avx2")
+    assert cpu.isa() == "avx2"
+    cpu._kernel.set_isa(current)
+    with pytest.raises(RuntimeError, match="isa must be"):
+        cpu._kernel.set_isa("sse")
 
 
 def test_float64_inputs_are_exact():
     check_backend(random_case(5, dtype=torch.float64), "cpu", fwd_tol=1e-12, grad_tol=1e-12)
 
 
-def test_long_rows_span_many_tiles():
+def test_long_rows_span_many_tiles(isa):
     # 1024 keys in 16 tiles per row: exercises the online-softmax rescaling across tiles
     q, k, v = (torch.randn(1, 2, 1024, 64) * 3 for _ in range(3))
     from tests.ops.cases import Case
@@ -53,7 +96,7 @@ def test_outputs_are_poisoned_before_the_kernel_runs():
     assert torch.isnan(cpu._new_buffer(torch.zeros(2, 3))).all()
 
 
-def test_empty_rows_give_zero_output_and_minus_inf_lse():
+def test_empty_rows_give_zero_output_and_minus_inf_lse(isa):
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     blocks = torch.zeros(1, 2, 3, 3, dtype=torch.bool)
     blocks[0, 0, 0, 1] = True  # head 0: only the first query block has keys; head 1: nothing at all
@@ -77,7 +120,7 @@ def test_bad_inputs_raise_value_error(bad, message):
                             backend="cpu")
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(isa):
     # [B, L, H, D] storage seen as [B, H, L, D], as model code produces it
     from tests.ops.cases import Case
     q, k, v = (torch.randn(2, 70, 4, 32).transpose(1, 2) for _ in range(3))

@@ -3,8 +3,13 @@
 float32 runs in the kernel; bfloat16/float16 are converted to float32 around it (the kernel
 computes in float32, as FlashAttention does); float64 goes to the portable torch backend,
 whose arithmetic is exact in float64.
+
+The forward pass uses AVX-512 micro-kernels where the CPU has AVX-512 (F/BW/VL/DQ) and the AVX2 + MKL
+path elsewhere; `isa()` says which. Setting BLOCKATTN_CPU_ISA=avx2 before import forces the AVX2 path.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -17,6 +22,14 @@ try:
 except ImportError as error:  # not built: the portable backend takes over
     _kernel = None
     _IMPORT_ERROR = error
+
+if _kernel is not None and os.environ.get("BLOCKATTN_CPU_ISA"):
+    _kernel.set_isa(os.environ["BLOCKATTN_CPU_ISA"])
+
+
+def isa() -> str | None:
+    """The forward implementation in use, "avx512" or "avx2" (None if the kernel is not built)."""
+    return _kernel.isa() if _kernel is not None else None
 
 
 def available(device=None) -> str:

@@ -1,7 +1,9 @@
 // Block-sparse attention on CPU: FlashAttention-2's tiled online softmax, visiting only the key
-// tiles a BlockLayout lists. Tiles are small GEMMs through the BLAS torch ships (MKL's sgemm_),
-// exponentials are vectorised, and work items are scheduled dynamically, longest first, because
-// causal and sparse layouts give query blocks very different amounts of work.
+// tiles a BlockLayout lists. Work items are scheduled dynamically, longest first, because causal and
+// sparse layouts give query blocks very different amounts of work. The forward pass has two
+// implementations chosen at run time: on CPUs with AVX-512 (F/BW/VL/DQ) its own register-blocked
+// micro-kernels (fwd_avx512.h); elsewhere tiles are small GEMMs through the BLAS torch ships (MKL's
+// sgemm_) with AVX2 exponentials, as is the backward pass everywhere. The module is built with AVX2/FMA.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -12,6 +14,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <string>
 #include <vector>
 
 extern "C" {
@@ -206,7 +209,26 @@ std::vector<int64_t> longest_first(const std::vector<int64_t>& cost) {
   return order;
 }
 
+#include "fwd_avx512.h"
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+// The forward implementation in use: "avx512" where the CPU has it, else "avx2"; set_isa can force "avx2".
+bool g_use_avx512 = cpu_has_avx512();
+
 }  // namespace
+
+std::string isa() { return g_use_avx512 ? "avx512" : "avx2"; }
+
+void set_isa(const std::string& name) {
+  TORCH_CHECK(name == "avx2" || name == "avx512", "isa must be 'avx2' or 'avx512', got '", name, "'");
+  TORCH_CHECK(name == "avx2" || cpu_has_avx512(), "this CPU lacks AVX-512 (F/BW/VL/DQ)");
+  g_use_avx512 = name == "avx512";
+}
 
 // Writes out [B,Hq,Lq,D] and lse [B,Hq,Lq] (every element) for float32 contiguous q [B,Hq,Lq,D], k/v
 // [B,Hkv,Lk,D] and the layout's block lists (counts [Bl,Hl,nQ], indices [Bl,Hl,nQ,maxK], mask_ids like
@@ -237,6 +259,13 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
     cost[it] = cnt[(p.lb(b) * p.layout_h + p.lh(h)) * p.nQ + qb];
   }
   const int64_t threads = at::get_num_threads();
+  if (g_use_avx512) {
+    std::vector<avx512::Workspace> workspaces(threads);
+    run_dynamic(longest_first(cost), [&](int64_t it, int64_t t) {
+      avx512::forward_item(p, Q, K, V, cnt, idx, mid, maxK, it, workspaces[t], O, LSE);
+    });
+    return;
+  }
   std::vector<std::vector<float>> scratch(threads);
   const int64_t run = std::max<int64_t>(1, kRunWidth / p.block_k), ldS = run * p.block_k;
 
@@ -412,4 +441,6 @@ at::Tensor backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "block-sparse attention forward (float32)");
   m.def("backward", &backward, "block-sparse attention backward (float32)");
+  m.def("isa", &isa, "forward implementation in use: 'avx512' or 'avx2'");
+  m.def("set_isa", &set_isa, "force the forward implementation ('avx2', or 'avx512' where supported)");
 }
