@@ -40,6 +40,21 @@ def test_from_dense_matches_naive_definition(q_len, k_len, block_q, block_k, cau
     assert (layout.to_dense() <= blocks).all()
 
 
+@settings(max_examples=60, deadline=None)
+@given(q_len=st.integers(1, 40), k_len=st.integers(1, 40), block_q=st.sampled_from([4, 8, 16]),
+       block_k=st.sampled_from([4, 8, 16]), causal=st.booleans(), windowed=st.booleans(),
+       seed=st.integers(0, 10_000))
+def test_row_has_keys_matches_token_mask(q_len, k_len, block_q, block_k, causal, windowed, seed):
+    # analytic layouts without a window take a per-block shortcut; it must agree with the token rule
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.rand(2, 1, -(-q_len // block_q), -(-k_len // block_k), generator=g) < 0.5
+    window = (3, 2) if windowed else None
+    layout = BlockLayout.from_dense(blocks, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
+                                    causal=causal, window=window, allow_empty_rows=True)
+    expected = naive_token_mask(blocks, q_len, k_len, block_q, block_k, causal, window).any(-1)
+    assert torch.equal(layout.row_has_keys(), expected)
+
+
 @settings(max_examples=40, deadline=None)
 @given(q_len=st.integers(1, 40), k_len=st.integers(1, 40), block_q=st.sampled_from([4, 8, 16]),
        block_k=st.sampled_from([4, 8, 16]), seed=st.integers(0, 10_000), density=st.floats(0.05, 0.9))

@@ -360,6 +360,17 @@ class BlockLayout:
 
     def row_has_keys(self) -> Tensor:
         """bool `[B|1, H|1, Lq]`: whether each query row attends to at least one key."""
+        if self.tile_masks is None and self.window is None:
+            # Without masks or a window every listed tile keeps whole key columns, so a row has keys
+            # iff its block lists any tile (and, causal, the first listed block starts at or before
+            # the row's aligned position): O(Lq) instead of a pass over every tile's rows.
+            rows = torch.arange(self.num_q_blocks * self.block_q, device=self.device)[:self.q_len]
+            listed = self.kv_counts > 0
+            has = listed.repeat_interleave(self.block_q, dim=-1)[..., :self.q_len]
+            if self.causal:
+                first = self.kv_indices[..., 0].clamp(min=0).repeat_interleave(self.block_q, dim=-1)
+                has = has & (first[..., :self.q_len] * self.block_k <= rows + self.offset)
+            return has
         hits = torch.zeros(self.batch * self.heads * self.num_q_blocks, self.block_q, dtype=torch.int32,
                            device=self.device)
         b, h, qb, kb = self.listed_tiles()

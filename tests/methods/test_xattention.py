@@ -6,6 +6,7 @@ import torch
 
 import blockattn
 from blockattn.methods.xattention import XAttention
+import blockattn.methods.xattention as xattention_module
 
 
 def naive_xattention(q, k, *, threshold, stride, block, causal):
@@ -32,13 +33,15 @@ def naive_xattention(q, k, *, threshold, stride, block, causal):
                         continue
                     logits[c] = sum(float(token(qh, r * stride + stride - 1 - i) @ token(kh, c * stride + i))
                                     for i in range(stride)) / (math.sqrt(dim) * stride)
+                if not logits:  # a query cell before the first key (q_len > k_len) sees nothing
+                    continue
                 top = max(logits.values())
                 norm = sum(math.exp(x - top) for x in logits.values())
                 for c, x in logits.items():
                     scores[r * stride // block, c * stride // block] += math.exp(x - top) / norm
             for qb in range(n_q):
                 last = min((qb + 1) * block, q_len) - 1 + offset
-                forced = {min(last // block, n_k - 1)} if causal else set()  # counted first
+                forced = {min(max(last, 0) // block, n_k - 1)} if causal else set()  # counted first
                 order = sorted(range(n_k), key=lambda j: (j not in forced, -float(scores[qb, j]), j))
                 total, mass = float(scores[qb].sum()), 0.0
                 for j in order:
@@ -46,12 +49,17 @@ def naive_xattention(q, k, *, threshold, stride, block, causal):
                         selected[b, h, qb, j] = True
                     mass += float(scores[qb, j])
                 selected[b, h, qb, 0] = True  # always kept, outside the count
+                if causal:  # tiles holding no causally visible pair are not listed
+                    selected[b, h, qb, max(last, -1) // block + 1:] = False
     return selected, scores
 
 
 @pytest.mark.parametrize("q_len,k_len,heads_kv,threshold,causal", [
-    (96, 96, 2, 0.9, True), (88, 88, 1, 0.6, True), (40, 100, 2, 0.8, True), (96, 96, 2, 0.7, False)])
-def test_selection_equals_naive_rule(q_len, k_len, heads_kv, threshold, causal):
+    (96, 96, 2, 0.9, True), (88, 88, 1, 0.6, True), (40, 100, 2, 0.8, True), (96, 96, 2, 0.7, False),
+    (100, 60, 2, 0.9, True), (200, 230, 3, 0.8, True), (200, 200, 1, 0.95, False)])
+@pytest.mark.parametrize("band_elements", [1 << 22, 1])  # one band, and one block row of cells per band
+def test_selection_equals_naive_rule(q_len, k_len, heads_kv, threshold, causal, band_elements, monkeypatch):
+    monkeypatch.setattr(xattention_module, "_BAND_ELEMENTS", band_elements)
     g = torch.Generator().manual_seed(q_len + k_len)
     # structured inputs so that scores are far from uniform and the threshold matters
     q = torch.randn(1, 2 * heads_kv, q_len, 8, generator=g) * 2

@@ -28,11 +28,11 @@ from torch import Tensor
 
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
-from blockattn.methods._select import check_qk, cumulative_threshold, expand_kv_heads
+from blockattn.methods._select import check_qk, cumulative_threshold
 from blockattn.methods.base import Method
 
-_ROWS_PER_CHUNK = 128  # strided query rows scored at once (a multiple of block_size/stride): small bands
-# bound memory and let causal bands skip the columns after them
+_BAND_ELEMENTS = 1 << 22  # strided scores held at once (16 MiB fp32): bands bound memory and let causal
+# bands skip the columns after them
 
 
 @register("xattention")
@@ -67,38 +67,57 @@ class XAttention(Method):
         """Antidiagonal block scores `[B, Hq, nQ, nK]` (each causal row sums to ~block_size/stride)."""
         check_qk(q, k)
         batch, heads, q_len, dim = q.shape
-        k_len = k.shape[2]
+        heads_kv, k_len = k.shape[1], k.shape[2]
+        group = heads // heads_kv
         S, block = self.stride, self.block_size
-        k = expand_kv_heads(k, heads)
-        n_q, n_k = -(-q_len // block), -(-k_len // block)
-        q = torch.nn.functional.pad(q.float(), (0, 0, 0, n_q * block - q_len))
-        k = torch.nn.functional.pad(k.float(), (0, 0, 0, n_k * block - k_len))
-        rows, cols = n_q * block // S, n_k * block // S
-        q_strided = torch.cat([q[:, :, S - 1 - i::S] for i in range(S)], dim=-1)  # [B, H, rows, D*S]
-        k_strided = torch.cat([k[:, :, i::S] for i in range(S)], dim=-1)          # [B, H, cols, D*S]
         per_block = block // S
-        scores = torch.zeros(batch, heads, n_q, n_k, device=q.device)
-        offset = k_len - q_len  # bottom-right alignment of queries against keys
-        band = per_block * max(1, _ROWS_PER_CHUNK // per_block)
+        n_q, n_k = -(-q_len // block), -(-k_len // block)
+        rows, cols = n_q * per_block, n_k * per_block
+        # Regrouped queries (reversed within each stride cell) against keys in order: one dot product
+        # is the sum of an S x S cell's antidiagonal. The group of query heads a key head serves is
+        # stacked row-wise, [B, Hkv, rows, group, S*D], so one GEMM per key head scores the group
+        # without repeating keys; the 1/(sqrt(D)*S) scale is folded into the keys.
+        q = torch.nn.functional.pad(q.float(), (0, 0, 0, n_q * block - q_len))
+        reverse = torch.arange(S - 1, -1, -1, device=q.device)
+        q_strided = q.view(batch, heads_kv, group, rows, S, dim).permute(0, 1, 3, 2, 4, 5) \
+            .index_select(4, reverse).view(batch, heads_kv, rows * group, S * dim)  # one copy
+        k_strided = torch.nn.functional.pad(k.float(), (0, 0, 0, n_k * block - k_len)) \
+            .reshape(batch, heads_kv, cols, S * dim) * (1.0 / (dim ** 0.5 * S))
+        valid_cols = -(-k_len // S)   # cells holding at least one real key
+        offset = k_len - q_len        # bottom-right alignment of queries against keys
+        # cell (r, c) is causally visible when its first key is not after the query cell's last query
+        reach = (S - 1 + offset) // S  # visible iff c - r <= reach
+        scores = torch.zeros(batch, heads_kv, n_q, group, n_k, device=q.device)
+        band = per_block * max(1, (_BAND_ELEMENTS // max(1, heads * cols)) // per_block)
         for start in range(0, rows, band):
             stop = min(rows, start + band)
             width = cols
-            if self.causal:
-                # causal rows never see cells past the chunk's last query: skip those columns
-                last_visible = (stop * S - 1 + offset) // S
-                width = min(cols, -(-(last_visible + 1) // per_block) * per_block)
-            col_pos = torch.arange(width, device=q.device)
-            logits = q_strided[:, :, start:stop] @ k_strided[:, :, :width].transpose(-1, -2) / (dim ** 0.5 * S)
-            row_pos = torch.arange(start, stop, device=q.device)
-            allowed = col_pos.view(1, -1) * S < k_len
-            if self.causal:
-                # cell (r, c) is visible when its first key is not after the query cell's last query
-                allowed = allowed & (col_pos.view(1, -1) * S <= (row_pos.view(-1, 1) + 1) * S - 1 + offset)
-            probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-            probs = probs * (row_pos * S < q_len).view(-1, 1)  # cells made only of padding carry no mass
-            probs = probs.view(batch, heads, (stop - start) // per_block, per_block, width // per_block, per_block)
-            scores[:, :, start // per_block:stop // per_block, :width // per_block] = probs.sum(dim=(3, 5))
-        return scores
+            if self.causal:  # rows of this band never see cells past the band's last row's reach
+                width = min(cols, -(-(stop + reach) // per_block) * per_block)
+                if width <= 0:  # the whole band precedes the first key (q_len > k_len)
+                    continue
+            logits = q_strided[:, :, start * group:stop * group] @ k_strided[:, :, :width].transpose(-1, -2)
+            logits = logits.view(batch, heads_kv, stop - start, group, width)
+            if valid_cols < width:
+                logits[..., valid_cols:] = float("-inf")
+            lo = start + reach + 1  # every row of the band sees the columns before this one
+            if self.causal and lo < 0:  # queries before the first key (q_len > k_len): mask cell by cell
+                row = torch.arange(start, stop, device=q.device).view(-1, 1, 1)
+                logits.masked_fill_(torch.arange(width, device=q.device) - row > reach, float("-inf"))
+            elif self.causal and lo < width:
+                # past `lo`, row start+i sees column lo+j iff j < i: the same triangle in every band
+                hidden = torch.ones(stop - start, width - lo, dtype=torch.bool, device=q.device).triu()
+                logits[..., lo:width].masked_fill_(hidden.unsqueeze(1), float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            if self.causal and reach < 0:  # rows before the first key see nothing: 0/0 -> 0
+                probs = probs.nan_to_num_(0.0)
+            real_rows = max(0, min(stop, -(-q_len // S)) - start)
+            if real_rows < stop - start:
+                probs[:, :, real_rows:] = 0.0  # cells made only of padding queries carry no mass
+            sums = probs.view(batch, heads_kv, (stop - start) // per_block, per_block, group,
+                              width // per_block, per_block).sum(dim=(3, 6))
+            scores[:, :, start // per_block:stop // per_block, :, :width // per_block] = sums
+        return scores.permute(0, 1, 3, 2, 4).reshape(batch, heads, n_q, n_k)
 
     def select(self, q: Tensor, k: Tensor, **ctx) -> BlockLayout:
         scores = self.block_scores(q, k)
@@ -117,8 +136,10 @@ class XAttention(Method):
         blocks = cumulative_threshold(scores, threshold, forced=forced.expand_as(scores)).clone()
         # the first block is kept too, outside the mass count, as the official selection does
         blocks[..., 0] = True
+        # causal with more queries than keys: the first queries precede every key and attend to none
         return BlockLayout.from_dense(blocks, q_len=q_len, k_len=k_len, block_q=self.block_size,
-                                      block_k=self.block_size, causal=self.causal)
+                                      block_k=self.block_size, causal=self.causal,
+                                      allow_empty_rows=self.causal and q_len > k_len)
 
     def calibrate(self, q: Tensor, k: Tensor, *, target_recall: float = 0.95,
                   candidates: tuple = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)) -> "XAttention":
