@@ -62,6 +62,43 @@ def test_run_eval_cells_match_unpatched_model_and_outputs(tmp_path):
     json.dumps(results, default=str)
 
 
+def test_multi_needle_and_perplexity_tasks():
+    model, tok = copy_model(), Digits()
+    config = harness.EvalConfig(tasks=("multi_needle", "perplexity"), lengths=(256,), depths=(0.5,), needles=3,
+                                quality_layers=(0,), decode_prompt=32, decode_tokens=2, backend="torch")
+    results = harness.run_eval(model, tok, ["dense:block_size=32", "sliding_window:window=16,block_size=32"],
+                               config, progress=False)
+    dense, window = results["methods"]
+    assert [c["task"] for c in dense["cells"]] == ["multi_needle"] * 3
+    for ask, cell in enumerate(dense["cells"]):  # each fact asked once, answers equal the unpatched model's
+        sample = tasks.multi_needle(tok, 256, needles=3, ask=ask, seed=0)
+        assert cell["found"] == tasks.answer_found(model, sample)[0]
+    assert set(dense["task_accuracy"]) == {"multi_needle"}
+    # perplexity against the unpatched model: the full layout changes nothing, a 16-token window does
+    assert abs(dense["perplexity"]["nll_delta_mean"]) < 1e-5
+    assert window["perplexity"]["nll_delta_max"] > 1e-3
+    table = harness.format_table(results)
+    assert "needles@256" in table and "passkey@" not in table and "ppl (dense -> method)" in table
+    assert eval_plots.heatmaps(results, "/nonexistent") == []  # no passkey cells: no heatmap
+
+
+def test_bad_tasks_are_refused():
+    model, tok = copy_model(), Digits()
+    with pytest.raises(ValueError, match="tasks must be a non-empty subset"):
+        harness.run_eval(model, tok, ["dense"], harness.EvalConfig(lengths=(256,), tasks=("riddles",)), progress=False)
+    with pytest.raises(ValueError, match="'passkey' or 'multi_needle'"):
+        harness.run_eval(model, tok, ["dense"], harness.EvalConfig(lengths=(256,), tasks=("perplexity",)),
+                         progress=False)
+    with pytest.raises(ValueError, match="encoder=\\(model, tokenizer\\)"):
+        harness.run_eval(model, tok, ["dense"], harness.EvalConfig(lengths=(256,), tasks=("passkey", "encoder")),
+                         progress=False)
+
+
+def test_command_task_names_match_the_harness():
+    from blockattn.commands import eval as eval_command
+    assert eval_command.TASKS == harness.TASKS
+
+
 def test_a_method_that_raises_is_recorded_not_fatal():
     model, tok = copy_model(), Digits()
     config = harness.EvalConfig(lengths=(300,), depths=(0.5,), quality_layers=(0,), decode_prompt=32,

@@ -19,11 +19,14 @@ def heatmaps(results: dict, folder: str) -> list[str]:
 
     lengths, depths = results["config"]["lengths"], results["config"]["depths"]
     paths = []
+    if "passkey" not in results["config"].get("tasks", ("passkey",)):
+        return paths
     for entry in results["methods"]:
         grid = np.full((len(depths), len(lengths)), np.nan)
         for i, depth in enumerate(depths):
             for j, length in enumerate(lengths):
-                found = [c["found"] for c in entry["cells"] if c["length"] == length and c["depth"] == depth]
+                found = [c["found"] for c in entry["cells"] if c["length"] == length and c["depth"] == depth
+                         and c.get("task", "passkey") == "passkey"]
                 if found:
                     grid[i, j] = sum(found) / len(found)
         fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(lengths), 1.4 + 0.6 * len(depths)))

@@ -53,6 +53,7 @@ class Sample:
     length: int
     depth: float
     seed: int
+    task: str = "passkey"
 
 
 def _fill(tokenizer, head_ids, needle_ids, tail_ids, length, depth, filler_ids):
@@ -110,7 +111,8 @@ def multi_needle(tokenizer, length: int, *, needles: int = 4, ask: int | None = 
     for i, fact in enumerate(facts):
         ids += text[i * step:(i + 1) * step] + fact
     ids += text[needles * step:] + question
-    return Sample(torch.tensor([ids]), torch.tensor([enc(" " + values[ask])]), length, ask / max(1, needles - 1), seed)
+    return Sample(torch.tensor([ids]), torch.tensor([enc(" " + values[ask])]), length, ask / max(1, needles - 1), seed,
+                  task="multi_needle")
 
 
 @torch.no_grad()
@@ -132,22 +134,33 @@ def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
 
 
+def document_ids(tokenizer, length: int, *, seed: int = 0) -> torch.Tensor:
+    """`[1, length]` token ids of real documentation text (the perplexity task's document)."""
+    ids = tokenizer(document_text(length * 8, seed=seed), return_tensors="pt").input_ids[:, :length]
+    if ids.shape[1] < length:
+        raise ValueError(f"not enough documentation text for {length} tokens")
+    return ids
+
+
+def nll_comparison(dense: torch.Tensor, method: torch.Tensor, *, skip: int = 0) -> dict:
+    """Perplexities and the per-token NLL difference (method - dense) over positions after `skip`."""
+    diff = (method - dense)[skip:]
+    return {"length": int(dense.numel()) + 1, "ppl_dense": math.exp(float(dense[skip:].mean())),
+            "ppl_method": math.exp(float(method[skip:].mean())), "nll_delta_mean": float(diff.mean()),
+            "nll_delta_max": float(diff.abs().max())}
+
+
 def perplexity_delta(model, tokenizer, method: str, *, length: int = 2048, seed: int = 0, skip: int = 0,
                      **params) -> dict:
     """Dense vs `method` on `length` tokens of real documentation: perplexities, mean and max per-token NLL
     difference (method - dense) over positions after `skip`."""
     from blockattn import hf
     _check_length(tokenizer, length, model)
-    ids = tokenizer(document_text(length * 8, seed=seed), return_tensors="pt").input_ids[:, :length]
-    if ids.shape[1] < length:
-        raise ValueError(f"not enough documentation text for {length} tokens")
+    ids = document_ids(tokenizer, length, seed=seed)
     dense = token_nll(model, ids)
     with hf.patch(model, method, **params):
         sparse = token_nll(model, ids)
-    diff = (sparse - dense)[skip:]
-    return {"method": method, "length": length, "ppl_dense": math.exp(float(dense[skip:].mean())),
-            "ppl_method": math.exp(float(sparse[skip:].mean())), "nll_delta_mean": float(diff.mean()),
-            "nll_delta_max": float(diff.abs().max())}
+    return {"method": method, **nll_comparison(dense, sparse, skip=skip)}
 
 
 def sentences(n: int, *, seed: int = 0) -> list[str]:

@@ -3,6 +3,7 @@ SmolLM2 (or any local model) at several lengths and depths for dense and every r
 HELP = ("passkey retrieval on a real model (SmolLM2 by default) for dense and every registered method: "
         "table, results.json, a needle heatmap PNG per method and a speed/quality Pareto PNG")
 
+TASKS = ("passkey", "multi_needle", "perplexity", "encoder")
 QUICK = {"lengths": [1024], "depths": [0.1, 0.5, 0.9], "methods": ["dense", "streaming:window=256"]}
 
 
@@ -16,6 +17,10 @@ def add_arguments(parser):
     parser.add_argument("--depths", type=float, nargs="+", default=None,
                         help="needle depths in [0, 1] (default 0 .25 .5 .75 1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="passkey seeds (one sample per seed)")
+    parser.add_argument("--tasks", nargs="+", default=["passkey", "perplexity"], choices=TASKS,
+                        help="passkey (length x depth heatmap), multi_needle (4 facts, each asked), perplexity "
+                             "(real text at the shortest length vs the unpatched model), encoder (MiniLM "
+                             "embedding cosine vs dense; loads minilm-l6). Default: passkey perplexity")
     parser.add_argument("--quick", action="store_true",
                         help=f"short run: lengths {QUICK['lengths']}, depths {QUICK['depths']}, "
                              f"methods {QUICK['methods']} (each overridable)")
@@ -38,7 +43,7 @@ def run(args):
     specs = args.methods or (QUICK["methods"] if quick else
                              ["dense"] + [n for n in registry.names() if n != "dense"])
     parsed = [harness.parse_method(s) for s in specs]  # fail on bad names/params before loading the model
-    config = harness.EvalConfig(backend=args.backend, seeds=tuple(args.seeds))
+    config = harness.EvalConfig(backend=args.backend, seeds=tuple(args.seeds), tasks=tuple(args.tasks))
     if quick:
         config.lengths, config.depths = tuple(QUICK["lengths"]), tuple(QUICK["depths"])
         config.quality_layers, config.decode_prompt = (0, 15, 29), 128
@@ -52,7 +57,8 @@ def run(args):
     if "ForCausalLM" not in type(model).__name__:
         raise ValueError(f"blockattn eval needs a causal language model; {args.model!r} loads as "
                          f"{type(model).__name__}")
-    results = harness.run_eval(model, tokenizer, parsed, config, progress=not args.no_progress)
+    encoder = models.load("minilm-l6") if "encoder" in config.tasks else None
+    results = harness.run_eval(model, tokenizer, parsed, config, progress=not args.no_progress, encoder=encoder)
     results["model"] = str(args.model)
     results["wall_seconds"] = time.perf_counter() - start
     os.makedirs(args.output, exist_ok=True)
