@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 import blockattn
+from blockattn.bench import harness
 from blockattn.bench.capture import real_text_ids
 
 
@@ -34,7 +35,9 @@ def best_of(fn, repeats):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--methods", nargs="+", default=["dense", "streaming", "a_shape"])
+    parser.add_argument("--methods", nargs="+", default=["dense", "streaming", "a_shape"],
+                        help="method specs 'name' or 'name:key=value,...'; include dense for the "
+                             "selection / dense-attention column")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -43,8 +46,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in args.methods:
-        blockattn.methods.get(name)  # unknown names fail before the model loads
+    specs = {spec: harness.parse_method(spec) for spec in args.methods}  # bad specs fail before the model loads
 
     model, tokenizer = blockattn.models.load("smollm2-135m")
     rows = []
@@ -56,7 +58,8 @@ def main(argv=None):
             handle = None
             for _ in range(args.repeats):
                 sdpa_s = min(sdpa_s, best_of(lambda: model(ids, use_cache=False, logits_to_keep=1), 1))
-                handle = blockattn.hf.patch(model, name)
+                method, params = specs[name]
+                handle = blockattn.hf.patch(model, method, **params)
                 method_s = min(method_s, best_of(lambda: model(ids, use_cache=False, logits_to_keep=1), 1))
                 stats = handle.stats
                 handle.unpatch()
@@ -68,8 +71,8 @@ def main(argv=None):
                 error = float((out - ref).norm() / ref.norm())
             rows.append(dict(length=length, method=name, sdpa_s=sdpa_s, method_s=method_s,
                              ratio=method_s / sdpa_s, density=stats.density,
-                             select_share=stats.select_seconds / max(1e-9, stats.select_seconds + stats.attend_seconds),
-                             logits_error=error))
+                             select_s=stats.select_seconds, attend_s=stats.attend_seconds, logits_error=error))
+        dense_attend = {r["length"]: r["attend_s"] for r in rows if r["method"] == "dense"}
         decode = []
         prompt = real_text_ids(tokenizer, 512)
         for name in ["sdpa"] + (["dense"] if "dense" in args.methods else []):
@@ -86,13 +89,16 @@ def main(argv=None):
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`",
              "", f"torch threads: {torch.get_num_threads()}; engine backend: "
              f"{blockattn.ops.dispatch.choose(torch.device('cpu'))}", "",
-             "| L | method | SDPA prefill s | patched prefill s | patched / SDPA | tiles / causal tiles | "
-             "selection share of attention time | logits rel. error (full layout) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| L | method | SDPA prefill s | patched prefill s | speedup (SDPA / patched) | tiles / causal tiles | "
+             "selection s | attention s | selection / dense attention | logits rel. error (full layout) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         error = "" if r["logits_error"] != r["logits_error"] else f"{r['logits_error']:.1e}"
+        dense = dense_attend.get(r["length"])
+        overhead = f"{r['select_s'] / dense:.3f}" if dense else "-"
         lines.append(f"| {r['length']} | {r['method']} | {r['sdpa_s']:.2f} | {r['method_s']:.2f} | "
-                     f"{r['ratio']:.2f} | {r['density']:.3f} | {r['select_share']:.3f} | {error} |")
+                     f"{1 / r['ratio']:.2f}x | {r['density']:.3f} | {r['select_s']:.2f} | {r['attend_s']:.2f} | "
+                     f"{overhead} | {error} |")
     lines += ["", "| decode (512-token prompt, dense cache) | tokens/s |", "|---|---|"]
     lines += [f"| {name} | {tps:.1f} |" for name, tps in decode]
     table = "\n".join(lines)
