@@ -128,10 +128,20 @@ def answer_found(model, sample: Sample) -> tuple[bool, float]:
 
 
 @torch.no_grad()
-def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
-    """Per-token negative log-likelihood `[L - 1]` (float64) of `ids [1, L]` under the model."""
-    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
-    return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+def token_nll(model, ids: torch.Tensor, *, chunk: int = 1024) -> torch.Tensor:
+    """Per-token negative log-likelihood `[L - 1]` (float64) of `ids [1, L]` under the model.
+
+    The LM head runs over `chunk` positions at a time (an 8k prompt's full logits over a 49k
+    vocabulary would be 1.6 GB in float32) when the model exposes its decoder and output head."""
+    targets = ids[0, 1:]
+    decoder, head = getattr(model, "get_decoder", None), model.get_output_embeddings()
+    if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    hidden = decoder()(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+    return torch.cat([torch.nn.functional.cross_entropy(head(hidden[at:at + chunk]).double(),
+                                                        targets[at:at + chunk], reduction="none")
+                      for at in range(0, hidden.shape[0], chunk)])
 
 
 def document_ids(tokenizer, length: int, *, seed: int = 0) -> torch.Tensor:
