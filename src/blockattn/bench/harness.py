@@ -121,6 +121,13 @@ def run_eval(model, tokenizer, methods: list[tuple[str, dict]], config: EvalConf
         sample = next(s for s in samples if s.length == length)
         baseline[length] = tasks.answer_found(model, sample)[1]
         bar.update()
+    # every method reruns every prompt: say up front what that costs at the dense model's speed
+    estimate = len(methods) * (sum(baseline[s.length] for s in samples) +
+                               ("perplexity" in config.tasks) * baseline[min(config.lengths)])
+    if progress:
+        tqdm.write(f"blockattn eval: {len(methods)} methods x {len(samples)} prompts; at the unpatched model's "
+                   f"prefill speed that is about {estimate / 60:.0f} min (--methods, --lengths, --depths or "
+                   f"--quick make it shorter)")
     captured = capture_qkv(model, samples[0].prompt[:, :q_len] if samples[0].length >= q_len else
                            tasks.passkey(tokenizer, q_len, 0.5, model=model).prompt, layers=layers)
     decode_prompt = samples[0].prompt[:, :config.decode_prompt]
