@@ -12,10 +12,20 @@ first one at which the kept share of the normalised total reaches `threshold`. A
 causal (video diffusion). The layout keeps this exact token mask.
 
 Checks done: the token mask equals a float64 loop implementation of this rule in
-tests/methods/test_vmoba.py. The selection follows `_select_threshold_head_global` /
-`_select_threshold_query_head` of KwaiVGI/VMoBA (src/vmoba.py; read, not run: the module imports
-flash-attn at load time); the official code takes the partition as given (tokens already permuted
-into contiguous chunks), so the 1D/2D/3D block shapes here are our defaults, not verified values.
+tests/methods/test_vmoba.py. Side by side with the official code (KwaiVGI/VMoBA src/vmoba.py, run
+on CPU outside the repo with `flash_attn` stubbed in `sys.modules` and `MixedAttention` replaced by
+a no-op): tokens permuted by its `process_moba_input` (1D chunk = frames, 2D = an (h, w) patch
+through all frames, 3D = a (t, h, w) cube), `moba_attn_varlen(select_mode="threshold")` run for
+`threshold_type` "head_global" and "query_head", the mask returned by
+`_select_threshold_head_global` / `_select_threshold_query_head` plus the self chunk mapped back to
+the (T, H, W) token order; random fp32 inputs, batch 1, 2 heads, dim 16, grids (4, 8, 8),
+(6, 4, 8), (8, 8, 4), (2, 16, 16) with four block-shape sets, layers 0/1/2 (1D/2D/3D), thresholds
+0.1/0.25/0.5/0.9, 2 seeds: the token masks were identical in all 192 cases (densities 0.08 to
+0.88). Not covered: grids that the block shape does not divide (the official code asserts
+divisibility; edge blocks here are smaller), and packed multi-sequence batches, where the official
+"head_global" normalises and ranks over all packed sequences together (here each batch element
+on its own). The block sizes are our defaults; the layer schedule (1D, 2D, 3D in turn) is from
+the paper and is not in the official module.
 """
 from __future__ import annotations
 
