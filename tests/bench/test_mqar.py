@@ -70,7 +70,7 @@ def test_bad_generator_arguments(kwargs, message):
 @pytest.mark.parametrize("mixer", sorted(mqar.MIXERS))
 def test_every_mixer_is_causal(mixer):
     torch.manual_seed(0)
-    model = mqar.MQARModel(mixer, vocab_size=64, d_model=16, seq_len=32).eval()
+    model = mqar.MQARModel(mixer, vocab_size=64, d_model=8, seq_len=32).eval()
     tokens = torch.randint(0, 64, (2, 32))
     changed = tokens.clone()
     changed[:, 20:] = torch.randint(0, 64, (2, 12))
@@ -108,3 +108,47 @@ def test_command_tabulates_and_plots_saved_results(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| attention | 0.500 | 0.990 |" in out and "| linear | 0.100 |  |" in out
     assert (tmp_path / "acc.png").stat().st_size > 1000
+
+
+TINY = dict(vocab_size=32, seq_len=16, num_kv_pairs=2, train_examples=96, test_examples=20, epochs=2, batch_size=32)
+
+
+def test_harness_trains_a_tiny_config():
+    config = mqar.MQARConfig(**TINY)
+    result = mqar.train_mqar("attention", 8, config)
+    assert result["mixer"] == "attention" and result["d_model"] == 8 and result["steps"] == 6
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["params"] > 0 and result["seconds"] >= 0
+    assert result["settings"] == dict(TINY, lr=mqar.default_lr(8), seed=config.seed)
+    assert mqar.train_mqar("attention", 8, config)["accuracy"] == result["accuracy"]  # seeded
+
+
+def test_default_mixers_are_registered_and_leave_out_the_memory_mixers():
+    assert set(mqar.DEFAULT_MIXERS) < set(mqar.MIXERS)
+    assert {"attention", "sliding_window", "linear", "based"} <= set(mqar.DEFAULT_MIXERS)
+    assert not any(m.startswith(("titans", "moneta", "yaad", "memora")) for m in mqar.DEFAULT_MIXERS)
+
+
+def test_default_config_is_a_valid_mqar_task_with_a_short_window():
+    config = mqar.MQARConfig()
+    x, y = mqar.multiquery_ar(50, vocab_size=config.vocab_size, input_seq_len=config.seq_len,
+                              num_kv_pairs=config.num_kv_pairs)
+    assert x.shape == (50, config.seq_len)
+    # key position of pair j is 2j; most key-query distances are far beyond the sliding window
+    rows, cols = (y != mqar.IGNORE).nonzero(as_tuple=True)
+    key_pos = [(x[r, :2 * config.num_kv_pairs:2] == x[r, c]).nonzero().item() * 2 for r, c in zip(rows, cols)]
+    distance = cols - torch.tensor(key_pos)
+    assert (distance >= mqar.WINDOW).float().mean() > 0.9
+
+
+def test_command_trains_and_writes_json(tmp_path, capsys):
+    import argparse
+    parser = argparse.ArgumentParser()
+    mqar_command.add_arguments(parser)
+    assert parser.parse_args([]).mixers == mqar.DEFAULT_MIXERS
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    args = parser.parse_args(["--mixers", "attention", "linear", "--d-models", "8", "--json", str(tmp_path / "r.json"),
+                              *flags])
+    mqar_command.run(args)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["mixer"], r["d_model"]) for r in saved] == [("attention", 8), ("linear", 8)]
+    assert "| attention |" in capsys.readouterr().out

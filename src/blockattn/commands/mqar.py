@@ -5,11 +5,16 @@ HELP = "train small 2-layer models with each token mixer on MQAR (Zoology); accu
 
 
 def add_arguments(parser):
-    from blockattn.bench.mqar import MIXERS, MQARConfig
+    from blockattn.bench.mqar import DEFAULT_MIXERS, MIXERS, MQARConfig
     defaults = MQARConfig()
-    parser.add_argument("--mixers", nargs="+", default=list(MIXERS), help=f"any of {sorted(MIXERS)}")
+    parser.add_argument("--mixers", nargs="+", default=list(DEFAULT_MIXERS),
+                        help=f"any of {sorted(MIXERS)} (default: all but the slow Titans/Miras memory mixers)")
     parser.add_argument("--d-models", type=int, nargs="+", default=[16, 32, 64])
     for field in dataclasses.fields(MQARConfig):
+        if field.name == "lr":
+            parser.add_argument("--lr", type=float, default=defaults.lr,
+                                help="AdamW learning rate (default: 1e-2 for d_model <= 32, 3e-3 above)")
+            continue
         parser.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(defaults, field.name)),
                             default=getattr(defaults, field.name))
     parser.add_argument("--threads", type=int, default=1,
