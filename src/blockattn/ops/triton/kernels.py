@@ -31,6 +31,40 @@ def _token_rule(q_pos, k_pos, q_len, k_len, offset, mask_id, tile_masks, BLOCK_Q
 
 
 @triton.jit
+def _rows(ptr, rows, pos, length, d, D: tl.constexpr):
+    """[BLOCK, BLOCK_D] rows `rows` of a [*, D] tensor; positions past `length` and lanes past D read 0."""
+    return tl.load(ptr + rows[:, None] * D + d[None, :], mask=(pos[:, None] < length) & (d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _list_entry(layout_b, layout_h, b, h, n, block):
+    """Index of (b, h, block)'s list in a layout stored over [B|1, H|1, n]."""
+    return (tl.where(layout_b > 1, b, 0) * layout_h + tl.where(layout_h > 1, h, 0)) * n + block
+
+
+@triton.jit
+def _listed_tile(indices, mask_ids, list_id, width, t, HAS_MASKS: tl.constexpr):
+    """The t-th block a list names, and its explicit tile mask id (-1: none)."""
+    block = tl.load(indices + list_id * width + t)
+    mask_id = -1
+    if HAS_MASKS:
+        mask_id = tl.load(mask_ids + list_id * width + t)
+    return block, mask_id
+
+
+@triton.jit
+def _probabilities(q, k, lse, q_pos, k_pos, q_len, k_len, offset, scale, mask_id, tile_masks, left, right,
+                   BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                   HAS_MASKS: tl.constexpr, WORD: tl.constexpr, PRECISION: tl.constexpr):
+    """Backward: the forward's softmax probabilities of a tile, recomputed from the saved lse."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    keep = _token_rule(q_pos, k_pos, q_len, k_len, offset, mask_id, tile_masks, BLOCK_Q, BLOCK_K, CAUSAL,
+                       WINDOW, left, right, HAS_MASKS, WORD)
+    keep = keep & (lse[:, None] != float("-inf"))
+    return tl.where(keep, tl.exp(s - tl.where(lse == float("-inf"), 0.0, lse)[:, None]), 0.0)
+
+
+@triton.jit
 def forward_kernel(Q, K, V, Out, Lse, counts, indices, mask_ids, tile_masks,
                    heads_q, heads_kv, layout_b, layout_h, n_q, max_k, q_len, k_len, offset, scale, left, right,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -41,27 +75,23 @@ def forward_kernel(Q, K, V, Out, Lse, counts, indices, mask_ids, tile_masks,
     b = bh // heads_q
     h = bh % heads_q
     hk = h // (heads_q // heads_kv)
-    list_id = (tl.where(layout_b > 1, b, 0) * layout_h + tl.where(layout_h > 1, h, 0)) * n_q + qb
+    list_id = _list_entry(layout_b, layout_h, b, h, n_q, qb)
     count = tl.load(counts + list_id)
 
     q_pos = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     d = tl.arange(0, BLOCK_D)
     q_rows = (bh * q_len + q_pos).to(tl.int64)
-    q = tl.load(Q + q_rows[:, None] * D + d[None, :], mask=(q_pos[:, None] < q_len) & (d[None, :] < D), other=0.0)
+    q = _rows(Q, q_rows, q_pos, q_len, d, D)
 
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for t in range(0, count):
-        kb = tl.load(indices + list_id * max_k + t)
-        mask_id = -1
-        if HAS_MASKS:
-            mask_id = tl.load(mask_ids + list_id * max_k + t)
+        kb, mask_id = _listed_tile(indices, mask_ids, list_id, max_k, t, HAS_MASKS)
         k_pos = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         k_rows = ((b * heads_kv + hk) * k_len + k_pos).to(tl.int64)
-        in_k = (k_pos[:, None] < k_len) & (d[None, :] < D)
-        k = tl.load(K + k_rows[:, None] * D + d[None, :], mask=in_k, other=0.0)
-        v = tl.load(V + k_rows[:, None] * D + d[None, :], mask=in_k, other=0.0)
+        k = _rows(K, k_rows, k_pos, k_len, d, D)
+        v = _rows(V, k_rows, k_pos, k_len, d, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         keep = _token_rule(q_pos, k_pos, q_len, k_len, offset, mask_id, tile_masks, BLOCK_Q, BLOCK_K, CAUSAL,
                            WINDOW, left, right, HAS_MASKS, WORD)
@@ -96,30 +126,23 @@ def backward_dkdv_kernel(Q, K, V, dO, Lse, Delta, dK, dV, q_counts, q_indices, q
     d = tl.arange(0, BLOCK_D)
     k_rows = (bhk * k_len + k_pos).to(tl.int64)
     in_k = (k_pos[:, None] < k_len) & (d[None, :] < D)
-    k = tl.load(K + k_rows[:, None] * D + d[None, :], mask=in_k, other=0.0)
-    v = tl.load(V + k_rows[:, None] * D + d[None, :], mask=in_k, other=0.0)
+    k = _rows(K, k_rows, k_pos, k_len, d, D)
+    v = _rows(V, k_rows, k_pos, k_len, d, D)
     dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     for h in range(hk * group, (hk + 1) * group):
-        list_id = (tl.where(layout_b > 1, b, 0) * layout_h + tl.where(layout_h > 1, h, 0)) * n_k + kb
+        list_id = _list_entry(layout_b, layout_h, b, h, n_k, kb)
         count = tl.load(q_counts + list_id)
         for t in range(0, count):
-            qb = tl.load(q_indices + list_id * max_q + t)
-            mask_id = -1
-            if HAS_MASKS:
-                mask_id = tl.load(q_mask_ids + list_id * max_q + t)
+            qb, mask_id = _listed_tile(q_indices, q_mask_ids, list_id, max_q, t, HAS_MASKS)
             q_pos = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
             q_rows = ((b * heads_q + h) * q_len + q_pos).to(tl.int64)
-            in_q = (q_pos[:, None] < q_len) & (d[None, :] < D)
-            q = tl.load(Q + q_rows[:, None] * D + d[None, :], mask=in_q, other=0.0)
-            do = tl.load(dO + q_rows[:, None] * D + d[None, :], mask=in_q, other=0.0)
+            q = _rows(Q, q_rows, q_pos, q_len, d, D)
+            do = _rows(dO, q_rows, q_pos, q_len, d, D)
             lse = tl.load(Lse + q_rows, mask=q_pos < q_len, other=float("-inf"))
             delta = tl.load(Delta + q_rows, mask=q_pos < q_len, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            keep = _token_rule(q_pos, k_pos, q_len, k_len, offset, mask_id, tile_masks, BLOCK_Q, BLOCK_K, CAUSAL,
-                               WINDOW, left, right, HAS_MASKS, WORD)
-            keep = keep & (lse[:, None] != float("-inf"))
-            p = tl.where(keep, tl.exp(s - tl.where(lse == float("-inf"), 0.0, lse)[:, None]), 0.0)
+            p = _probabilities(q, k, lse, q_pos, k_pos, q_len, k_len, offset, scale, mask_id, tile_masks, left,
+                               right, BLOCK_Q, BLOCK_K, CAUSAL, WINDOW, HAS_MASKS, WORD, PRECISION)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -139,32 +162,25 @@ def backward_dq_kernel(Q, K, V, dO, Lse, Delta, dQ, counts, indices, mask_ids, t
     b = bh // heads_q
     h = bh % heads_q
     hk = h // (heads_q // heads_kv)
-    list_id = (tl.where(layout_b > 1, b, 0) * layout_h + tl.where(layout_h > 1, h, 0)) * n_q + qb
+    list_id = _list_entry(layout_b, layout_h, b, h, n_q, qb)
     count = tl.load(counts + list_id)
     q_pos = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     d = tl.arange(0, BLOCK_D)
     q_rows = (bh * q_len + q_pos).to(tl.int64)
     in_q = (q_pos[:, None] < q_len) & (d[None, :] < D)
-    q = tl.load(Q + q_rows[:, None] * D + d[None, :], mask=in_q, other=0.0)
-    do = tl.load(dO + q_rows[:, None] * D + d[None, :], mask=in_q, other=0.0)
+    q = _rows(Q, q_rows, q_pos, q_len, d, D)
+    do = _rows(dO, q_rows, q_pos, q_len, d, D)
     lse = tl.load(Lse + q_rows, mask=q_pos < q_len, other=float("-inf"))
     delta = tl.load(Delta + q_rows, mask=q_pos < q_len, other=0.0)
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for t in range(0, count):
-        kb = tl.load(indices + list_id * max_k + t)
-        mask_id = -1
-        if HAS_MASKS:
-            mask_id = tl.load(mask_ids + list_id * max_k + t)
+        kb, mask_id = _listed_tile(indices, mask_ids, list_id, max_k, t, HAS_MASKS)
         k_pos = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         k_rows = ((b * heads_kv + hk) * k_len + k_pos).to(tl.int64)
-        in_k = (k_pos[:, None] < k_len) & (d[None, :] < D)
-        k = tl.load(K + k_rows[:, None] * D + d[None, :], mask=in_k, other=0.0)
-        v = tl.load(V + k_rows[:, None] * D + d[None, :], mask=in_k, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        keep = _token_rule(q_pos, k_pos, q_len, k_len, offset, mask_id, tile_masks, BLOCK_Q, BLOCK_K, CAUSAL,
-                           WINDOW, left, right, HAS_MASKS, WORD)
-        keep = keep & (lse[:, None] != float("-inf"))
-        p = tl.where(keep, tl.exp(s - tl.where(lse == float("-inf"), 0.0, lse)[:, None]), 0.0)
+        k = _rows(K, k_rows, k_pos, k_len, d, D)
+        v = _rows(V, k_rows, k_pos, k_len, d, D)
+        p = _probabilities(q, k, lse, q_pos, k_pos, q_len, k_len, offset, scale, mask_id, tile_masks, left,
+                           right, BLOCK_Q, BLOCK_K, CAUSAL, WINDOW, HAS_MASKS, WORD, PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
