@@ -53,6 +53,22 @@ def _listed_tile(indices, mask_ids, list_id, width, t, HAS_MASKS: tl.constexpr):
 
 
 @triton.jit
+def _query_program(counts, heads_q, heads_kv, layout_b, layout_h, n_q, q_len, BLOCK_Q: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """What a (query block, batch x head) program works on: b, kv head, its list and count, query
+    positions, lanes and row offsets."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads_q
+    h = bh % heads_q
+    hk = h // (heads_q // heads_kv)
+    list_id = _list_entry(layout_b, layout_h, b, h, n_q, qb)
+    count = tl.load(counts + list_id)
+    q_pos = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    return b, hk, list_id, count, q_pos, tl.arange(0, BLOCK_D), (bh * q_len + q_pos).to(tl.int64)
+
+
+@triton.jit
 def _probabilities(q, k, lse, q_pos, k_pos, q_len, k_len, offset, scale, mask_id, tile_masks, left, right,
                    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                    HAS_MASKS: tl.constexpr, WORD: tl.constexpr, PRECISION: tl.constexpr):
@@ -70,17 +86,8 @@ def forward_kernel(Q, K, V, Out, Lse, counts, indices, mask_ids, tile_masks,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASKS: tl.constexpr, WORD: tl.constexpr,
                    PRECISION: tl.constexpr):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // heads_q
-    h = bh % heads_q
-    hk = h // (heads_q // heads_kv)
-    list_id = _list_entry(layout_b, layout_h, b, h, n_q, qb)
-    count = tl.load(counts + list_id)
-
-    q_pos = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    d = tl.arange(0, BLOCK_D)
-    q_rows = (bh * q_len + q_pos).to(tl.int64)
+    b, hk, list_id, count, q_pos, d, q_rows = _query_program(counts, heads_q, heads_kv, layout_b, layout_h, n_q,
+                                                             q_len, BLOCK_Q, BLOCK_D)
     q = _rows(Q, q_rows, q_pos, q_len, d, D)
 
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
@@ -157,16 +164,8 @@ def backward_dq_kernel(Q, K, V, dO, Lse, Delta, dQ, counts, indices, mask_ids, t
                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASKS: tl.constexpr, WORD: tl.constexpr,
                        PRECISION: tl.constexpr):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // heads_q
-    h = bh % heads_q
-    hk = h // (heads_q // heads_kv)
-    list_id = _list_entry(layout_b, layout_h, b, h, n_q, qb)
-    count = tl.load(counts + list_id)
-    q_pos = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    d = tl.arange(0, BLOCK_D)
-    q_rows = (bh * q_len + q_pos).to(tl.int64)
+    b, hk, list_id, count, q_pos, d, q_rows = _query_program(counts, heads_q, heads_kv, layout_b, layout_h, n_q,
+                                                             q_len, BLOCK_Q, BLOCK_D)
     in_q = (q_pos[:, None] < q_len) & (d[None, :] < D)
     q = _rows(Q, q_rows, q_pos, q_len, d, D)
     do = _rows(dO, q_rows, q_pos, q_len, d, D)
