@@ -19,7 +19,7 @@ LAYOUT = patterns.causal(32, block_q=16, block_k=16)
     (lambda q, k, v: (q, k[..., :8], v), ValueError, "k and v must have the same shape"),
     (lambda q, k, v: (q[:, :3], k, v), ValueError, "multiple of key/value heads"),
     (lambda q, k, v: (q.int(), k, v), TypeError, "q must be float32"),
-    (lambda q, k, v: (q, k.double(), v), TypeError, "share one dtype"),
+    (lambda q, k, v: (q, k.double(), v), TypeError, "k must share q's dtype"),
     (lambda q, k, v: (q, k[:, :, :20], v[:, :, :20]), ValueError, "layout was built for"),
     (lambda q, k, v: (torch.cat([q, q]), k, v), ValueError, "same batch size"),
     (lambda q, k, v: (q.tolist(), k, v), TypeError, "q must be a torch.Tensor"),

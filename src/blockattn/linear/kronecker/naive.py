@@ -11,22 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from blockattn._checks import check_float_tensors
 from blockattn.linear._checks import check_positive_int
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def check_tensor_attention(q, k1, k2, v1, v2, scale, causal) -> float:
     """Boundary checks for both forms; returns the score scale (default 1/d as in the paper)."""
-    for name, t in (("q", q), ("k1", k1), ("k2", k2), ("v1", v1), ("v2", v2)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dims [B, H, n, d], got shape {list(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-        if t.dtype != q.dtype or t.device != q.device:
-            raise TypeError(f"{name} must share q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, {t.device}")
+    check_float_tensors(("q", q), ("k1", k1), ("k2", k2), ("v1", v1), ("v2", v2), dims="[B, H, n, d]")
     for name, t in (("k1", k1), ("k2", k2)):
         if t.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {list(q.shape)} (feature dims must match), got {list(t.shape)}")
