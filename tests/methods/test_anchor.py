@@ -12,7 +12,7 @@ def naive_anchor_mask(q, k, *, theta, step, block):
     q, k = q.double(), k.double()
     batch, heads, length, dim = q.shape
     group_size = heads // k.shape[1]
-    scale = 1 / math.sqrt(dim) / math.log(2)
+    scale = 1 / math.sqrt(dim)
     init = min(block, length)
     mask = torch.zeros(batch, heads, length, length, dtype=torch.bool)
     for b in range(batch):

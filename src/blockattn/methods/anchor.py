@@ -1,25 +1,37 @@
 """AnchorAttention: Difference-Aware Sparse Attention with Stripe Granularity (Zhang et al., EMNLP 2025).
 
 Rule: queries are processed in groups of `step` consecutive blocks of `block_size` rows. Each
-query's anchor is its largest logit (log2 units: q.k * scale * log2(e)) over the initial block of
+query's anchor is its largest logit (q.k * scale, scale = 1/sqrt(d)) over the initial block of
 keys and its own group's keys (causal): a near-maximum score obtained without scanning the context.
 Each query block is then compressed to its mean query and mean anchor, and a past key j (after
 the initial block, before the group) is a selected stripe of the group when, for some block of the
-group, mean_q . k_j * scale * log2(e) + theta >= mean anchor. Every query then attends to the
+group, mean_q . k_j * scale + theta >= mean anchor. Every query then attends to the
 initial block, the group's selected stripes (single key columns) and its own group's keys,
 causally. The stripes are expressed as explicit per-tile column masks of the layout.
 
 Reading of the official AnchorAttn code (its torch path `get_mask_block` and the Triton
 `get_q_mask`): defaults theta=12, step=16, block_size=128; its released versions disagree on the
-width of the initial window (one block vs one group), this class uses one block.
+width of the initial window (one block vs one group), this class uses one block. Its released
+`_prepare_anchor_inputs` multiplies theta by log2(e) before comparing it with log2-domain scores,
+so theta is in units of q.k/sqrt(d), as here (this class took theta in log2 units before the
+side-by-side check below). Its stripe scan for a group starting at s covers keys
+[block_size, s - block_size): the last block before the group is never a stripe candidate (an
+earlier version attends to that block densely as part of the local window; the released one, whose
+initial window is one group, leaves it out of both from the third group on); here it is a candidate
+like the other past keys.
 
-Check done: the token mask equals a float64 loop implementation of this rule in
-tests/methods/test_anchor.py (no side-by-side run of the official code, whose kernels need CUDA).
+Checks done: the token mask equals a float64 loop implementation of this rule in
+tests/methods/test_anchor.py. Side by side with the official torch path `get_mask_block` (released
+version, run on CPU outside the repo with `torch.cuda.synchronize` stubbed; its anchors input
+computed by this rule in log2 units, `sm_scale` = log2(e)/sqrt(d) and `diff` = theta * log2(e) as
+`_prepare_anchor_inputs` does): random inputs (1 sequence, 2 heads, dim 16, lengths 768 to 2048,
+block 16/32, step 2 to 4, theta 2/4/8/12, 2 seeds, 1184 (head, group) stripe sets, 216k stripes):
+identical stripe sets on the keys the official code scans; the only difference is the last block
+before each group (above). The anchor computation (Triton only) was read, not run.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import Tensor
@@ -29,14 +41,12 @@ from blockattn.methods import register
 from blockattn.methods._select import check_qk, column_layout, expand_kv_heads
 from blockattn.methods.base import Method
 
-_LOG2E = 1.0 / math.log(2.0)
-
-
 @register("anchor")
 @dataclasses.dataclass
 class AnchorAttention(Method):
     """Args:
-        theta: allowed gap (log2 units) between a stripe's compressed score and the anchor. Paper: 12.
+        theta: allowed gap between a stripe's compressed score and the anchor, in units of q.k/sqrt(d)
+            (the official code scales it by log2(e) for its log2-domain scores). Paper: 12.
         step: query blocks per group sharing one stripe set. Paper: 16.
         block_size: query block (and layout tile) size. Paper: 128.
     """
@@ -57,7 +67,7 @@ class AnchorAttention(Method):
         if k.shape[2] != length:
             raise ValueError(f"anchor attention selects for prefill: q_len ({length}) must equal k_len ({k.shape[2]})")
         block, group = self.block_size, self.block_size * self.step
-        scale = dim ** -0.5 * _LOG2E
+        scale = dim ** -0.5
         keys = expand_kv_heads(k.float(), heads)
         queries = q.float()
         n_q = -(-length // block)
