@@ -8,8 +8,13 @@ max exp(s_ij - max_j s_ij) over the tile's causal pairs -- reaches `threshold`. 
 block (attention sink) and the diagonal block are always computed.
 
 Check done: the selection equals a float64 loop implementation of this rule in
-tests/methods/test_sale.py. Not checked against the official code (not found in the stored public
-corpus; its kernel is CUDA); `threshold`'s default is our choice, not a value verified in the paper.
+tests/methods/test_sale.py. No side-by-side run: the official code (BirdChristopher/SALE,
+int4_flash_attn/flash_attn_int4_skip.py) has no CPU path; its tile selection runs inside the CUDA
+kernel `flash_attn_2_cuda_int4_skip` and its int4 quantization in Triton. Read from its Python
+wrapper, not modelled here: keys are smoothed (their mean subtracted) before the int4
+quantization, block_q 64 / block_k 32 with a 128-token local window, per-head thresholds (README
+example 0.004, calibrated per model), dense attention for sequences of at most 1024 tokens.
+`threshold`'s default is our choice, not a value verified in the paper.
 """
 from __future__ import annotations
 
