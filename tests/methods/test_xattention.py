@@ -57,9 +57,9 @@ def naive_xattention(q, k, *, threshold, stride, block, causal):
 @pytest.mark.parametrize("q_len,k_len,heads_kv,threshold,causal", [
     (96, 96, 2, 0.9, True), (88, 88, 1, 0.6, True), (40, 100, 2, 0.8, True), (96, 96, 2, 0.7, False),
     (100, 60, 2, 0.9, True), (200, 230, 3, 0.8, True), (200, 200, 1, 0.95, False)])
-@pytest.mark.parametrize("band_elements", [1 << 22, 1])  # one band, and one block row of cells per band
-def test_selection_equals_naive_rule(q_len, k_len, heads_kv, threshold, causal, band_elements, monkeypatch):
-    monkeypatch.setattr(xattention_module, "_BAND_ELEMENTS", band_elements)
+@pytest.mark.parametrize("band_rows", [1 << 20, 8, 1])  # one band, two block rows of cells, one block row
+def test_selection_equals_naive_rule(q_len, k_len, heads_kv, threshold, causal, band_rows, monkeypatch):
+    monkeypatch.setattr(xattention_module, "_BAND_ROWS", band_rows)
     g = torch.Generator().manual_seed(q_len + k_len)
     # structured inputs so that scores are far from uniform and the threshold matters
     q = torch.randn(1, 2 * heads_kv, q_len, 8, generator=g) * 2

@@ -31,8 +31,11 @@ from blockattn.methods import register
 from blockattn.methods._select import check_qk, cumulative_threshold
 from blockattn.methods.base import Method
 
-_BAND_ELEMENTS = 1 << 22  # strided scores held at once (16 MiB fp32): bands bound memory and let causal
-# bands skip the columns after them
+# Strided query rows scored at once: bands bound memory (at most _BAND_ELEMENTS scores, 16 MiB) and let
+# causal bands skip the columns after them; short bands keep the masked diagonal triangle (band^2 / 2
+# cells per band) small.
+_BAND_ELEMENTS = 1 << 22
+_BAND_ROWS = 128
 
 
 @register("xattention")
@@ -73,51 +76,57 @@ class XAttention(Method):
         per_block = block // S
         n_q, n_k = -(-q_len // block), -(-k_len // block)
         rows, cols = n_q * per_block, n_k * per_block
-        # Regrouped queries (reversed within each stride cell) against keys in order: one dot product
-        # is the sum of an S x S cell's antidiagonal. The group of query heads a key head serves is
-        # stacked row-wise, [B, Hkv, rows, group, S*D], so one GEMM per key head scores the group
-        # without repeating keys; the 1/(sqrt(D)*S) scale is folded into the keys.
-        q = torch.nn.functional.pad(q.float(), (0, 0, 0, n_q * block - q_len))
-        reverse = torch.arange(S - 1, -1, -1, device=q.device)
-        q_strided = q.view(batch, heads_kv, group, rows, S, dim).permute(0, 1, 3, 2, 4, 5) \
-            .index_select(4, reverse).view(batch, heads_kv, rows * group, S * dim)  # one copy
-        k_strided = torch.nn.functional.pad(k.float(), (0, 0, 0, n_k * block - k_len)) \
-            .reshape(batch, heads_kv, cols, S * dim) * (1.0 / (dim ** 0.5 * S))
-        valid_cols = -(-k_len // S)   # cells holding at least one real key
+        real_rows = -(-q_len // S)  # query cells holding at least one real query
+        # Query cells in order against key cells reversed within the cell: one dot product of the
+        # regrouped rows, sum_i q[r*S + i] . k[c*S + S-1-i], is the sum of an S x S cell's antidiagonal.
+        # Queries stay a view (padded only to whole cells); keys take one copy, scaled by 1/(sqrt(D)*S).
+        q_cells = q.float()
+        if real_rows * S != q_len:
+            q_cells = torch.nn.functional.pad(q_cells, (0, 0, 0, real_rows * S - q_len))
+        q_cells = q_cells.reshape(batch, heads_kv, group, real_rows, S * dim)
+        k_cells = torch.nn.functional.pad(k.float(), (0, 0, 0, n_k * block - k_len))
+        k_cells = k_cells.view(batch, heads_kv, cols, S, dim).flip(3).mul_(1.0 / (dim ** 0.5 * S))
+        k_cells = k_cells.view(batch, heads_kv, cols, S * dim)
+        valid_cols = -(-k_len // S)   # key cells holding at least one real key
         offset = k_len - q_len        # bottom-right alignment of queries against keys
         # cell (r, c) is causally visible when its first key is not after the query cell's last query
         reach = (S - 1 + offset) // S  # visible iff c - r <= reach
-        scores = torch.zeros(batch, heads_kv, n_q, group, n_k, device=q.device)
-        band = per_block * max(1, (_BAND_ELEMENTS // max(1, heads * cols)) // per_block)
+        scores = torch.zeros(batch, heads_kv, group, n_q, n_k, device=q.device)
+        band = per_block * max(1, min(_BAND_ROWS, _BAND_ELEMENTS // max(1, heads * cols)) // per_block)
+        triangles = {}
         for start in range(0, rows, band):
             stop = min(rows, start + band)
+            real = min(stop, real_rows) - start  # the band's rows past q_len are padding: not scored
             width = cols
             if self.causal:  # rows of this band never see cells past the band's last row's reach
                 width = min(cols, -(-(stop + reach) // per_block) * per_block)
                 if width <= 0:  # the whole band precedes the first key (q_len > k_len)
                     continue
-            logits = q_strided[:, :, start * group:stop * group] @ k_strided[:, :, :width].transpose(-1, -2)
-            logits = logits.view(batch, heads_kv, stop - start, group, width)
+            # the group of query heads a key head serves, stacked row-wise: one GEMM per key head
+            logits = (q_cells[:, :, :, start:start + real].reshape(batch, heads_kv, group * real, S * dim)
+                      @ k_cells[:, :, :width].transpose(-1, -2)).view(batch, heads_kv, group, real, width)
             if valid_cols < width:
                 logits[..., valid_cols:] = float("-inf")
             lo = start + reach + 1  # every row of the band sees the columns before this one
             if self.causal and lo < 0:  # queries before the first key (q_len > k_len): mask cell by cell
-                row = torch.arange(start, stop, device=q.device).view(-1, 1, 1)
+                row = torch.arange(start, start + real, device=q.device).view(-1, 1)
                 logits.masked_fill_(torch.arange(width, device=q.device) - row > reach, float("-inf"))
             elif self.causal and lo < width:
                 # past `lo`, row start+i sees column lo+j iff j < i: the same triangle in every band
-                hidden = torch.ones(stop - start, width - lo, dtype=torch.bool, device=q.device).triu()
-                logits[..., lo:width].masked_fill_(hidden.unsqueeze(1), float("-inf"))
+                if (real, width - lo) not in triangles:
+                    triangles[real, width - lo] = torch.ones(real, width - lo, dtype=torch.bool,
+                                                             device=q.device).triu()
+                logits[..., lo:width].masked_fill_(triangles[real, width - lo], float("-inf"))
             probs = torch.softmax(logits, dim=-1)
             if self.causal and reach < 0:  # rows before the first key see nothing: 0/0 -> 0
                 probs = probs.nan_to_num_(0.0)
-            real_rows = max(0, min(stop, -(-q_len // S)) - start)
-            if real_rows < stop - start:
-                probs[:, :, real_rows:] = 0.0  # cells made only of padding queries carry no mass
-            sums = probs.view(batch, heads_kv, (stop - start) // per_block, per_block, group,
-                              width // per_block, per_block).sum(dim=(3, 6))
-            scores[:, :, start // per_block:stop // per_block, :, :width // per_block] = sums
-        return scores.permute(0, 1, 3, 2, 4).reshape(batch, heads, n_q, n_k)
+            # key cells first (a contiguous reduction), then the per_block query cells of each block
+            sums = probs.view(batch, heads_kv, group, real, width // per_block, per_block).sum(-1)
+            if real < stop - start:  # padding query cells carry no mass
+                sums = torch.nn.functional.pad(sums, (0, 0, 0, stop - start - real))
+            sums = sums.view(batch, heads_kv, group, (stop - start) // per_block, per_block, width // per_block)
+            scores[:, :, :, start // per_block:stop // per_block, :width // per_block] = sums.sum(4)
+        return scores.view(batch, heads, n_q, n_k)
 
     def select(self, q: Tensor, k: Tensor, **ctx) -> BlockLayout:
         scores = self.block_scores(q, k)
