@@ -1,6 +1,6 @@
 """The compiled CPU kernel against SDPA and warm compiled FlexAttention, timed in the same run.
 
-    python benchmarks/cpu_engine.py --threads 2 --repeats 3 --png docs/bench/cpu.png
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/cpu_engine.py --threads 2 --repeats 3 --png docs/bench/cpu.png
 
 fp32, B=1, Hq=Hkv=8, D=64, block 64. Rows: full causal (forward, forward+backward) against
 SDPA(is_causal=True); a random causal block layout (10% of the causal tiles, per-head different)
@@ -108,7 +108,9 @@ def main():
              lambda: random_rows(args.random_length, heads, dim, args.repeats, not args.no_flex)]
     for step in tqdm(steps, desc="cases"):
         rows.extend(step())
-    print(f"fp32, B=1, H=8, D=64, block 64, {args.threads} threads, min of {args.repeats}\n")
+    from blockattn.ops import cpu as cpu_backend
+    print(f"fp32, B=1, H=8, D=64, block 64, {args.threads} threads, min of {args.repeats}, "
+          f"cpu forward: {cpu_backend.isa()} (BLOCKATTN_CPU_ISA=avx2 forces the AVX2 + MKL path)\n")
     print("| case | mode | cpu ms | baseline | baseline ms | cpu / baseline |")
     print("|---|---|---|---|---|---|")
     for case, mode, cpu, base_name, base in rows:
