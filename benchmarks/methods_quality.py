@@ -13,6 +13,7 @@ import os
 from tqdm import tqdm
 
 import blockattn
+from blockattn.bench import harness
 from blockattn.bench.capture import capture_qkv, load_smollm2, real_text_ids
 from blockattn.bench.quality import format_table, measure_layers, skip_reason
 from blockattn.bench.timing import record_markdown
@@ -21,7 +22,8 @@ from blockattn.bench.timing import record_markdown
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
-    parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="specs 'name' or 'name:key=value,...' (default: every registered method)")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 10, 20, 28])
     parser.add_argument("--record", default="docs/bench/methods.md")
     parser.add_argument("--section", default="methods-quality", help="marker name of the table in --record")
@@ -33,12 +35,14 @@ def main():
     for length in args.lengths:
         captured = capture_qkv(model, real_text_ids(tokenizer, length), layers=args.layers)
         for name in tqdm(methods, desc=f"methods @ {length}"):
-            reason = skip_reason(name, *next(iter(captured.values()))[:2])
+            method_name, params = harness.parse_method(name)
+            method = blockattn.methods.get(method_name, **params)
+            reason = skip_reason(method, *next(iter(captured.values()))[:2])
             if reason:  # e.g. video methods that need grid=(T, H, W)
                 print(f"skipped {name}: {reason}")
                 skipped.append(f"- {name} @ {length}: {reason}\n")
                 continue
-            rows.append(measure_layers(name, captured))
+            rows.append(measure_layers(method, captured, name=name))
     table = format_table(rows)
     print(table)
     body = (f"Command: `python benchmarks/methods_quality.py --lengths {' '.join(map(str, args.lengths))}"
