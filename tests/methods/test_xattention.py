@@ -70,6 +70,15 @@ def test_selection_equals_naive_rule(q_len, k_len, heads_kv, threshold, causal, 
     assert torch.equal(layout.to_dense(), expected)
 
 
+def test_strided_inputs_select_like_contiguous_ones():
+    # attention layers hand over q/k as transposed views of [B, L, H, D]; lengths multiples of the block
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 128, 4, 8, generator=g).transpose(1, 2)
+    k = torch.randn(1, 128, 2, 8, generator=g).transpose(1, 2)
+    method = XAttention(stride=4, block_size=16)
+    assert torch.equal(method.select(q, k).to_dense(), method.select(q.contiguous(), k.contiguous()).to_dense())
+
+
 def test_properties_mass_causality_forced_blocks():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 256, 16, generator=g) * 2, torch.randn(1, 2, 256, 16, generator=g) * 2

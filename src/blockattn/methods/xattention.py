@@ -85,8 +85,8 @@ class XAttention(Method):
             q_cells = torch.nn.functional.pad(q_cells, (0, 0, 0, real_rows * S - q_len))
         q_cells = q_cells.reshape(batch, heads_kv, group, real_rows, S * dim)
         k_cells = torch.nn.functional.pad(k.float(), (0, 0, 0, n_k * block - k_len))
-        k_cells = k_cells.view(batch, heads_kv, cols, S, dim).flip(3).mul_(1.0 / (dim ** 0.5 * S))
-        k_cells = k_cells.view(batch, heads_kv, cols, S * dim)
+        k_cells = k_cells.reshape(batch, heads_kv, cols, S, dim).flip(3).mul_(1.0 / (dim ** 0.5 * S))
+        k_cells = k_cells.reshape(batch, heads_kv, cols, S * dim)  # inputs may be strided (HF's transposes)
         valid_cols = -(-k_len // S)   # key cells holding at least one real key
         offset = k_len - q_len        # bottom-right alignment of queries against keys
         # cell (r, c) is causally visible when its first key is not after the query cell's last query
