@@ -40,3 +40,9 @@ def test_eval_rejects_unknown_method_before_loading(capsys):
     from blockattn.cli import main
     with pytest.raises(ValueError, match="known methods"):
         main(["eval", "--methods", "no_such_method"])
+
+
+def test_eval_rejects_a_negative_budget():
+    from blockattn.cli import main
+    with pytest.raises(ValueError, match="--budget"):
+        main(["eval", "--budget", "-1"])

@@ -82,6 +82,19 @@ def test_multi_needle_and_perplexity_tasks():
     assert eval_plots.heatmaps(results, "/nonexistent") == []  # no passkey cells: no heatmap
 
 
+def test_time_budget_runs_the_first_method_and_lists_the_rest_as_not_run(tmp_path):
+    model, tok = copy_model(), Digits()
+    config = harness.EvalConfig(lengths=(256,), depths=(0.5,), quality_layers=(0,), decode_prompt=32,
+                                decode_tokens=2, backend="torch", budget_seconds=1e-6)
+    results = harness.run_eval(model, tok, ["dense:block_size=32", "streaming:window=32,block_size=32"], config,
+                               progress=False)
+    dense, stream = results["methods"]
+    assert dense["cells"] and "skipped" not in dense
+    assert not stream["cells"] and "time budget" in stream["skipped"]
+    assert "not run: past the" in harness.format_table(results)
+    assert len(eval_plots.heatmaps(results, str(tmp_path))) == 1  # no heatmap for a method that did not run
+
+
 def test_bad_tasks_are_refused():
     model, tok = copy_model(), Digits()
     with pytest.raises(ValueError, match="tasks must be a non-empty subset"):

@@ -21,7 +21,7 @@ def heatmaps(results: dict, folder: str) -> list[str]:
     paths = []
     if "passkey" not in results["config"].get("tasks", ("passkey",)):
         return paths
-    for entry in results["methods"]:
+    for entry in (e for e in results["methods"] if e["cells"]):
         grid = np.full((len(depths), len(lengths)), np.nan)
         for i, depth in enumerate(depths):
             for j, length in enumerate(lengths):

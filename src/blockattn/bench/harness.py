@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import time
 
 import torch
 
@@ -55,6 +56,7 @@ class EvalConfig:
     decode_tokens: int = 8
     needles: int = 4                    # multi-needle: facts per document; each is asked once per length
     backend: str = "auto"
+    budget_seconds: float | None = None  # methods that would end past it are not run (the first always runs)
 
 
 def _check(model, config: EvalConfig):
@@ -105,6 +107,7 @@ def run_eval(model, tokenizer, methods: list[tuple[str, dict]], config: EvalConf
 
     config = config or EvalConfig()
     _check(model, config)
+    started = time.perf_counter()
     methods = [parse_method(m) if isinstance(m, str) else (m[0], dict(m[1])) for m in methods]
     if "encoder" in config.tasks and encoder is None:
         raise ValueError("task 'encoder' needs encoder=(model, tokenizer), e.g. blockattn.models.load('minilm-l6')")
@@ -124,10 +127,14 @@ def run_eval(model, tokenizer, methods: list[tuple[str, dict]], config: EvalConf
     # every method reruns every prompt: say up front what that costs at the dense model's speed
     estimate = len(methods) * (sum(baseline[s.length] for s in samples) +
                                ("perplexity" in config.tasks) * baseline[min(config.lengths)])
+    per_method_estimate = estimate / len(methods)
     if progress:
+        budget = (f"; the {config.budget_seconds / 60:g}-min budget fits about "
+                  f"{max(1, min(len(methods), int(config.budget_seconds // max(per_method_estimate, 1e-9))))}"
+                  if config.budget_seconds else "")
         tqdm.write(f"blockattn eval: {len(methods)} methods x {len(samples)} prompts; at the unpatched model's "
-                   f"prefill speed that is about {estimate / 60:.0f} min (--methods, --lengths, --depths or "
-                   f"--quick make it shorter)")
+                   f"prefill speed that is about {estimate / 60:.0f} min{budget} (--methods, --lengths, --depths "
+                   f"or --quick make it shorter)")
     captured = capture_qkv(model, samples[0].prompt[:, :q_len] if samples[0].length >= q_len else
                            tasks.passkey(tokenizer, q_len, 0.5, model=model).prompt, layers=layers)
     decode_prompt = samples[0].prompt[:, :config.decode_prompt]
@@ -139,6 +146,13 @@ def run_eval(model, tokenizer, methods: list[tuple[str, dict]], config: EvalConf
     results = []
     for name, params in methods:
         entry = {"method": label(name, params), "name": name, "params": params, "cells": []}
+        if config.budget_seconds and results and \
+                time.perf_counter() - started + per_method_estimate > config.budget_seconds:
+            entry.update(skipped=f"not run: past the {config.budget_seconds / 60:g}-min time budget",
+                         accuracy=float("nan"), task_accuracy={}, prefill_speedup=float("nan"))
+            results.append(entry)
+            bar.update(per_method)
+            continue
         try:
             with hf.patch(model, name, backend=config.backend, **params) as handle:
                 for sample in samples:
@@ -209,9 +223,10 @@ def format_table(results: dict) -> str:
     lines = [head, "|" + "---|" * width]
     fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"  # noqa: E731
     for entry in results["methods"]:
-        if "error" in entry and not entry["cells"]:
+        if ("error" in entry or "skipped" in entry) and not entry["cells"]:
+            why = entry.get("skipped") or f"failed: {entry['error'][:80]}"
             lines.append(f"| {entry['method']} | " + " | ".join("-" for _ in columns) +
-                         f" | failed: {entry['error'][:80]} |" + " |" * (width - len(columns) - 1))
+                         f" | {why} |" + " |" * (width - len(columns) - 1))
             continue
         per_column = []
         for task, n in columns:

@@ -4,6 +4,8 @@ HELP = ("passkey retrieval on a real model (SmolLM2 by default) for dense and ev
         "table, results.json, a needle heatmap PNG per method and a speed/quality Pareto PNG")
 
 TASKS = ("passkey", "multi_needle", "perplexity", "encoder")
+# the default run tries dense, then the LLM-prefill selectors and baselines, then every other method
+FIRST = ("xattention", "streaming", "vertical_slash", "hip", "moba", "a_shape", "sliding_window")
 QUICK = {"lengths": [1024], "depths": [0.1, 0.5, 0.9], "methods": ["dense", "streaming:window=256"]}
 
 
@@ -24,6 +26,9 @@ def add_arguments(parser):
     parser.add_argument("--quick", action="store_true",
                         help=f"short run: lengths {QUICK['lengths']}, depths {QUICK['depths']}, "
                              f"methods {QUICK['methods']} (each overridable)")
+    parser.add_argument("--budget", type=float, default=15.0, metavar="MINUTES",
+                        help="time budget: methods that would finish past it are listed as not run (dense "
+                             "always runs; 0 = no budget, run every method). Default 15")
     parser.add_argument("--backend", default="auto", help="engine backend (default auto)")
     parser.add_argument("-o", "--output", default="eval_results",
                         help="folder for results.json, table.md and the PNGs (default ./eval_results)")
@@ -40,10 +45,14 @@ def run(args):
     from blockattn.bench import eval_plots, harness
 
     quick = getattr(args, "quick", False)
+    names = [n for n in registry.names() if n != "dense"]
     specs = args.methods or (QUICK["methods"] if quick else
-                             ["dense"] + [n for n in registry.names() if n != "dense"])
+                             ["dense"] + [n for n in FIRST if n in names] + [n for n in names if n not in FIRST])
+    if args.budget < 0:
+        raise ValueError(f"--budget must be >= 0 minutes, got {args.budget}")
     parsed = [harness.parse_method(s) for s in specs]  # fail on bad names/params before loading the model
-    config = harness.EvalConfig(backend=args.backend, seeds=tuple(args.seeds), tasks=tuple(args.tasks))
+    config = harness.EvalConfig(backend=args.backend, seeds=tuple(args.seeds), tasks=tuple(args.tasks),
+                                budget_seconds=args.budget * 60 or None)
     if quick:
         config.lengths, config.depths = tuple(QUICK["lengths"]), tuple(QUICK["depths"])
         config.quality_layers, config.decode_prompt = (0, 15, 29), 128
