@@ -14,6 +14,7 @@ comes from the layout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable
 
@@ -152,7 +153,9 @@ def _attend(plan: Plan, query, key, value, scaling, causal, layer, window):
     return out
 
 
+@functools.lru_cache(maxsize=64)
 def _dense(q_len, k_len, causal):
+    # decoding asks for the same (1, k_len) layout in every layer of a step: build it once
     return (blockattn.patterns.causal if causal else blockattn.patterns.full)(q_len, k_len)
 
 
