@@ -103,8 +103,10 @@ def test_command_tabulates_and_plots_saved_results(tmp_path, capsys):
                for m, d, acc in [("attention", 16, 0.5), ("attention", 32, 0.99), ("linear", 16, 0.1)]]
     path = tmp_path / "r.json"
     path.write_text(json.dumps(results))
-    args = types.SimpleNamespace(mixers=["attention"], load=[str(path)], plot=str(tmp_path / "acc.png"))
+    args = types.SimpleNamespace(mixers=["attention"], load=[str(path), str(path)], plot=str(tmp_path / "acc.png"),
+                                 json=str(tmp_path / "merged.json"))
     mqar_command.run(args)
+    assert json.loads((tmp_path / "merged.json").read_text()) == results * 2
     out = capsys.readouterr().out
     assert "| attention | 0.500 | 0.990 |" in out and "| linear | 0.100 |  |" in out
     assert (tmp_path / "acc.png").stat().st_size > 1000

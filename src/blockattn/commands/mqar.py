@@ -19,7 +19,7 @@ def add_arguments(parser):
                             default=getattr(defaults, field.name))
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 avoids oversubscription for these tiny models)")
-    parser.add_argument("--json", default="", help="write the results (one dict per run) to this JSON file")
+    parser.add_argument("--json", default="", help="write the results (one dict per run; with --load, the merged files) to this JSON file")
     parser.add_argument("--load", nargs="+", default=[], help="skip training: tabulate/plot these JSON result files")
     parser.add_argument("--plot", default="", help="PNG of accuracy vs d_model per mixer ('' = none)")
 
@@ -47,9 +47,9 @@ def run(args):
                     results.append(train_mqar(mixer, d_model, config, progress=bar))
                     tqdm.write(f"{mixer:>18} d={d_model:<4} acc={results[-1]['accuracy']:.3f} "
                                f"({results[-1]['seconds']:.0f} s)")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
+    if getattr(args, "json", ""):  # with --load: the merged results
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
     print(format_table(results))
     if args.plot:
         print(f"plot: {plot_accuracy(results, args.plot)}")
