@@ -122,12 +122,17 @@ def test_a_method_that_raises_is_recorded_not_fatal():
                                progress=False)
     assert "backend" in results["methods"][0]["error"]
     assert "failed" in harness.format_table(results)
+    # an error after some cells were scored keeps the cells and is named under the table
+    results["methods"][0]["cells"] = [{"task": "passkey", "length": 300, "depth": 0.5, "found": True, "seconds": 1.0}]
+    assert "dense stopped early: " in harness.format_table(results)
 
 
 def test_lengths_beyond_context_and_bad_depths_are_refused():
     model, tok = copy_model(), Digits()
     with pytest.raises(ValueError, match="context of 2048"):
         harness.run_eval(model, tok, ["dense"], harness.EvalConfig(lengths=(4096,)), progress=False)
+    with pytest.raises(ValueError, match="no room for the answer.*at most 2032"):  # prompt + answer must fit
+        harness.run_eval(model, tok, ["dense"], harness.EvalConfig(lengths=(2040,)), progress=False)
     with pytest.raises(ValueError, match="depths"):
         harness.run_eval(model, tok, ["dense"], harness.EvalConfig(lengths=(300,), depths=(2.0,)), progress=False)
 

@@ -42,12 +42,13 @@ def label(name: str, params: dict) -> str:
 
 
 TASKS = ("passkey", "multi_needle", "perplexity", "encoder")
+ANSWER_ROOM = 16  # tokens after a retrieval prompt: the answer is scored in the same forward pass
 
 
 @dataclasses.dataclass
 class EvalConfig:
     tasks: tuple = ("passkey", "perplexity")
-    lengths: tuple = (2048, 4096, 8192)
+    lengths: tuple = (2048, 4096, 8000)  # prompt lengths: prompt + answer must fit SmolLM2's 8192 tokens
     depths: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     seeds: tuple = (0,)
     quality_layers: tuple = (0, 10, 20, 29)
@@ -66,6 +67,10 @@ def _check(model, config: EvalConfig):
             raise ValueError(f"lengths must be ints >= 64, got {length!r}")
         if limit is not None and length > limit:
             raise ValueError(f"length {length} exceeds the model's context of {limit} tokens")
+        if limit is not None and length + ANSWER_ROOM > limit:
+            raise ValueError(f"length {length} leaves no room for the answer: prompt + answer (up to {ANSWER_ROOM} "
+                             f"tokens) must fit the model's context of {limit} tokens; use at most "
+                             f"{limit - ANSWER_ROOM}")
     for depth in config.depths:
         if not isinstance(depth, (int, float)) or not 0 <= depth <= 1:
             raise ValueError(f"depths must be numbers in [0, 1], got {depth!r}")
@@ -254,4 +259,6 @@ def format_table(results: dict) -> str:
                      f"{fmt(entry.get('decode_tokens_per_s'), '.1f')} | {fmt(entry.get('density'), '.3f')} | "
                      f"{fmt(quality.get('output_error'), '.2e')} | {fmt(quality.get('recall'), '.4f')} | "
                      f"{fmt(entry.get('select_fraction'), '.3f')} |")
+    failed = [e for e in results["methods"] if "error" in e and e["cells"]]
+    lines += [""] * bool(failed) + [f"- {e['method']} stopped early: {e['error'][:200]}" for e in failed]
     return "\n".join(lines)

@@ -15,7 +15,8 @@ def add_arguments(parser):
     parser.add_argument("--methods", nargs="+", default=None,
                         help="method specs 'name' or 'name:key=value,...' (default: dense and every registered "
                              "method)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="context lengths (default 2048 4096 8192)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="prompt lengths in tokens (default 2048 4096 8000: prompt + answer must fit "
+                             "the model's context, 8192 for SmolLM2)")
     parser.add_argument("--depths", type=float, nargs="+", default=None,
                         help="needle depths in [0, 1] (default 0 .25 .5 .75 1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="passkey seeds (one sample per seed)")
