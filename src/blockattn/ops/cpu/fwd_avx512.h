@@ -42,6 +42,33 @@ inline __m512 exp2_16(__m512 x) {
   return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
+// The one micro-kernel behind both products: acc[r][:] += sum_{k < n} A[r * row_step + k * k_step] * B[k][:]
+// for R rows, B holding rows of kChunk floats (16 NV lanes used): a broadcast of A times NV vectors of B
+// per step. QK^T reads A = K along its rows (k_step 1), PV reads A = V down its columns (row_step 1).
+template <int R, int NV>
+inline void rank1_steps(const float* __restrict A, int64_t row_step, int64_t k_step, const float* __restrict B,
+                        int64_t n, __m512 (&acc)[R][NV]) {
+  for (int64_t k = 0; k < n; ++k) {
+    __m512 b[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) b[c] = _mm512_loadu_ps(B + k * kChunk + c * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * row_step + k * k_step]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(a, b[c], acc[r][c]);
+    }
+  }
+}
+
+template <int R, int NV>
+inline void store_rows(const __m512 (&acc)[R][NV], float* __restrict out) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(out + r * kChunk + c * kLanes, acc[r][c]);
+}
+
 // St[r][0:16 NV] = sum_d K[r][d] Qt[d][0:16 NV] for R key rows.
 template <int R, int NV>
 inline void qk_rows(const float* __restrict K, int64_t D, const float* __restrict Qt, float* __restrict St) {
@@ -50,21 +77,8 @@ inline void qk_rows(const float* __restrict K, int64_t D, const float* __restric
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    __m512 b[NV];
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) b[c] = _mm512_loadu_ps(Qt + d * kChunk + c * kLanes);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(K[r * D + d]);
-#pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(a, b[c], acc[r][c]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(St + r * kChunk + c * kLanes, acc[r][c]);
+  rank1_steps<R, NV>(K, D, 1, Qt, D, acc);
+  store_rows<R, NV>(acc, St);
 }
 
 // Ot[r][:] = Ot[r][:] * corr + sum_{j < cols} V[j][r] Pt[j][:] for R rows of Ot (V already offset to d0).
@@ -76,21 +90,8 @@ inline void pv_rows(const float* __restrict V, int64_t D, const float* __restric
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(Ot + r * kChunk + c * kLanes), corr[c]);
-  for (int64_t j = 0; j < cols; ++j) {
-    __m512 b[NV];
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) b[c] = _mm512_loadu_ps(Pt + j * kChunk + c * kLanes);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(V[j * D + r]);
-#pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(a, b[c], acc[r][c]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(Ot + r * kChunk + c * kLanes, acc[r][c]);
+  rank1_steps<R, NV>(V, 1, D, Pt, cols, acc);
+  store_rows<R, NV>(acc, Ot);
 }
 
 // Micro-tiles of 4 rows x 4 vectors (16 accumulators): measured on Zen 5 against 6x4, 5x4, 7x4 and 4x2
