@@ -135,3 +135,9 @@ def test_per_head_thresholds_and_calibration():
         XAttention(threshold=(0.5, 0.9, 0.9)).select(q, k)
     with pytest.raises(ValueError, match="threshold"):
         XAttention(threshold=(0.5, 1.5))
+
+
+def test_scoring_leaves_torch_matmul_settings_as_they_were():
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    XAttention(stride=4, block_size=16).select(torch.randn(1, 2, 64, 8), torch.randn(1, 1, 64, 8))
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
