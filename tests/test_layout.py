@@ -55,6 +55,15 @@ def test_row_has_keys_matches_token_mask(q_len, k_len, block_q, block_k, causal,
     assert torch.equal(layout.row_has_keys(), expected)
 
 
+def test_lists_without_slots_have_no_keys():
+    counts, indices = torch.zeros(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 0, dtype=torch.int32)
+    layout = BlockLayout(counts, indices, q_len=10, k_len=10, block_q=8, block_k=8, causal=True,
+                         allow_empty_rows=True)
+    assert not layout.row_has_keys().any()
+    with pytest.raises(ValueError, match="attends to no key"):
+        BlockLayout(counts, indices, q_len=10, k_len=10, block_q=8, block_k=8, causal=True)
+
+
 @settings(max_examples=40, deadline=None)
 @given(q_len=st.integers(1, 40), k_len=st.integers(1, 40), block_q=st.sampled_from([4, 8, 16]),
        block_k=st.sampled_from([4, 8, 16]), seed=st.integers(0, 10_000), density=st.floats(0.05, 0.9))

@@ -367,7 +367,7 @@ class BlockLayout:
             rows = torch.arange(self.num_q_blocks * self.block_q, device=self.device)[:self.q_len]
             listed = self.kv_counts > 0
             has = listed.repeat_interleave(self.block_q, dim=-1)[..., :self.q_len]
-            if self.causal:
+            if self.causal and self.max_blocks:  # (no list slots at all: no row has keys already)
                 first = self.kv_indices[..., 0].clamp(min=0).repeat_interleave(self.block_q, dim=-1)
                 has = has & (first[..., :self.q_len] * self.block_k <= rows + self.offset)
             return has
