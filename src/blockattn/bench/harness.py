@@ -65,8 +65,6 @@ def _check(model, config: EvalConfig):
     for length in config.lengths:
         if isinstance(length, bool) or not isinstance(length, int) or length < 64:
             raise ValueError(f"lengths must be ints >= 64, got {length!r}")
-        if limit is not None and length > limit:
-            raise ValueError(f"length {length} exceeds the model's context of {limit} tokens")
         if limit is not None and length + ANSWER_ROOM > limit:
             raise ValueError(f"length {length} leaves no room for the answer: prompt + answer (up to {ANSWER_ROOM} "
                              f"tokens) must fit the model's context of {limit} tokens; use at most "
@@ -135,9 +133,9 @@ def run_eval(model, tokenizer, methods: list[tuple[str, dict]], config: EvalConf
         baseline[length] = tasks.answer_found(model, sample)[1]
         bar.update()
     # every method reruns every prompt: say up front what that costs at the dense model's speed
-    estimate = len(methods) * (sum(baseline[s.length] for s in samples) +
-                               ("perplexity" in config.tasks) * baseline[min(config.lengths)])
-    per_method_estimate = estimate / len(methods)
+    per_method_estimate = (sum(baseline[s.length] for s in samples) +
+                           ("perplexity" in config.tasks) * baseline[min(config.lengths)])
+    estimate = len(methods) * per_method_estimate
     if progress:
         budget = (f"; the {config.budget_seconds / 60:g}-min budget fits about "
                   f"{max(1, min(len(methods), int(config.budget_seconds // max(per_method_estimate, 1e-9))))}"
@@ -156,6 +154,7 @@ def run_eval(model, tokenizer, methods: list[tuple[str, dict]], config: EvalConf
     results = []
     for name, params in methods:
         entry = {"method": label(name, params), "name": name, "params": params, "cells": []}
+        bar_at_start = bar.n
         if config.budget_seconds and results and \
                 time.perf_counter() - started + per_method_estimate > config.budget_seconds:
             entry.update(skipped=f"not run: past the {config.budget_seconds / 60:g}-min time budget",
@@ -191,7 +190,7 @@ def run_eval(model, tokenizer, methods: list[tuple[str, dict]], config: EvalConf
                 bar.update()
         except Exception as error:  # one broken method must not sink the whole evaluation
             entry["error"] = f"{type(error).__name__}: {error}"
-            bar.update(len(samples) + 2 - len(entry["cells"]))
+            bar.update(bar_at_start + per_method - bar.n)  # the steps this method will not take
         cells = entry["cells"]
         entry["accuracy"] = sum(c["found"] for c in cells) / len(cells) if cells else float("nan")
         entry["task_accuracy"] = {task: sum(c["found"] for c in cells if c["task"] == task) /
