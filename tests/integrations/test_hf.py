@@ -162,7 +162,8 @@ def smollm2():
 def test_smollm2_full_layout_logits_and_greedy_generation(smollm2):
     from blockattn.bench.tasks import document_text
     model, tokenizer = smollm2
-    ids = tokenizer(document_text(20000, seed=1), return_tensors="pt").input_ids[:, :768]
+    ids = tokenizer(document_text(20000, seed=1), return_tensors="pt").input_ids[:, :2048]
+    assert ids.shape[1] == 2048  # the bar: a 2k-token prompt
     with torch.no_grad():
         ref = model(ids).logits
         with hf.patch(model, "dense"):
