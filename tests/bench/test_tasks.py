@@ -79,6 +79,8 @@ def test_token_nll_matches_float64_log_softmax(tokenizer):
     ids = tokenizer(tasks.document_text(2000, seed=1), return_tensors="pt").input_ids[:, :100]
     nll = tasks.token_nll(model, ids)
     assert torch.allclose(tasks.token_nll(model, ids, chunk=7), nll)  # the LM head in chunks changes nothing
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        tasks.token_nll(model, ids, chunk=0)
     with torch.no_grad():
         logits = model.double()(ids).logits[0, :-1]
     expected = -torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]

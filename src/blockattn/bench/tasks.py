@@ -133,6 +133,8 @@ def token_nll(model, ids: torch.Tensor, *, chunk: int = 1024) -> torch.Tensor:
 
     The LM head runs over `chunk` positions at a time (an 8k prompt's full logits over a 49k
     vocabulary would be 1.6 GB in float32) when the model exposes its decoder and output head."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     targets = ids[0, 1:]
     decoder, head = getattr(model, "get_decoder", None), model.get_output_embeddings()
     if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
