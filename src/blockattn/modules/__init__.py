@@ -1,8 +1,11 @@
 """nn.Module attention blocks from vision and video papers, each running on the block engine."""
+from blockattn.modules.combiner import CombinerAttention
 from blockattn.modules.halo import HaloAttention
 from blockattn.modules.neighborhood import NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d
 from blockattn.modules.next_frame import FrameKVCache, NextFrameTransformer
+from blockattn.modules.psa import PolarizedSelfAttention
 from blockattn.modules.styleswin import StyleSwinDoubleAttention
 
-__all__ = ["HaloAttention", "NeighborhoodAttention1d", "NeighborhoodAttention2d", "NeighborhoodAttention3d",
-           "FrameKVCache", "NextFrameTransformer", "StyleSwinDoubleAttention"]
+__all__ = ["CombinerAttention", "HaloAttention", "NeighborhoodAttention1d", "NeighborhoodAttention2d", "NeighborhoodAttention3d",
+           "FrameKVCache", "NextFrameTransformer", "StyleSwinDoubleAttention",
+           "PolarizedSelfAttention"]
