@@ -6,6 +6,6 @@ from blockattn.modules.next_frame import FrameKVCache, NextFrameTransformer
 from blockattn.modules.psa import PolarizedSelfAttention
 from blockattn.modules.styleswin import StyleSwinDoubleAttention
 
-__all__ = ["CombinerAttention", "HaloAttention", "NeighborhoodAttention1d", "NeighborhoodAttention2d", "NeighborhoodAttention3d",
-           "FrameKVCache", "NextFrameTransformer", "StyleSwinDoubleAttention",
+__all__ = ["CombinerAttention", "HaloAttention", "NeighborhoodAttention1d", "NeighborhoodAttention2d",
+           "NeighborhoodAttention3d", "FrameKVCache", "NextFrameTransformer", "StyleSwinDoubleAttention",
            "PolarizedSelfAttention"]
