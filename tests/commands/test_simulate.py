@@ -12,5 +12,10 @@ def test_simulate_prints_prediction(capsys):
 
 
 def test_simulate_bad_tile(capsys):
-    assert cli.main(["simulate", "--grid", "32", "32", "--window", "9", "--tile", "5", "8"]) == 2
+    assert cli.main(["simulate", "--grid", "32", "32", "--window", "9", "--tile", "0", "8"]) == 2
     assert "tile_shape" in capsys.readouterr().out
+
+
+def test_simulate_pads_a_tile_that_does_not_divide_the_grid(capsys):
+    assert cli.main(["simulate", "--grid", "32", "32", "--window", "9", "--tile", "5", "8"]) == 0
+    assert f"{simulate((32, 32), window=9, tile_shape=(5, 8)).speedup_upper_bound:.2f}x" in capsys.readouterr().out

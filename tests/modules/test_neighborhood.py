@@ -13,6 +13,7 @@ from tests.patterns.test_neighborhood import _naive_mask, _tup
     (NeighborhoodAttention1d, (23,), dict(window=5, dilation=2)),
     (NeighborhoodAttention2d, (9, 11), dict(window=(3, 5), stride=(1, 2), causal=(True, False))),
     (NeighborhoodAttention2d, (8, 8), dict(window=5, tile_shape=(4, 4))),
+    (NeighborhoodAttention2d, (10, 9), dict(window=3, dilation=(2, 3), tile_shape=(4, 2))),  # groups + padding
     (NeighborhoodAttention3d, (4, 6, 6), dict(window=3, dilation=(1, 2, 1))),
 ])
 def test_module_matches_dense(cls, grid, kwargs):

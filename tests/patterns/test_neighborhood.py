@@ -76,25 +76,68 @@ def test_neighborhood_matches_naive(grid, window, dilation, stride, causal, bloc
         assert torch.equal(expected.sum(1), torch.full((L,), math.prod(w)))
 
 
-@pytest.mark.parametrize("grid,tile,window,dilation,stride", [
-    ((8, 12), (4, 4), (5, 7), 1, 1), ((8, 8), (4, 2), 3, (2, 1), (1, 3)), ((4, 8, 8), (2, 4, 4), (3, 5, 3), 1, 1)])
-def test_tiled_order(grid, tile, window, dilation, stride):
+def natten_permutation(grid, tile, dilation):
+    """NATTEN's token permute (`token_permute/torch_impl.py`: pad each axis to a multiple of tile * dilation,
+    view as (rest, tile, dilation) per axis, move all dilation modes first, then rest, then tile) applied
+    to the row-major token indices; -1 marks padding."""
+    index = torch.arange(math.prod(grid)).view(grid)
+    padded = [-(-n // (t * d)) * t * d for n, t, d in zip(grid, tile, dilation)]
+    x = torch.full(padded, -1, dtype=torch.long)
+    x[tuple(slice(0, n) for n in grid)] = index
     nd = len(grid)
-    block = math.prod(tile)
-    layout = patterns.neighborhood(grid, window=window, dilation=dilation, stride=stride, block_q=block,
-                                   block_k=block, tile_shape=tile)
-    perm = patterns.tiled_permutation(grid, tile)
-    coords = list(itertools.product(*[range(n) for n in grid]))
-    order = [coords[i] for i in perm.tolist()]
-    expected = _naive_mask(grid, _tup(window, nd), _tup(dilation, nd), _tup(stride, nd), (False,) * nd, order)
+    x = x.view(*[m for p, t, d in zip(padded, tile, dilation) for m in (p // (t * d), t, d)])
+    order = [3 * a + 2 for a in range(nd)] + [3 * a for a in range(nd)] + [3 * a + 1 for a in range(nd)]
+    return x.permute(*order).reshape(-1)
+
+
+def _tiled_expected(grid, window, dilation, stride, causal, perm_q, perm_k):
+    """The row-major per-position mask moved into the (padded) tiled orders; padding sees and is seen by nothing."""
+    row_major = _naive_mask(grid, window, dilation, stride, causal)
+    expected = torch.zeros(len(perm_q), len(perm_k), dtype=torch.bool)
+    rq, rk = perm_q >= 0, perm_k >= 0
+    expected[rq.nonzero().flatten()[:, None], rk.nonzero().flatten()] = row_major[perm_q[rq]][:, perm_k[rk]]
+    return expected
+
+
+@pytest.mark.parametrize("grid,tile,kv_tile,window,dilation,stride", [
+    ((8, 12), (4, 4), None, (5, 7), 1, 1), ((8, 8), (4, 2), None, 3, (2, 1), (1, 3)),
+    ((4, 8, 8), (2, 4, 4), None, (3, 5, 3), 1, 1),
+    ((16, 16), (4, 4), None, 4, 4, 4),  # dilation groups tiled separately: perfectly block-sparse
+    ((10, 9), (4, 4), None, 3, (2, 3), 1),  # padding: the tile does not divide the grid
+    ((12, 8), (4, 4), (2, 8), (5, 3), (2, 1), (2, 1)),  # different Q and KV tiles
+    ((6, 7, 5), (2, 2, 4), (4, 2, 2), 3, (2, 1, 1), 1)])
+def test_tiled_order(grid, tile, kv_tile, window, dilation, stride):
+    nd = len(grid)
+    kv_tile = kv_tile or tile
+    layout = patterns.neighborhood(grid, window=window, dilation=dilation, stride=stride, block_q=math.prod(tile),
+                                   block_k=math.prod(kv_tile), tile_shape=tile, kv_tile_shape=kv_tile)
+    d = _tup(dilation, nd)
+    perm_q = patterns.tiled_permutation(grid, tile, dilation=dilation)
+    perm_k = patterns.tiled_permutation(grid, kv_tile, dilation=dilation)
+    assert torch.equal(perm_q, natten_permutation(grid, tile, d))
+    assert torch.equal(perm_k, natten_permutation(grid, kv_tile, d))
+    expected = _tiled_expected(grid, _tup(window, nd), d, _tup(stride, nd), (False,) * nd, perm_q, perm_k)
     assert torch.equal(layout.to_token_mask()[0, 0], expected)
-    # the tiled layout is the row-major one with rows and columns permuted
-    row_major = patterns.neighborhood(grid, window=window, dilation=dilation, stride=stride, block_q=block,
-                                      block_k=block).to_token_mask()[0, 0]
-    assert torch.equal(row_major[perm][:, perm], expected)
-    # tiles never cross tile boundaries: each token's tile-mates are the tile's contiguous block
-    assert sorted(perm[:block].tolist()) == sorted(
-        i for i, c in enumerate(coords) if all(x < t for x, t in zip(c, tile)))
+    # a tile holds members of one dilation group only, and tiles are contiguous blocks of the order
+    coords = torch.tensor(list(itertools.product(*[range(n) for n in grid])))
+    block = math.prod(tile)
+    for start in range(0, len(perm_q), block):
+        ids = perm_q[start:start + block]
+        ids = ids[ids >= 0]
+        if len(ids):
+            assert len({tuple(c) for c in (coords[ids] % torch.tensor(d)).tolist()}) == 1
+
+
+def test_tiled_attention_round_trip_with_padding_and_dilation():
+    grid, tile, kv_tile, dilation = (10, 9), (4, 4), (2, 4), (2, 1)
+    q, k, v = (torch.randn(2, 3, 90, 16, dtype=torch.float64) for _ in range(3))
+    layout = patterns.neighborhood(grid, window=3, dilation=dilation, block_q=16, block_k=8, tile_shape=tile,
+                                   kv_tile_shape=kv_tile)
+    tq = patterns.to_tiled(q, grid, tile, dilation=dilation)
+    tk, tv = (patterns.to_tiled(x, grid, kv_tile, dilation=dilation) for x in (k, v))
+    out = patterns.from_tiled(blockattn.attention(tq, tk, tv, layout, backend="torch"), grid, tile, dilation=dilation)
+    mask = patterns.neighborhood(grid, window=3, dilation=dilation, block_q=16, block_k=16).to_token_mask()
+    torch.testing.assert_close(out, masked_attention(q, k, v, mask), rtol=1e-10, atol=1e-10)
 
 
 def test_tiled_attention_round_trip():
@@ -117,8 +160,9 @@ def test_tiled_attention_round_trip():
     (dict(grid=(10, 10), window=3, causal=1), "causal"),
     (dict(grid=(10, 10, 10, 10), window=3), "grid"),
     (dict(grid=(0,), window=1), "grid"),
-    (dict(grid=(8, 8), window=3, tile_shape=(3, 4)), "tile_shape"),
+    (dict(grid=(8, 8), window=3, kv_tile_shape=(4, 4)), "kv_tile_shape needs tile_shape"),
     (dict(grid=(8, 8), window=3, tile_shape=(4, 4)), "block_q"),
+    (dict(grid=(8, 8), window=3, tile_shape=(4, 4), kv_tile_shape=(2, 4), block_q=16, block_k=16), "block_k"),
     (dict(grid=(8,), window=0), "window"),
 ])
 def test_bad_arguments(kwargs, match):

@@ -1,4 +1,4 @@
-"""GNA simulator: its predicted tile counts equal those of the layout built in tiled order."""
+"""GNA simulator: its predicted tile counts equal those of the layout built in (NATTEN's) tiled order."""
 import math
 
 import pytest
@@ -13,29 +13,32 @@ from blockattn.patterns.simulator import simulate
     ((16, 24), (4, 4), None, (5, 9), 1, (5, 3), (True, False)),
     ((8, 8, 8), (2, 4, 4), None, (3, 5, 3), (1, 1, 2), (1, 2, 1), (True, False, False)),
     ((60,), (6,), (10,), 9, 3, 2, False),
+    ((30, 20), (4, 8), (8, 4), 5, (3, 2), 1, False),  # padding
+    ((32, 32), (4, 4), None, 4, 4, (1, 4), (False, True)),
 ])
 def test_prediction_equals_layout(grid, tile, kv_tile, window, dilation, stride, causal):
     sim = simulate(grid, window=window, dilation=dilation, stride=stride, causal=causal, tile_shape=tile,
                    kv_tile_shape=kv_tile)
     kv_tile = kv_tile or tile
-    if kv_tile == tile:
-        layout = patterns.neighborhood(grid, window=window, dilation=dilation, stride=stride, causal=causal,
-                                       block_q=math.prod(tile), block_k=math.prod(tile), tile_shape=tile)
-        assert sim.visited_tiles == int(layout.kv_counts.sum())
-        assert sim.total_tiles == layout.num_q_blocks * layout.num_k_blocks
-        assert sim.tile_fraction == pytest.approx(layout.density())
-        assert sim.pair_fraction == pytest.approx(layout.token_density())
-    else:
-        # unequal tiles: count visited (query tile, key tile) pairs from the row-major token mask
-        mask = patterns.neighborhood(grid, window=window, dilation=dilation, stride=stride, causal=causal,
-                                     block_q=16, block_k=16).to_token_mask()[0, 0]
-        perm_q, perm_k = patterns.tiled_permutation(grid, tile), patterns.tiled_permutation(grid, kv_tile)
-        tiled = mask[perm_q][:, perm_k]
-        L, bq, bk = mask.shape[0], math.prod(tile), math.prod(kv_tile)
-        visited = tiled.view(L // bq, bq, L // bk, bk).any(3).any(1)
-        assert sim.visited_tiles == int(visited.sum())
+    layout = patterns.neighborhood(grid, window=window, dilation=dilation, stride=stride, causal=causal,
+                                   block_q=math.prod(tile), block_k=math.prod(kv_tile), tile_shape=tile,
+                                   kv_tile_shape=kv_tile)
+    assert sim.visited_tiles == int(layout.kv_counts.sum())
+    assert sim.total_tiles == layout.num_q_blocks * layout.num_k_blocks
+    assert sim.tile_fraction == pytest.approx(layout.density())
+    real = math.prod(grid)
+    assert sim.pair_fraction == pytest.approx(float(layout.to_token_mask().sum()) / real ** 2)
     assert sim.speedup_upper_bound == pytest.approx(1 / sim.tile_fraction)
     assert 0 < sim.tile_efficiency <= 1
+
+
+@pytest.mark.parametrize("grid,window,dilation,stride,tile,speedup", [
+    ((64, 64), 8, 4, 8, (8, 8), 64.0),  # the audit's case: GNA's per-group order is perfectly block-sparse
+    ((64, 64), 8, 2, 8, (8, 8), 64.0), ((64, 64), 8, 1, 8, (8, 8), 64.0)])
+def test_dilated_blocked_attention_is_block_sparse(grid, window, dilation, stride, tile, speedup):
+    sim = simulate(grid, window=window, dilation=dilation, stride=stride, tile_shape=tile)
+    assert sim.speedup_upper_bound == pytest.approx(speedup)
+    assert sim.tile_efficiency == pytest.approx(1.0)
 
 
 def test_blocked_attention_is_perfectly_block_sparse():
@@ -48,6 +51,6 @@ def test_errors():
     with pytest.raises(ValueError, match="tile_shape must be given"):
         simulate((8, 8), window=3, tile_shape=None)
     with pytest.raises(ValueError, match="kv_tile_shape"):
-        simulate((8, 8), window=3, tile_shape=(4, 4), kv_tile_shape=(3, 3))
+        simulate((8, 8), window=3, tile_shape=(4, 4), kv_tile_shape=(3, 3, 3))
     with pytest.raises(ValueError, match="window"):
         simulate((8, 8), window=9, tile_shape=(4, 4))

@@ -28,6 +28,7 @@ class GridAttention(nn.Module):
             raise ValueError(f"heads must be a positive int dividing dim={dim}, got {heads!r}")
         self.dim, self.heads, self.backend = dim, heads, backend
         self.tile_shape: tuple[int, ...] | None = None
+        self.tile_dilation = 1  # the tiled order groups tokens by dilation group (NATTEN's token permute)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self._layouts: dict[tuple[int, ...], BlockLayout] = {}
@@ -52,8 +53,8 @@ class GridAttention(nn.Module):
         qkv = self.qkv(x.reshape(batch, length, self.dim))
         q, k, v = qkv.view(batch, length, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
         if self.tile_shape is not None:
-            q, k, v = (to_tiled(t, grid, self.tile_shape) for t in (q, k, v))
+            q, k, v = (to_tiled(t, grid, self.tile_shape, dilation=self.tile_dilation) for t in (q, k, v))
         out = blockattn.attention(q, k, v, layout, backend=self.backend)
         if self.tile_shape is not None:
-            out = from_tiled(out, grid, self.tile_shape)
+            out = from_tiled(out, grid, self.tile_shape, dilation=self.tile_dilation)
         return self.proj(out.transpose(1, 2).reshape(batch, *grid, self.dim))

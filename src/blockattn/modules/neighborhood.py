@@ -26,10 +26,11 @@ class _NeighborhoodAttention(GridAttention):
         self.stride = per_axis("stride", stride, self.ndim)
         self.causal = per_axis("causal", causal, self.ndim, kind=bool)
         self.tile_shape = None if tile_shape is None else per_axis("tile_shape", tile_shape, self.ndim)
+        self.tile_dilation = self.dilation
         self.block = math.prod(self.tile_shape) if self.tile_shape is not None else block
 
     def build_layout(self, grid):
-        check_tile_shape("tile_shape", self.tile_shape, grid)
+        check_tile_shape("tile_shape", self.tile_shape, grid, divide=False)
         return neighborhood(grid, window=self.window, dilation=self.dilation, stride=self.stride, causal=self.causal,
                             block_q=self.block, block_k=self.block, tile_shape=self.tile_shape)
 

@@ -7,8 +7,9 @@ Two builders, both computing tile masks directly (never an `[Lq, Lk]` tensor):
   window attention are all of this form. Candidate tiles come from the per-axis ranges.
 - `tile_layout`: any vectorised `allowed(h, q_idx, k_idx)` over a given block-level superset.
 
-Token order on a grid is row-major, or GNA's tiled order (`tile_shape`): tokens are grouped
-tile by tile so that a block of `prod(tile_shape)` tokens is one spatial tile.
+Token order on a grid is row-major, or GNA's tiled order (`tile_shape`, NATTEN's token permute):
+tokens are grouped by dilation group, then tile by tile, so that a block of `prod(tile_shape)`
+tokens is one spatial tile of one dilation group; the grid is padded to whole tiles.
 """
 from __future__ import annotations
 
@@ -51,34 +52,55 @@ def per_axis(name: str, value, ndim: int, *, kind=int, minimum: int | None = 1) 
     return values
 
 
-def check_tile_shape(name: str, tile_shape, grid: tuple[int, ...]) -> tuple[int, ...] | None:
+def check_tile_shape(name: str, tile_shape, grid: tuple[int, ...], *, divide: bool = True) -> tuple[int, ...] | None:
     if tile_shape is None:
         return None
     tile_shape = per_axis(name, tile_shape, len(grid))
-    if any(n % t for n, t in zip(grid, tile_shape)):
+    if divide and any(n % t for n, t in zip(grid, tile_shape)):
         raise ValueError(f"{name} {tile_shape} must divide the grid {grid} on every axis")
     return tile_shape
 
 
 # ---------------------------------------------------------------------- token order
-def token_coords(grid: Sequence[int], tile_shape: Sequence[int] | None = None) -> Tensor:
-    """long `[L, ndim]`: grid coordinates of each token index (row-major, or tiled order)."""
-    index = torch.arange(math.prod(grid))
+def padded_grid(grid: Sequence[int], tile_shape: Sequence[int], dilation: Sequence[int] | None = None) -> tuple[int, ...]:
+    """NATTEN's padded grid for the tiled order: each axis rounded up to a multiple of `tile * dilation`."""
+    dilation = dilation or (1,) * len(grid)
+    return tuple(-(-n // (t * d)) * t * d for n, t, d in zip(grid, tile_shape, dilation))
+
+
+def _tiled_shape(grid, tile_shape, dilation):
+    dilation = tuple(dilation or (1,) * len(grid))
+    rest = [p // (t * d) for p, t, d in zip(padded_grid(grid, tile_shape, dilation), tile_shape, dilation)]
+    return dilation, list(dilation) + rest + list(tile_shape)
+
+
+def token_coords(grid: Sequence[int], tile_shape: Sequence[int] | None = None,
+                 dilation: Sequence[int] | None = None) -> Tensor:
+    """long `[L, ndim]`: grid coordinates of each token index (row-major, or tiled order).
+
+    The tiled order is NATTEN's token permute: tokens are ordered by dilation group, then by tile
+    of the group's sub-grid, then inside the tile, so a tile holds `tile_shape` members of one
+    dilation group. The grid is padded to `padded_grid(...)`; padding tokens have a coordinate
+    `>= grid` on some axis (so `L` may exceed `prod(grid)`).
+    """
     if tile_shape is None:
-        return _unravel(index, grid)
-    tile_volume = math.prod(tile_shape)
-    tiles = _unravel(index // tile_volume, [n // t for n, t in zip(grid, tile_shape)])
-    inside = _unravel(index % tile_volume, tile_shape)
-    return tiles * torch.tensor(tile_shape) + inside
+        return _unravel(torch.arange(math.prod(grid)), grid)
+    dilation, shape = _tiled_shape(grid, tile_shape, dilation)
+    ndim = len(grid)
+    parts = _unravel(torch.arange(math.prod(shape)), shape)
+    group, rest, inside = parts[:, :ndim], parts[:, ndim:2 * ndim], parts[:, 2 * ndim:]
+    return (rest * torch.tensor(tile_shape) + inside) * torch.tensor(dilation) + group
 
 
-def coords_to_index(coords: Tensor, grid: Sequence[int], tile_shape: Sequence[int] | None = None) -> Tensor:
-    """Token index of grid coordinates `[..., ndim]` in the given order."""
+def coords_to_index(coords: Tensor, grid: Sequence[int], tile_shape: Sequence[int] | None = None,
+                    dilation: Sequence[int] | None = None) -> Tensor:
+    """Token index of grid coordinates `[..., ndim]` in the given order (inverse of `token_coords`)."""
     if tile_shape is None:
         return _ravel(coords, grid)
-    ts = torch.tensor(tile_shape)
-    tile_index = _ravel(coords // ts, [n // t for n, t in zip(grid, tile_shape)])
-    return tile_index * math.prod(tile_shape) + _ravel(coords % ts, tile_shape)
+    dilation, shape = _tiled_shape(grid, tile_shape, dilation)
+    d, t = torch.tensor(dilation), torch.tensor(tile_shape)
+    within = coords // d
+    return _ravel(torch.cat([coords % d, within // t, within % t], dim=-1), shape)
 
 
 def _unravel(index: Tensor, shape: Sequence[int]) -> Tensor:
@@ -119,28 +141,44 @@ def tile_layout(q_len: int, k_len: int, block_q: int, block_k: int, candidates: 
 
 def grid_interval_layout(grid: tuple[int, ...], lo: Sequence[Tensor], hi: Sequence[Tensor],
                          dilation: Sequence[int], *, tile_shape: tuple[int, ...] | None, block_q: int,
-                         block_k: int) -> BlockLayout:
+                         block_k: int, kv_tile_shape: tuple[int, ...] | None = None,
+                         tile_dilation: Sequence[int] | None = None) -> BlockLayout:
     """Per axis `a`, query coordinate `x` keeps key coordinate `y` iff `lo[a][h, x] <= y <= hi[a][h, x]`
     and `y % dilation[a] == x % dilation[a]`; a key is kept when every axis keeps it.
-    `lo[a]`, `hi[a]`: long `[H, grid[a]]` (H = 1 for head-independent patterns)."""
+    `lo[a]`, `hi[a]`: long `[H, grid[a]]` (H = 1 for head-independent patterns).
+    Queries are in the order of `tile_shape`, keys in that of `kv_tile_shape` (default the same), both
+    grouped by `tile_dilation` (see `token_coords`); padding tokens are never keys and query no key."""
     block_q, block_k = _check_positive_int("block_q", block_q), _check_positive_int("block_k", block_k)
-    length = math.prod(grid)
+    kv_tile_shape = tile_shape if kv_tile_shape is None else kv_tile_shape
     heads = lo[0].shape[0]
-    coords = token_coords(grid, tile_shape)
-    n_q, n_k = _cdiv(length, block_q), _cdiv(length, block_k)
+    q_coords = token_coords(grid, tile_shape, tile_dilation)
+    k_coords = token_coords(grid, kv_tile_shape, tile_dilation)
+    size = torch.tensor(grid)
+    q_valid, k_valid = (q_coords < size).all(-1), (k_coords < size).all(-1)
+    padded = not (bool(q_valid.all()) and bool(k_valid.all()))
+    q_len, k_len = len(q_coords), len(k_coords)
+    n_q, n_k = _cdiv(q_len, block_q), _cdiv(k_len, block_k)
     candidates = torch.zeros(heads, n_q, n_k, dtype=torch.bool)
     for qb in range(n_q):
-        qc = coords[qb * block_q:(qb + 1) * block_q]
+        qc = q_coords[qb * block_q:(qb + 1) * block_q]
+        qc = qc[q_valid[qb * block_q:(qb + 1) * block_q]]
+        if len(qc) == 0:
+            continue
         for h in range(heads):
-            # the union of the block's per-axis ranges is a box that contains every allowed key
-            ranges = [torch.arange(int(lo[a][h, qc[:, a]].min()), int(hi[a][h, qc[:, a]].max()) + 1)
-                      for a in range(len(grid))]
+            # the union of the block's per-axis ranges (restricted to its dilation residues) is a box
+            # that contains every allowed key
+            ranges = []
+            for a, d in enumerate(dilation):
+                r = torch.arange(int(lo[a][h, qc[:, a]].min()), int(hi[a][h, qc[:, a]].max()) + 1)
+                ranges.append(r[torch.isin(r % d, (qc[:, a] % d).unique())])
             box = torch.cartesian_prod(*ranges).view(-1, len(grid))
-            candidates[h, qb, coords_to_index(box, grid, tile_shape) // block_k] = True
+            candidates[h, qb, coords_to_index(box, grid, kv_tile_shape, tile_dilation) // block_k] = True
+    clamp = size - 1
 
     def allowed(h, q_idx, k_idx):
-        qc, kc = coords[q_idx], coords[k_idx]  # [T, bq, 1, ndim], [T, 1, bk, ndim]
-        keep = torch.ones(torch.broadcast_shapes(q_idx.shape, k_idx.shape), dtype=torch.bool)
+        qc, kc = q_coords[q_idx], k_coords[k_idx]  # [T, bq, 1, ndim], [T, 1, bk, ndim]
+        keep = q_valid[q_idx] & k_valid[k_idx]
+        qc, kc = torch.minimum(qc, clamp), torch.minimum(kc, clamp)
         for a, d in enumerate(dilation):
             x, y = qc[..., a], kc[..., a]
             keep &= (y >= lo[a][h, x]) & (y <= hi[a][h, x])
@@ -148,4 +186,4 @@ def grid_interval_layout(grid: tuple[int, ...], lo: Sequence[Tensor], hi: Sequen
                 keep &= (y % d) == (x % d)
         return keep
 
-    return tile_layout(length, length, block_q, block_k, candidates, allowed)
+    return tile_layout(q_len, k_len, block_q, block_k, candidates, allowed, allow_empty_rows=padded)

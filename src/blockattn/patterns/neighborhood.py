@@ -16,9 +16,13 @@ Rule, per grid axis of size n with window K, dilation d, stride s:
 A key is kept when every axis keeps it. `stride=1, dilation=1` is plain neighborhood attention;
 `stride=window` is blocked attention.
 
-Token order: row-major (default), or GNA's tiled order when `tile_shape` is given: tokens are
-grouped tile by tile, so a query block of `prod(tile_shape)` tokens is one spatial tile and the
-layout becomes (nearly) block-sparse. `to_tiled` / `from_tiled` move q, k, v in and out of it.
+Token order: row-major (default), or GNA's tiled order when `tile_shape` is given. That is NATTEN's
+token permute (`natten/token_permute`): each axis is padded to a multiple of `tile * dilation`,
+tokens are ordered by dilation group first, then tile by tile inside the group's sub-grid, so a
+query block of `prod(tile_shape)` tokens is one spatial tile of one dilation group and the layout
+becomes (nearly) block-sparse. Keys may use their own `kv_tile_shape` (NATTEN's separate Q and KV
+tiles). Padding tokens are never keys; padded query rows attend to nothing (zero output).
+`to_tiled` / `from_tiled` move q, k, v in and out of the order (adding and removing the padding).
 """
 from __future__ import annotations
 
@@ -70,53 +74,70 @@ def neighborhood_ranges(size: int, window: int, dilation: int = 1, stride: int =
 
 
 def neighborhood(grid, *, window, dilation=1, stride=1, causal=False, block_q: int = 64, block_k: int = 64,
-                 tile_shape=None) -> BlockLayout:
+                 tile_shape=None, kv_tile_shape=None) -> BlockLayout:
     """Neighborhood attention over a token grid `(L,)`, `(H, W)` or `(T, H, W)` (see the module docstring).
 
     Args:
-        grid: grid shape; the sequence has `prod(grid)` tokens.
+        grid: grid shape; the sequence has `prod(grid)` tokens (more in the tiled order: padding).
         window, dilation, stride: ints or per-axis tuples (`window * dilation <= size`, `stride <= window`).
         causal: bool or per-axis tuple of bools.
         block_q, block_k: tile sizes in tokens.
-        tile_shape: None for row-major token order; a per-axis tile shape for GNA's tiled order (it
-            must divide the grid, and `block_q` and `block_k` must equal `prod(tile_shape)`).
+        tile_shape: None for row-major token order; a per-axis query tile shape for GNA's tiled order
+            (`block_q` must equal `prod(tile_shape)`).
+        kv_tile_shape: key/value tile shape in the tiled order (default `tile_shape`; `block_k` must
+            equal its product). Move q with `to_tiled(q, grid, tile_shape, dilation=dilation)` and
+            k, v with `kv_tile_shape`.
     """
     grid, window, dilation, stride, causal = _check_na_args(grid, window, dilation, stride, causal)
-    tile_shape = check_tile_shape("tile_shape", tile_shape, grid)
-    if tile_shape is not None and (block_q, block_k) != (math.prod(tile_shape),) * 2:
-        raise ValueError(f"with tile_shape={tile_shape}, block_q and block_k must equal prod(tile_shape)="
-                         f"{math.prod(tile_shape)}, got block_q={block_q}, block_k={block_k}")
+    tile_shape = check_tile_shape("tile_shape", tile_shape, grid, divide=False)
+    if tile_shape is None and kv_tile_shape is not None:
+        raise ValueError("kv_tile_shape needs tile_shape (the tiled order)")
+    kv_tile_shape = check_tile_shape("kv_tile_shape", tile_shape if kv_tile_shape is None else kv_tile_shape, grid,
+                                     divide=False)
+    if tile_shape is not None and (block_q, block_k) != (math.prod(tile_shape), math.prod(kv_tile_shape)):
+        raise ValueError(f"with tile_shape={tile_shape} and kv_tile_shape={kv_tile_shape}, block_q and block_k must "
+                         f"equal their products {math.prod(tile_shape)} and {math.prod(kv_tile_shape)}, got "
+                         f"block_q={block_q}, block_k={block_k}")
     lo, hi = zip(*(neighborhood_ranges(n, k, d, s, c) for n, k, d, s, c in zip(grid, window, dilation, stride, causal)))
     return grid_interval_layout(grid, [x[None] for x in lo], [x[None] for x in hi], dilation,
-                                tile_shape=tile_shape, block_q=block_q, block_k=block_k)
+                                tile_shape=tile_shape, kv_tile_shape=kv_tile_shape, tile_dilation=dilation,
+                                block_q=block_q, block_k=block_k)
 
 
 # ---------------------------------------------------------------------- tiled token order
-def tiled_permutation(grid, tile_shape) -> Tensor:
-    """long `[L]`: `perm[t]` is the row-major index of the token at position t of the tiled order."""
+def tiled_permutation(grid, tile_shape, *, dilation=1) -> Tensor:
+    """long `[L']`: `perm[t]` is the row-major index of the token at position t of the tiled order,
+    or -1 where position t is padding (`L' = prod(padded grid) >= prod(grid)`)."""
     grid = check_grid(grid)
-    tile_shape = check_tile_shape("tile_shape", tile_shape, grid)
+    tile_shape = check_tile_shape("tile_shape", tile_shape, grid, divide=False)
     if tile_shape is None:
         raise ValueError("tile_shape must be given for the tiled order")
-    coords = token_coords(grid, tile_shape)
+    dilation = per_axis("dilation", dilation, len(grid))
+    coords = token_coords(grid, tile_shape, dilation)
     index = torch.zeros(len(coords), dtype=torch.long)
     for axis, n in enumerate(grid):
         index = index * n + coords[:, axis]
-    return index
+    return torch.where((coords < torch.tensor(grid)).all(-1), index, -1)
 
 
-def to_tiled(x: Tensor, grid, tile_shape, *, dim: int = -2) -> Tensor:
-    """Reorder the token dimension `dim` of `x` (e.g. `[B, H, L, D]`) from row-major to tiled order."""
-    perm = tiled_permutation(grid, tile_shape)
+def to_tiled(x: Tensor, grid, tile_shape, *, dilation=1, dim: int = -2) -> Tensor:
+    """Reorder the token dimension `dim` of `x` (e.g. `[B, H, L, D]`) from row-major to tiled order
+    (zeros at the padding positions)."""
+    perm = tiled_permutation(grid, tile_shape, dilation=dilation)
+    length = int((perm >= 0).sum())
+    _check_token_dim(x, dim, length)
+    shape = list(x.shape)
+    shape[dim] = 1
+    padded = torch.cat([x, x.new_zeros(shape)], dim=dim)  # index `length` is the zero pad
+    return padded.index_select(dim, torch.where(perm >= 0, perm, length).to(x.device))
+
+
+def from_tiled(x: Tensor, grid, tile_shape, *, dilation=1, dim: int = -2) -> Tensor:
+    """Inverse of `to_tiled`: tiled order back to row-major (padding dropped)."""
+    perm = tiled_permutation(grid, tile_shape, dilation=dilation)
     _check_token_dim(x, dim, len(perm))
-    return x.index_select(dim, perm.to(x.device))
-
-
-def from_tiled(x: Tensor, grid, tile_shape, *, dim: int = -2) -> Tensor:
-    """Inverse of `to_tiled`: tiled order back to row-major."""
-    perm = tiled_permutation(grid, tile_shape)
-    _check_token_dim(x, dim, len(perm))
-    return x.index_select(dim, torch.argsort(perm).to(x.device))
+    real = (perm >= 0).nonzero().flatten()
+    return x.index_select(dim, real[torch.argsort(perm[real])].to(x.device))
 
 
 def _check_token_dim(x, dim, length):

@@ -1,9 +1,10 @@
 """GNA's analytical simulator: how many tiles a neighborhood-attention problem computes, before running it.
 
 Hassani et al., "Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed
-of Light" (arXiv 2504.16922), Sec. "simulator": with tokens in tiled order, a query tile and a key tile
-are both boxes, and neighborhood attention is an AND over axes, so a (query tile, key tile) pair is
-visited iff it is visited on every axis. The number of visited tiles is therefore the product over
+of Light" (arXiv 2504.16922), Sec. "simulator": with tokens in tiled order (NATTEN's token permute: padded to whole tiles,
+each dilation group tiled separately, separate Q and KV tile shapes), a query tile and a key tile
+are both boxes of one dilation group, and neighborhood attention is an AND over axes, so a (query
+tile, key tile) pair is visited iff it is visited on every axis. The number of visited tiles is therefore the product over
 axes of one-dimensional counts, computed exactly from the per-axis window rule without building any
 layout. The upper-bound speedup over dense attention with the same tiles is `total / visited`: what
 a kernel that skips unvisited tiles and pays nothing else (no masking, no per-tile overhead) gets.
@@ -15,7 +16,7 @@ import math
 
 import torch
 
-from blockattn.patterns._grid import check_tile_shape
+from blockattn.patterns._grid import check_tile_shape, padded_grid, token_coords
 from blockattn.patterns.neighborhood import _check_na_args, neighborhood_ranges
 
 __all__ = ["Simulation", "simulate"]
@@ -53,22 +54,28 @@ class Simulation:
 
 
 def simulate(grid, *, window, dilation=1, stride=1, causal=False, tile_shape, kv_tile_shape=None) -> Simulation:
-    """Predict the tiles `patterns.neighborhood(grid, ..., tile_shape=tile_shape)` computes.
-
-    `tile_shape` (query tile) and `kv_tile_shape` (default: the same) must divide the grid.
+    """Predict the tiles `patterns.neighborhood(grid, ..., tile_shape=tile_shape, kv_tile_shape=kv_tile_shape)`
+    computes. Grids the tiles do not divide are padded (padding tiles count in the total, like the
+    extra work a kernel does on them); `kv_tile_shape` defaults to `tile_shape`.
     """
     grid, window, dilation, stride, causal = _check_na_args(grid, window, dilation, stride, causal)
-    tile_shape = check_tile_shape("tile_shape", tile_shape, grid)
+    tile_shape = check_tile_shape("tile_shape", tile_shape, grid, divide=False)
     if tile_shape is None:
         raise ValueError("tile_shape must be given (the simulator models the tiled token order)")
-    kv_tile_shape = check_tile_shape("kv_tile_shape", tile_shape if kv_tile_shape is None else kv_tile_shape, grid)
+    kv_tile_shape = check_tile_shape("kv_tile_shape", tile_shape if kv_tile_shape is None else kv_tile_shape, grid,
+                                     divide=False)
     visited, total, pairs = 1, 1, 1.0
     for n, k, d, s, c, tq, tk in zip(grid, window, dilation, stride, causal, tile_shape, kv_tile_shape):
         lo, hi = neighborhood_ranges(n, k, d, s, c)
         x, y = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
         allowed = (y >= lo.view(-1, 1)) & (y <= hi.view(-1, 1)) & (y % d == x % d)  # one axis: [n, n]
-        axis_tiles = allowed.view(n // tq, tq, n // tk, tk).any(3).any(1)
-        visited *= int(axis_tiles.sum())
-        total *= (n // tq) * (n // tk)
         pairs *= float(allowed.sum()) / (n * n)
+        # the axis in tiled order (dilation group, tile, inside), padding never allowed
+        (pq,), (pk,) = padded_grid((n,), (tq,), (d,)), padded_grid((n,), (tk,), (d,))
+        padded = torch.zeros(pq, pk, dtype=torch.bool)
+        padded[:n, :n] = allowed
+        order_q, order_k = token_coords((n,), (tq,), (d,))[:, 0], token_coords((n,), (tk,), (d,))[:, 0]
+        axis_tiles = padded[order_q][:, order_k].view(pq // tq, tq, pk // tk, tk).any(3).any(1)
+        visited *= int(axis_tiles.sum())
+        total *= (pq // tq) * (pk // tk)
     return Simulation(grid, tile_shape, kv_tile_shape, visited, total, pairs)
