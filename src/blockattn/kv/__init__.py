@@ -1,0 +1,97 @@
+"""Decode-time KV policies: which cached tokens each KV head keeps, on a cache that really shrinks.
+
+    policy = blockattn.kv.get("razor", ratio=0.7)
+    with blockattn.hf.patch(model, kv=policy):          # or kv="razor:ratio=0.7"
+        out = model(ids, use_cache=True)                 # out.past_key_values holds only the kept tokens
+    blockattn.kv.cache_bytes(out.past_key_values)
+
+A policy is one small dataclass per paper (kvpress's shape, `base.Policy`); `ratio` is the fraction of
+the cache removed (kvpress's `compression_ratio`). The cache is `KVCache` (`cache.py`); the glue with
+transformers is `_hf.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+
+from blockattn.kv.base import Policy, ScorerPolicy, Selection
+
+_REGISTRY: dict[str, type[Policy]] = {}
+_INTERNAL = ("base", "cache", "_hf")
+
+
+def register(name: str):
+    """Class decorator: `@register("snapkv")` makes the policy reachable by name."""
+    def wrap(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"kv policy name {name!r} is already registered by {_REGISTRY[name].__name__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def _load_all():
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in _INTERNAL:
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def names() -> list[str]:
+    """Every registered KV policy name."""
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get(name: str, **params) -> Policy:
+    """Construct a registered policy with the given hyperparameters (its paper's defaults otherwise)."""
+    if not isinstance(name, str):
+        raise TypeError(f"kv policy name must be a str, got {type(name).__name__}")
+    _load_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown kv policy {name!r}; known policies: {', '.join(sorted(_REGISTRY))}")
+    cls = _REGISTRY[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise TypeError(f"kv policy {name!r} does not take {unknown}; its parameters are {sorted(fields)}")
+    return cls(**params)
+
+
+def parse(spec) -> Policy:
+    """A policy from a `Policy`, a name, or a spec string `"razor:ratio=0.7,sink=4"`."""
+    if isinstance(spec, Policy):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"kv must be a policy name, a spec string like 'razor:ratio=0.7' or a blockattn.kv "
+                        f"Policy, got {type(spec).__name__}")
+    import ast
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"kv parameter {item!r} in {spec!r} must look like key=value")
+        try:
+            params[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            params[key.strip()] = value.strip()
+    return get(name.strip(), **params)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of tensor data `cache` really holds (a `KVCache` or any transformers `Cache`)."""
+    from blockattn.kv.cache import cache_bytes as count
+    return count(cache)
+
+
+def __getattr__(name):
+    # transformers is optional and slow to import: the cache class loads on first use
+    if name == "KVCache":
+        from blockattn.kv.cache import KVCache
+        return KVCache
+    raise AttributeError(f"module 'blockattn.kv' has no attribute {name!r}")
+
+
+__all__ = ["KVCache", "Policy", "ScorerPolicy", "Selection", "cache_bytes", "get", "names", "parse", "register"]

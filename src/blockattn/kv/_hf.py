@@ -1,0 +1,140 @@
+"""Glue between `blockattn.kv` policies and `blockattn.hf.patch(model, kv=...)`.
+
+A forward pre-hook on the patched model gives every `use_cache` call a `KVCache` (it replaces the empty
+cache transformers or `generate` would create, and refuses a filled cache of another kind). The patched
+attention function hands each layer's call to `attention` below: a prefill chunk attends over its full
+K/V with the patch's method, then the policy keeps per KV head what it keeps; a later call attends over
+every head's buffer (one engine call per KV head and its query group, on the ragged per-head lengths:
+nothing is padded), then the policy may evict.
+"""
+from __future__ import annotations
+
+import torch
+
+from blockattn import kv as registry
+from blockattn.kv.base import Policy
+
+ATTR = "_blockattn_kv"
+HOOK_ATTR = "_blockattn_kv_hook"
+
+
+class Runtime:
+    """Per patched model: the policy, the cache of the current forward, and an optional probe observer
+    (`observer(layer, query, key, value, scale)` sees every layer's post-RoPE q/k/v, for profiling)."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.cache = None
+        self.observer = None
+
+    @property
+    def active(self) -> bool:
+        return self.cache is not None or self.observer is not None
+
+    def pre_forward(self, module, args, kwargs):
+        from transformers.cache_utils import Cache
+
+        from blockattn.kv.cache import KVCache
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", True)
+        past = kwargs.get("past_key_values")
+        if not use_cache or self.observer is not None:
+            self.cache = None
+            return None
+        if isinstance(past, KVCache):
+            self.cache = past
+            return None
+        if past is None or (isinstance(past, Cache) and past.get_seq_length() == 0):
+            self.cache = KVCache(self.policy)
+            kwargs["past_key_values"] = self.cache
+            return args, kwargs
+        raise ValueError(f"past_key_values is a {type(past).__name__} holding {past.get_seq_length()} tokens; a model "
+                         "patched with kv= needs its own cache: pass none, or the blockattn.kv.KVCache a previous "
+                         "call returned")
+
+    def attention(self, plan, query, key, value, attention_mask, scaling, causal, layer, window):
+        """One patched layer's attention under the policy: `[B, Hq, Lq, D]`."""
+        return _attention(self, plan, query, key, value, attention_mask, scaling, causal, layer, window)
+
+
+def resolve(model, kv, modules, decode) -> Policy:
+    """The policy for `patch(kv=...)`, after checking the model has a KV cache to act on."""
+    policy = registry.parse(kv)
+    if getattr(model.config, "is_encoder_decoder", False) or not all(getattr(m, "is_causal", False) for m in modules):
+        raise ValueError(f"kv policies act on a decoder's KV cache; {type(model).__name__} has none (its attention "
+                         "is not causal self-attention)")
+    if decode is not None:
+        raise ValueError("decode= and kv= both decide how decoding attends; give one of them")
+    return policy
+
+
+def install(model, policy: Policy, modules) -> Runtime:
+    runtime = Runtime(policy)
+    for module in modules:
+        setattr(module, ATTR, runtime)
+    setattr(model, HOOK_ATTR, model.register_forward_pre_hook(runtime.pre_forward, with_kwargs=True))
+    policy.setup(model, runtime)
+    return runtime
+
+
+def uninstall(model) -> None:
+    hook = getattr(model, HOOK_ATTR, None)
+    if hook is not None:
+        hook.remove()
+        delattr(model, HOOK_ATTR)
+    for module in model.modules():
+        if hasattr(module, ATTR):
+            delattr(module, ATTR)
+
+
+def _attention(runtime: Runtime, plan, query, key, value, attention_mask, scaling, causal, layer, window):
+    from blockattn.integrations.hf import _attend
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    if runtime.observer is not None:
+        out = _attend(plan, query, key, value, scaling, causal, layer, window)
+        runtime.observer(layer, query, key, value, scale)
+        return out
+    if window is not None:
+        raise ValueError(f"layer {layer} is a sliding-window layer; kv policies do not handle those yet")
+    if attention_mask is not None:
+        raise ValueError("kv policies take batches without padding (attention_mask all ones); run padded "
+                         "prompts one at a time")
+    state = runtime.cache.layers[layer]
+    state.awaiting_attention = False
+    if plan.max_len is not None and state.seen > plan.max_len:
+        raise ValueError(f"sequence of {state.seen} tokens exceeds the model's context of {plan.max_len} "
+                         "(max_position_embeddings)")
+    policy = runtime.policy
+    if state.pending is not None:
+        out = _attend(plan, query, key, value, scaling, causal, layer, window)
+        _store(state, policy.select(layer, query, key, value, scale), key, value)
+        return out
+    out = policy.attend(runtime.cache, state, layer, query, scale, plan.backend)
+    policy.after_attend(runtime.cache, state, layer, query, scale)
+    return out
+
+
+def _store(state, selection, key, value) -> None:
+    heads, n, dim = key.shape[1], key.shape[2], key.shape[3]
+    if len(selection.keep) != heads:
+        raise ValueError(f"kv policy returned {len(selection.keep)} head selections, expected {heads}")
+    compensate = selection.compensate or [False] * heads
+    capacity = selection.capacity or [None] * heads
+    keys, values, comps = [], [], []
+    for h in range(heads):
+        index = selection.keep[h]
+        gather = index.unsqueeze(-1).expand(-1, -1, dim)
+        keys.append(key[:, h].gather(1, gather))
+        values.append(value[:, h].gather(1, gather))
+        dropped = n - index.shape[1]
+        if compensate[h] and dropped > 0:
+            # RazorAttention's compensation token: the mean of the dropped (post-RoPE) keys and values
+            gone = torch.ones(index.shape[0], n, 1, device=key.device).scatter_(1, index.unsqueeze(-1), 0.0)
+            k_sum = (key[:, h].float() * gone).sum(1)
+            v_sum = (value[:, h].float() * gone).sum(1)
+            count = torch.full((key.shape[0],), float(dropped), device=key.device)
+            comps.append(((k_sum / dropped).to(key.dtype), (v_sum / dropped).to(value.dtype), count))
+        else:
+            comps.append(None)
+    state.store(list(selection.keep), keys, values, comps, capacity)
