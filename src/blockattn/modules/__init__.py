@@ -4,6 +4,7 @@ from blockattn.modules.halo import HaloAttention
 from blockattn.modules.neighborhood import NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d
 from blockattn.modules.next_frame import FrameKVCache, NextFrameTransformer
 from blockattn.modules.ninformer import NiNBlock
+from blockattn.modules.overlock import ContMix, ContMixBlock, DynamicConvBlock, contmix_aggregate
 from blockattn.modules.patnet import PATBlock, PATChannel, PATSelf, PATSpatial
 from blockattn.modules.pointer import PointerAttention, PointerNetwork
 from blockattn.modules.psa import PolarizedSelfAttention
@@ -12,4 +13,5 @@ from blockattn.modules.styleswin import StyleSwinDoubleAttention
 __all__ = ["CombinerAttention", "HaloAttention", "NeighborhoodAttention1d", "NeighborhoodAttention2d",
            "NeighborhoodAttention3d", "FrameKVCache", "NextFrameTransformer", "StyleSwinDoubleAttention",
            "PolarizedSelfAttention", "PointerAttention", "PointerNetwork",
-           "NiNBlock", "PATBlock", "PATChannel", "PATSelf", "PATSpatial"]
+           "NiNBlock", "PATBlock", "PATChannel", "PATSelf", "PATSpatial",
+           "ContMix", "ContMixBlock", "DynamicConvBlock", "contmix_aggregate"]
