@@ -21,6 +21,8 @@ retrieved blocks keep their original positions (this is exact attention over the
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -90,6 +92,7 @@ def _regular_columns(block_size: int, rows: int, device) -> Tensor:
     return mask
 
 
+@functools.lru_cache(maxsize=64)
 def _own_block_layout(length: int, block_size: int, device) -> BlockLayout:
     n = _cdiv(length, block_size)
     return BlockLayout(torch.ones(1, 1, n, dtype=torch.int32, device=device),
@@ -99,6 +102,7 @@ def _own_block_layout(length: int, block_size: int, device) -> BlockLayout:
                        tile_masks=_regular_columns(block_size, block_size, device))
 
 
+@functools.lru_cache(maxsize=64)
 def _causal_regular_layout(length: int, block_size: int, device) -> BlockLayout:
     n = _cdiv(length, block_size)
     ids = torch.arange(n, dtype=torch.int32, device=device)
@@ -117,6 +121,13 @@ def _one_block_per_row(blocks: Tensor, length: int, block_q: int, block_size: in
                        q_len=length, k_len=length, block_q=block_q, block_k=block_size,
                        tile_mask_ids=torch.where(listed, 0, -1).unsqueeze(-1).to(torch.int32),
                        tile_masks=_regular_columns(block_size, block_q, blocks.device), allow_empty_rows=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def _offset_layout(length: int, block_size: int, offset: int, device) -> BlockLayout:
+    n = _cdiv(length, block_size)
+    return _one_block_per_row((torch.arange(n, device=device) - offset).view(1, 1, n), length, block_size,
+                              block_size)
 
 
 # ---------------------------------------------------------------------- attention
@@ -147,10 +158,8 @@ def grouped_softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: in
     # LSE of each query over the regular tokens of the block `offset` blocks back
     lse_back = [torch.zeros(batch, heads, length, device=q.device)]
     for offset in range(1, n):
-        blocks = torch.arange(n, device=q.device) - offset
-        _, lse = blockattn.attention(q, k, v, _one_block_per_row(blocks.view(1, 1, n), length, block_size,
-                                                                  block_size),
-                                     scale=scale, backend=backend, return_lse=True)
+        _, lse = blockattn.attention(q, k, v, _offset_layout(length, block_size, offset, q.device), scale=scale,
+                                     backend=backend, return_lse=True)
         lse_back.append(lse)
     lse_back = torch.stack(lse_back, -1)  # [B, H, L, offset]
     offsets = (query_block.view(-1, 1) - torch.arange(n, device=q.device).view(1, -1))  # [L, nb]

@@ -1,0 +1,56 @@
+"""A nanoGPT-sized pre-LN decoder with RoPE whose attention is a pluggable module, for the small
+trained experiments of the trainable methods (Landmark, DMA)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+def rotary(x: Tensor, base: float = 10000.0) -> Tensor:
+    """RoPE (rotate-half convention) over `[B, H, L, D]` at positions 0..L-1."""
+    length, dim = x.shape[2], x.shape[3]
+    inv = base ** (-torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
+    angles = torch.arange(length, device=x.device, dtype=torch.float32).view(-1, 1) * inv
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(x.dtype) for f in (torch.cos, torch.sin))
+    half = dim // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mixer: nn.Module, mlp_ratio: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.mixer = mixer
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = self.mixer(rotary(q), rotary(k), v)
+        x = x + self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyDecoder(nn.Module):
+    """`tokens [B, L] -> logits [B, L, vocab]`; `make_mixer(layer)` returns each layer's attention
+    module `(q, k, v) [B, H, L, D] -> [B, H, L, D]` (q and k already rotated)."""
+
+    def __init__(self, vocab: int, make_mixer: Callable[[int], nn.Module], *, dim: int = 64, heads: int = 2,
+                 layers: int = 2, mlp_ratio: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, make_mixer(i), mlp_ratio) for i in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))

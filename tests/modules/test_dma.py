@@ -1,0 +1,108 @@
+"""DMA: the keep rule equals brute-force causal top-w of the bias, the folded bias equals an explicit-bias
+softmax forward and backward, gradients reach A and W_dt, and w >= L is plain causal attention + bias."""
+import pytest
+import torch
+
+from blockattn.modules.dma import DMAAttention, keep_thresholds
+
+
+def naive_keep(bias, window):
+    """bool [B, H, L, L]: row i keeps the `window` largest bias values among keys 0..i (all if i < window)."""
+    batch, heads, length = bias.shape
+    keep = torch.zeros(batch, heads, length, length, dtype=torch.bool)
+    for i in range(length):
+        if i + 1 <= window:
+            keep[..., i, :i + 1] = True
+        else:
+            top = bias[..., :i + 1].topk(window, dim=-1).indices
+            keep[..., i, :].scatter_(-1, top, True)
+    return keep
+
+
+def naive_dma(q, k, v, bias, keep):
+    """Explicit softmax(scale q k^T + b) over the kept keys; GQA by repeating."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    b, keep = bias.repeat_interleave(group, 1), keep.repeat_interleave(group, 1)
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + b.unsqueeze(-2)
+    return torch.softmax(scores.masked_fill(~keep, float("-inf")), -1) @ v
+
+
+def _module(window, form="linear", seed=0):
+    torch.manual_seed(seed)
+    module = DMAAttention(2, 8, window=window, form=form, block_size=8).double()
+    with torch.no_grad():
+        module.A.normal_(0, 1.0)  # a bias large enough to matter
+    return module
+
+
+def _inputs(length, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, h, length, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2)]
+
+
+def test_thresholds_give_the_brute_force_top_w():
+    bias = torch.randn(2, 3, 150, dtype=torch.float64)
+    tau = keep_thresholds(bias, 10)
+    rows = torch.arange(150).view(-1, 1)
+    threshold_rule = (torch.arange(150).view(1, -1) <= rows) & (bias.unsqueeze(-2) >= tau.unsqueeze(-1))
+    assert torch.equal(threshold_rule, naive_keep(bias, 10))
+
+
+@pytest.mark.parametrize("form", ["linear", "exp"])
+def test_layout_is_the_causal_top_w_and_output_matches_explicit_bias(form):
+    module = _module(6, form)
+    q, k, v = _inputs(40, seed=1)
+    layout, bias = module.select(v, 4)
+    keep = naive_keep(bias.detach(), 6)
+    assert torch.equal(layout.to_token_mask(), keep.repeat_interleave(2, 1))
+    torch.testing.assert_close(module(q, k, v), naive_dma(q, k, v, bias, keep), rtol=1e-10, atol=1e-10)
+
+
+def test_gradients_match_explicit_bias_reference():
+    module = _module(6)
+    q, k, v = (t.requires_grad_() for t in _inputs(40, seed=2))
+    module(q, k, v).square().sum().backward()
+    got = [t.grad.clone() for t in (q, k, v)] + [module.A.grad.clone(), module.dt_proj.weight.grad.clone()]
+    assert float(got[3].abs().sum()) > 0 and float(got[4].abs().sum()) > 0
+    for t in (q, k, v, module.A, module.dt_proj.weight):
+        t.grad = None
+    bias = module.key_bias(v)
+    naive_dma(q, k, v, bias, naive_keep(bias.detach(), 6)).square().sum().backward()
+    want = [q.grad, k.grad, v.grad, module.A.grad, module.dt_proj.weight.grad]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+
+
+def test_fp32_default_backend_matches():
+    module = _module(6).float()
+    q, k, v = (t.float() for t in _inputs(64, seed=3))
+    bias = module.key_bias(v)
+    torch.testing.assert_close(module(q, k, v), naive_dma(q, k, v, bias, naive_keep(bias.detach(), 6)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_window_at_least_length_is_dense_plus_bias():
+    module = _module(40)
+    q, k, v = _inputs(40, seed=4)
+    bias = module.key_bias(v)
+    causal = torch.ones(40, 40, dtype=torch.bool).tril().expand(2, 2, 40, 40)
+    torch.testing.assert_close(module(q, k, v), naive_dma(q, k, v, bias, causal), rtol=1e-10, atol=1e-10)
+
+
+def test_group_heads_share_mask_and_bias():
+    module = _module(5)
+    _, _, v = _inputs(30, seed=5)
+    layout, _ = module.select(v, 4)
+    mask = layout.to_token_mask()
+    assert torch.equal(mask[:, 0], mask[:, 1]) and torch.equal(mask[:, 2], mask[:, 3])
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="window"):
+        DMAAttention(2, 8, window=0)
+    with pytest.raises(ValueError, match="form"):
+        DMAAttention(2, 8, form="relu")
+    q, k, v = _inputs(16)
+    with pytest.raises(ValueError, match="expected q"):
+        DMAAttention(3, 8)(q, k, v)
