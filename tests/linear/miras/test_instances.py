@@ -14,6 +14,10 @@ from tests.linear._util import rel_err
 
 
 def test_configurations_follow_the_paper():
+    from blockattn.linear.miras import MLPMemory, ResidualMLPMemory
+    assert all(isinstance(c.parts.memory, ResidualMLPMemory) and c.parts.memory.expansion == 4
+               for c in (Moneta(), Yaad(), Memora()))
+    assert isinstance(Moneta(residual_norm=False).parts.memory, MLPMemory)
     moneta = Moneta().parts
     assert isinstance(moneta.bias, LpBias) and moneta.bias.p == 3 and isinstance(moneta.retention, LqRetention)
     assert moneta.retention.q == 4 and isinstance(moneta.rule, GradientDescent)
@@ -74,3 +78,36 @@ def test_decode_steps_continue_a_prefill(config, extra):
                                delta, 4)
         steps.append(y)
     assert rel_err(torch.stack(steps, dim=1).unsqueeze(0), full[:, :, 8:]) <= 1e-5
+
+
+def _store_and_read(parts, lr, extra, seed, residual, length=256, dim=16):
+    """`length` writes of one (k, v) pair (chunk 1: the sequential rule), then the read-out at q = k."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.nn.functional.normalize(torch.randn(dim, generator=g, dtype=torch.float64), dim=-1)
+    u = torch.randn(dim, generator=g, dtype=torch.float64)
+    u = (u - u.mean()) / u.std(unbiased=False)  # a unit-scale value (entries of RMS 1)
+    # the residual memory outputs k + (zero-mean, unit-RMS vector): store a target of that form
+    v = k + u if residual else u
+    keys, values = k.expand(1, 1, length, dim), v.expand(1, 1, length, dim)
+    init = default_init(parts, 1, dim, dim, dtype=torch.float64, seed=seed)
+    y = linear_memory(keys, keys, values, parts, lr, init, extra)
+    return float((y[0, 0, -1] - v).norm() / v.norm())
+
+
+def linear_memory(q, k, v, parts, lr, init, extra):
+    from blockattn.linear.miras import memory_chunk
+    return memory_chunk(q, k, v, parts=parts, lr=lr, decay=1.0, init=init, chunk_size=1, **extra)
+
+
+@pytest.mark.parametrize("config,extra", [(Moneta(), {}), (Yaad(), {"delta": 1.0}), (Memora(), {}),
+                                          (Moneta(residual_norm=False), {}), (Memora(residual_norm=False), {})],
+                         ids=["moneta", "yaad", "memora", "moneta-bare", "memora-bare"])
+def test_one_pair_store_and_read(config, extra):
+    """With the paper's residual + LayerNorm memory every instance stores a unit-scale value and reads it
+    back (relative error < 0.1); the bare MLP cannot, because the ℓ_q / simplex retention fixes its output
+    scale (the test shows that by failing the bare variants the other way round)."""
+    errors = [_store_and_read(config.parts, 0.01, extra, seed, config.residual_norm) for seed in range(3)]
+    if config.residual_norm:
+        assert max(errors) < 0.1, errors
+    else:
+        assert min(errors) > 0.5, errors

@@ -32,6 +32,13 @@ def test_chunk_equals_token_loop(chunk_size):
         assert rel_err(fast, ref) <= 1e-4, name
 
 
+def test_residual_norm_memory_chunk_equals_token_loop():
+    q, k, v, lr, momentum, forget = _inputs(d_v=4)
+    kwargs = dict(lr=lr, momentum=momentum, forget=forget, chunk_size=4, residual_norm=True, expansion=4)
+    fast, ref = titans(q, k, v, **kwargs), titans_naive(q, k, v, **kwargs)
+    assert rel_err(fast, ref) <= 1e-4 and not torch.allclose(fast, titans(q, k, v, **{**kwargs, "residual_norm": False}))
+
+
 def test_decode_continues_prefill():
     q, k, v, lr, momentum, forget = _inputs(length=24)
     gates = lambda s: dict(lr=lr[:, :, s], momentum=momentum[:, :, s], forget=forget[:, :, s])  # noqa: E731

@@ -7,8 +7,10 @@ from blockattn.linear.titans import TitansMAC, TitansMAG, TitansMAL
 
 @pytest.mark.parametrize("make", [lambda: TitansMAC(8, heads=2, segment=4, persistent=2),
                                   lambda: TitansMAG(8, heads=2, window=4, chunk_size=4),
-                                  lambda: TitansMAL(8, heads=2, window=4, chunk_size=4)],
-                         ids=["mac", "mag", "mal"])
+                                  lambda: TitansMAL(8, heads=2, window=4, chunk_size=4),
+                                  lambda: TitansMAG(8, heads=2, window=4, chunk_size=4, persistent=0, residual_norm=True),
+                                  lambda: TitansMAL(8, heads=2, window=4, chunk_size=4, residual_norm=True)],
+                         ids=["mac", "mag", "mal", "mag-no-persistent-residual", "mal-residual"])
 def test_causal_and_trainable(make):
     torch.manual_seed(0)
     module = make()
@@ -39,3 +41,23 @@ def test_mac_context_mask():
 def test_mac_rejects_bad_heads():
     with pytest.raises(ValueError, match="divisible by heads"):
         TitansMAC(10, heads=3)
+
+
+def test_mag_persistent_tokens_are_seen_by_every_row():
+    """§4.2: attention runs over [persistent ‖ x] and every row sees the persistent tokens (SW-Attn*)."""
+    module = TitansMAG(8, heads=2, window=4, chunk_size=4, persistent=3)
+    mask = module.attention.layout(3 + 20).to_token_mask()[0, 0]
+    assert mask[:, :3].tril().equal(torch.ones(23, 3, dtype=torch.bool).tril())  # causal among themselves
+    assert mask[3:, :3].all() and not mask[10, 4:6].any() and mask[10, 7:11].all()  # window 4 after them
+    for make in (lambda: module, lambda: TitansMAL(8, heads=2, window=4, chunk_size=4, persistent=3)):
+        layer = make()
+        x = torch.randn(1, 20, 8)
+        y = layer(x)
+        with torch.no_grad():
+            layer.persistent[0] += 1.0
+        assert y.shape == x.shape and (layer(x) - y).abs().amax(-1).min() > 0  # every output row changes
+
+
+def test_persistent_count_checked():
+    with pytest.raises(ValueError, match="persistent"):
+        TitansMAG(8, persistent=-1)

@@ -3,8 +3,8 @@ from blockattn.linear.miras.chunk import memory_chunk
 from blockattn.linear.miras.common import MemoryState, MirasParts
 from blockattn.linear.miras.naive import memory_naive, memory_step
 from blockattn.linear.miras.parts import (GradientDescent, HuberBias, KLRetention, L2Bias, L2Retention, LinearMemory,
-                                          LpBias, LqRetention, MLPMemory, MomentumDescent)
+                                          LpBias, LqRetention, MLPMemory, MomentumDescent, ResidualMLPMemory)
 
 __all__ = ["GradientDescent", "HuberBias", "KLRetention", "L2Bias", "L2Retention", "LinearMemory", "LpBias",
-           "LqRetention", "MLPMemory", "MemoryState", "MirasParts", "MomentumDescent", "memory_chunk",
+           "LqRetention", "MLPMemory", "MemoryState", "MirasParts", "MomentumDescent", "ResidualMLPMemory", "memory_chunk",
            "memory_naive", "memory_step"]

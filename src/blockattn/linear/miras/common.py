@@ -8,9 +8,10 @@ from torch import Tensor
 
 from blockattn.linear._checks import check_causal, check_positive_int, check_qkv
 from blockattn.linear.miras.parts import (GradientDescent, HuberBias, L2Bias, L2Retention, LinearMemory,
-                                          LpBias, KLRetention, LqRetention, MLPMemory, MomentumDescent)
+                                          LpBias, KLRetention, LqRetention, MLPMemory, MomentumDescent,
+                                          ResidualMLPMemory)
 
-_MEMORIES = (LinearMemory, MLPMemory)
+_MEMORIES = (LinearMemory, MLPMemory, ResidualMLPMemory)
 _BIASES = (L2Bias, LpBias, HuberBias)
 _RETENTIONS = (L2Retention, LqRetention, KLRetention)
 _RULES = (GradientDescent, MomentumDescent)

@@ -57,6 +57,46 @@ class MLPMemory:
         return [grad_pre.unsqueeze(-1) * x.unsqueeze(-2), grad_out.unsqueeze(-1) * hidden.unsqueeze(-2)]
 
 
+@dataclasses.dataclass(frozen=True)
+class ResidualMLPMemory:
+    """M_W(x) = x + LN(W2 σ(W1 x)), σ = GELU, LN without parameters; W1 `[E·D, D]`, W2 `[D, E·D]`.
+
+    The Miras paper's memory (§5, "x + LN(W₁σ(W₂x))", its W₂ acting first): the residual makes the
+    memory start near the identity, and the LayerNorm makes its output scale independent of the
+    weights' scale, which the ℓ_q (Moneta) and KL/simplex (Memora) retention maps otherwise
+    dictate. Needs `Dk == Dv`. `eps` is torch's LayerNorm default.
+    """
+
+    expansion: int = 4
+    eps: float = 1e-5
+
+    def shapes(self, d_k: int, d_v: int) -> list[tuple[int, int]]:
+        if d_k != d_v:
+            raise ValueError(f"ResidualMLPMemory needs d_k == d_v (it adds its input), got d_k={d_k}, d_v={d_v}")
+        return [(self.expansion * d_k, d_k), (d_v, self.expansion * d_k)]
+
+    def _parts(self, mats, x):
+        pre = (mats[0] @ x.unsqueeze(-1)).squeeze(-1)
+        hidden = F.gelu(pre)
+        z = (mats[1] @ hidden.unsqueeze(-1)).squeeze(-1)
+        centred = z - z.mean(-1, keepdim=True)
+        scale = (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        return pre, hidden, centred / scale, scale
+
+    def forward(self, mats: list[Tensor], x: Tensor) -> Tensor:
+        return x + self._parts(mats, x)[2]
+
+    def backward(self, mats: list[Tensor], x: Tensor, grad_out: Tensor) -> list[Tensor]:
+        pre, hidden, normed, scale = self._parts(mats, x)
+        grad_z = (grad_out - grad_out.mean(-1, keepdim=True)
+                  - normed * (grad_out * normed).mean(-1, keepdim=True)) / scale
+        grad_hidden = (mats[1].transpose(-1, -2) @ grad_z.unsqueeze(-1)).squeeze(-1)
+        cdf = 0.5 * (1 + torch.erf(pre * 0.5 ** 0.5))
+        pdf = torch.exp(-0.5 * pre * pre) * (2 * torch.pi) ** -0.5
+        grad_pre = grad_hidden * (cdf + pre * pdf)
+        return [grad_pre.unsqueeze(-1) * x.unsqueeze(-2), grad_z.unsqueeze(-1) * hidden.unsqueeze(-2)]
+
+
 def unflatten(flat: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
     """`[..., P]` -> one `[..., r, c]` tensor per memory matrix."""
     mats, start = [], 0

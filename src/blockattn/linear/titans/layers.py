@@ -5,9 +5,13 @@ Paper: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (20
   the memory as it stood before the segment (h = M_{t−1}(q)); attention runs inside the segment
   over [persistent tokens ‖ h ‖ segment]; the memory then learns from the attention output y and
   the layer returns y ⊗ M_t(y).
-- MAG (memory as gate): sliding-window attention and the memory run side by side and the memory
-  branch gates the attention branch: o = SWA(x) ⊗ σ(M(x)).
-- MAL (memory as layer): the memory layer runs first and sliding-window attention on its output.
+- MAG (memory as gate): on x̃ = [persistent ‖ x], sliding-window attention (every row also sees
+  the persistent tokens, the paper's SW-Attn*) and the memory run side by side and the memory
+  branch gates the attention branch: o = SWA*(x̃) ⊗ σ(M(x̃)) (§4.2).
+- MAL (memory as layer): the memory layer runs first on x̃ = [persistent ‖ x] and sliding-window
+  attention on its output (§4.3).
+The persistent rows are dropped from the output. `residual_norm=True` gives the memory a residual
+and LayerNorm (see `titans/naive.py`).
 All attention goes through the engine (`blockattn.attention` on a layout).
 """
 from __future__ import annotations
@@ -27,55 +31,83 @@ from blockattn.linear.titans.naive import Titans
 class NeuralMemory(MemoryMixer):
     """Titans' long-term memory as a mixer (θ, η, α gates from x; learned initial memory per head)."""
 
-    def __init__(self, d_model: int, *, heads: int = 1, chunk_size: int = 16, expansion: int = 2):
-        super().__init__(d_model, Titans(expansion).parts, heads=heads, chunk_size=chunk_size)
+    def __init__(self, d_model: int, *, heads: int = 1, chunk_size: int = 16, expansion: int = 2,
+                 residual_norm: bool = False):
+        super().__init__(d_model, Titans(expansion, residual_norm).parts, heads=heads, chunk_size=chunk_size)
 
 
 class _SlidingAttention(nn.Module):
-    def __init__(self, d_model: int, heads: int, window: int):
+    """Causal sliding-window attention; the first `sink` keys are seen by every row (persistent tokens)."""
+
+    def __init__(self, d_model: int, heads: int, window: int, sink: int = 0):
         super().__init__()
-        self.heads, self.window = heads, window
+        self.heads, self.window, self.sink = heads, window, sink
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def layout(self, length: int) -> BlockLayout:
+        if self.sink:
+            return blockattn.patterns.streaming(length, sink=self.sink, window=self.window, block_q=16, block_k=16)
+        return blockattn.patterns.sliding_window(length, window=self.window, block_q=16, block_k=16)
 
     def forward(self, x):
         batch, length, d_model = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        layout = blockattn.patterns.sliding_window(length, window=self.window, block_q=16, block_k=16)
-        return self.out(blockattn.attention(q, k, v, layout).transpose(1, 2).reshape(batch, length, d_model))
+        out = blockattn.attention(q, k, v, self.layout(length))
+        return self.out(out.transpose(1, 2).reshape(batch, length, d_model))
+
+
+def _persistent(count: int, d_model: int) -> nn.Parameter:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"persistent must be an int >= 0 (learned tokens prepended to the input), got {count!r}")
+    return nn.Parameter(torch.randn(count, d_model) * d_model ** -0.5)
 
 
 class TitansMAG(nn.Module):
-    def __init__(self, d_model: int, *, heads: int = 1, window: int = 64, chunk_size: int = 16, expansion: int = 2):
+    def __init__(self, d_model: int, *, heads: int = 1, window: int = 64, chunk_size: int = 16, expansion: int = 2,
+                 persistent: int = 4, residual_norm: bool = False):
         super().__init__()
-        self.attention = _SlidingAttention(d_model, heads, window)
-        self.memory = NeuralMemory(d_model, heads=heads, chunk_size=chunk_size, expansion=expansion)
+        self.persistent = _persistent(persistent, d_model)
+        self.attention = _SlidingAttention(d_model, heads, window, sink=persistent)
+        self.memory = NeuralMemory(d_model, heads=heads, chunk_size=chunk_size, expansion=expansion,
+                                   residual_norm=residual_norm)
         self.norm_attention, self.norm_memory = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
 
     def forward(self, x):
-        return self.norm_attention(self.attention(x)) * torch.sigmoid(self.norm_memory(self.memory(x)))
+        p = len(self.persistent)
+        x = torch.cat([self.persistent.expand(x.shape[0], p, x.shape[2]), x], dim=1)
+        out = self.norm_attention(self.attention(x)) * torch.sigmoid(self.norm_memory(self.memory(x)))
+        return out[:, p:]
 
 
 class TitansMAL(nn.Module):
-    def __init__(self, d_model: int, *, heads: int = 1, window: int = 64, chunk_size: int = 16, expansion: int = 2):
+    def __init__(self, d_model: int, *, heads: int = 1, window: int = 64, chunk_size: int = 16, expansion: int = 2,
+                 persistent: int = 4, residual_norm: bool = False):
         super().__init__()
-        self.memory = NeuralMemory(d_model, heads=heads, chunk_size=chunk_size, expansion=expansion)
+        self.persistent = _persistent(persistent, d_model)
+        self.memory = NeuralMemory(d_model, heads=heads, chunk_size=chunk_size, expansion=expansion,
+                                   residual_norm=residual_norm)
         self.attention = _SlidingAttention(d_model, heads, window)
 
     def forward(self, x):
-        return self.attention(self.memory(x))
+        p = len(self.persistent)
+        x = torch.cat([self.persistent.expand(x.shape[0], p, x.shape[2]), x], dim=1)
+        return self.attention(self.memory(x))[:, p:]
 
 
 class TitansMAC(nn.Module):
     """Memory as context; `segment` tokens per attention segment (= the memory's chunk size)."""
 
-    def __init__(self, d_model: int, *, heads: int = 1, segment: int = 16, persistent: int = 4, expansion: int = 2):
+    def __init__(self, d_model: int, *, heads: int = 1, segment: int = 16, persistent: int = 4, expansion: int = 2,
+                 residual_norm: bool = False):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by heads ({heads})")
         self.heads, self.segment, self.persistent_count = heads, segment, persistent
-        self.memory = NeuralMemory(d_model, heads=heads, chunk_size=segment, expansion=expansion)
-        self.persistent = nn.Parameter(torch.randn(persistent, d_model) * d_model ** -0.5)
+        self.memory = NeuralMemory(d_model, heads=heads, chunk_size=segment, expansion=expansion,
+                                   residual_norm=residual_norm)
+        self.persistent = _persistent(persistent, d_model)
+        # only the projections are used: the segment mask below replaces the window
         self.attention = _SlidingAttention(d_model, heads, window=2 * segment + persistent)
         self.layout = BlockLayout.from_token_mask(self._context_mask(), block_q=16, block_k=16)
 
