@@ -73,8 +73,9 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, method, *, scale: float | 
                      return_lse: bool = False, backend: str = "auto", context: dict | None = None, **params):
     """Select a layout with `method` (a registered name or a method object) and attend over it.
 
-    Extra keyword arguments are the method's hyperparameters when `method` is a name; `context` is
-    passed to `method.select` (e.g. `{"grid": (T, H, W)}` for video methods).
+    Extra keyword arguments are the method's hyperparameters when `method` is a name; `context` holds
+    the keywords of `Method.select`: `causal` (default: the method's), `grid` (`(H, W)` / `(T, H, W)`
+    for image and video methods) and `layer`.
     """
     from blockattn import methods
 
@@ -84,5 +85,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, method, *, scale: float | 
         raise TypeError(f"hyperparameters {sorted(params)} can only be given with a method name")
     if not isinstance(method, methods.Method):
         raise TypeError(f"method must be a registered name or a blockattn.methods.Method, got {type(method).__name__}")
+    if context is not None and not isinstance(context, dict):
+        raise TypeError(f"context must be a dict of select() keywords (causal, grid, layer), got "
+                        f"{type(context).__name__}")
     layout = method.select(q, k, **(context or {}))
     return attention(q, k, v, layout, scale=scale, return_lse=return_lse, backend=backend)

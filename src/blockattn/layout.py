@@ -498,6 +498,192 @@ class BlockLayout:
         from blockattn.plots import plot_layout
         return plot_layout(self, path, max_heads=max_heads, title=title)
 
+    # ------------------------------------------------------------------ causality
+    def is_causal(self) -> bool:
+        """Whether no query sees a key after its own position (bottom-right aligned, as `causal`).
+
+        Decided tile by tile: the analytic rules settle it at once (`causal`, or a window with no right
+        side); otherwise only the listed tiles that reach past some query's position are looked at,
+        through their token masks, a chunk of tiles at a time (O(tiles), no `[Lq, Lk]` tensor).
+        """
+        if self.causal or (self.window is not None and self.window[1] == 0):
+            return True
+        b, h, qb, kb = self.listed_tiles()
+        # a tile can hold a future pair only if its last key lies after its first query's position
+        k_last = ((kb + 1) * self.block_k).clamp(max=self.k_len) - 1
+        reaching = k_last > qb * self.block_q + self.offset
+        b, h, qb, kb = b[reaching], h[reaching], qb[reaching], kb[reaching]
+        row_in = torch.arange(self.block_q, device=self.device).view(1, -1, 1)
+        col_in = torch.arange(self.block_k, device=self.device).view(1, 1, -1)
+        for at in range(0, len(b), _TILE_CHUNK):
+            sl = slice(at, at + _TILE_CHUNK)
+            aligned = qb[sl].view(-1, 1, 1) * self.block_q + row_in + self.offset
+            future = kb[sl].view(-1, 1, 1) * self.block_k + col_in > aligned
+            if bool((self.tile_token_masks(b[sl], h[sl], qb[sl], kb[sl]) & future).any()):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ building blocks
+    @classmethod
+    def from_tile_masks(cls, tiles, masks: Tensor | None = None, *, q_len: int, k_len: int, block_q: int = 64,
+                        block_k: int = 64, mask_ids: Tensor | None = None, full: Tensor | None = None,
+                        batch: int | None = None, heads: int | None = None, causal: bool = False,
+                        window: tuple[int, int] | None = None, allow_empty_rows: bool = False) -> BlockLayout:
+        """Layout listing tiles with explicit token masks, built in O(tiles) (no token mask).
+
+        Args:
+            tiles: `(b, h, q_block, k_block)`, int tensors `[T]`, each tile at most once.
+            masks: bool `[T, block_q, block_k]` (True = allowed), one per tile; or, with `mask_ids`,
+                `[M, block_q, block_k]` shared masks. None: the tiles are whole (no mask).
+            mask_ids: int `[T]` into `masks`, -1 for a whole tile.
+            full: bool `[B|1, H|1, nQ, nK]`, further tiles listed whole (no mask).
+            batch, heads: the layout's B|1 and H|1 (default: from `full`, else 1 + the largest b / h).
+            causal, window: analytic rules applied on top of every tile, as in the constructor.
+
+        A tile whose mask allows no in-range pair is dropped, one whose mask allows every in-range
+        pair carries no mask, and identical masks are stored once. The analytic rules drop the
+        tiles they leave empty.
+        """
+        block_q, block_k = _check_positive_int("block_q", block_q), _check_positive_int("block_k", block_k)
+        q_len, k_len = _check_positive_int("q_len", q_len), _check_positive_int("k_len", k_len)
+        if not isinstance(tiles, (tuple, list)) or len(tiles) != 4 or not all(isinstance(t, Tensor) for t in tiles):
+            raise TypeError("tiles must be a tuple (b, h, q_block, k_block) of int tensors [T]")
+        tb, th, tq, tk = (t.long().reshape(-1) for t in tiles)
+        if not len(tb) == len(th) == len(tq) == len(tk):
+            raise ValueError(f"tiles must be four tensors of one length, got {[len(t) for t in (tb, th, tq, tk)]}")
+        n_q, n_k = _cdiv(q_len, block_q), _cdiv(k_len, block_k)
+        device = full.device if full is not None else tb.device
+        if full is not None:
+            if not isinstance(full, Tensor) or full.dtype != torch.bool or full.dim() != 4 \
+                    or tuple(full.shape[2:]) != (n_q, n_k):
+                raise ValueError(f"full must be a bool tensor [B|1, H|1, nQ={n_q}, nK={n_k}]")
+            batch = full.shape[0] if batch is None else batch
+            heads = full.shape[1] if heads is None else heads
+        batch = (int(tb.max()) + 1 if len(tb) else 1) if batch is None else _check_positive_int("batch", batch)
+        heads = (int(th.max()) + 1 if len(th) else 1) if heads is None else _check_positive_int("heads", heads)
+        if masks is not None:
+            if not isinstance(masks, Tensor) or masks.dtype != torch.bool or masks.dim() != 3 \
+                    or tuple(masks.shape[1:]) != (block_q, block_k):
+                raise ValueError(f"masks must be a bool tensor [M, block_q={block_q}, block_k={block_k}]")
+            if mask_ids is None:
+                if masks.shape[0] != len(tb):
+                    raise ValueError(f"masks must hold one mask per tile ({len(tb)}), got {masks.shape[0]}")
+                mask_ids = torch.arange(len(tb), device=device)
+        elif mask_ids is not None:
+            raise ValueError("mask_ids needs masks")
+        ids = torch.full((len(tb),), -1, dtype=torch.long, device=device) if mask_ids is None \
+            else mask_ids.long().reshape(-1).clone()
+        if len(ids) != len(tb):
+            raise ValueError(f"mask_ids must hold one id per tile ({len(tb)}), got {len(ids)}")
+        keep = torch.ones(len(tb), dtype=torch.bool, device=device)
+        has = ids >= 0
+        if masks is not None and bool(has.any()):
+            # the in-range part of a tile depends only on whether it is the last block of each axis:
+            # classify each (mask, edge case) pair once
+            edge = (tq == n_q - 1).long() * 2 + (tk == n_k - 1).long()
+            rows, cols = q_len - (n_q - 1) * block_q, k_len - (n_k - 1) * block_k
+            bounds = torch.ones(4, block_q, block_k, dtype=torch.bool, device=device)
+            bounds[2:, rows:] = False
+            bounds[1::2, :, cols:] = False
+            pairs, which = torch.unique(ids[has] * 4 + edge[has], return_inverse=True)
+            empty = torch.empty(len(pairs), dtype=torch.bool, device=device)
+            whole = torch.empty_like(empty)
+            for at in range(0, len(pairs), _TILE_CHUNK):
+                sl = slice(at, at + _TILE_CHUNK)
+                inside = masks[pairs[sl] // 4] & bounds[pairs[sl] % 4]
+                empty[sl] = ~inside.flatten(1).any(1)
+                whole[sl] = (inside | ~bounds[pairs[sl] % 4]).flatten(1).all(1)
+            keep[has] = ~empty[which]
+            ids[has] = torch.where(whole[which], -1, ids[has])
+        dense = torch.zeros(batch, heads, n_q, n_k, dtype=torch.bool, device=device)
+        if full is not None:
+            dense |= full
+        dense[tb[keep], th[keep], tq[keep], tk[keep]] = True
+        if causal or window is not None:
+            dense &= _analytic_block_support(q_len, k_len, block_q, block_k, causal, _check_window(window), device)
+        counts, indices = _block_lists(dense)
+        tile_mask_ids = tile_masks = None
+        partial = keep & (ids >= 0)
+        if bool(partial.any()):
+            used, inverse = torch.unique(ids[partial], return_inverse=True)
+            tile_masks, merged = torch.unique(masks[used].flatten(1), dim=0, return_inverse=True)
+            tile_masks = tile_masks.view(-1, block_q, block_k)
+            ids_dense = torch.full(dense.shape, -1, dtype=torch.int32, device=device)
+            ids_dense[tb[partial], th[partial], tq[partial], tk[partial]] = merged[inverse].to(torch.int32)
+            tile_mask_ids = torch.gather(ids_dense, 3, indices.clamp(min=0).long())
+        return cls(counts, indices, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k, causal=causal,
+                   window=window, tile_mask_ids=tile_mask_ids, tile_masks=tile_masks,
+                   allow_empty_rows=allow_empty_rows)
+
+    @classmethod
+    def cat(cls, layouts, dim: int) -> BlockLayout:
+        """Concatenate layouts of the same lengths and tiles along batch (`dim=0`) or heads (`dim=1`).
+
+        The other dimension broadcasts (sizes equal or 1). Block lists are padded to the longest and
+        explicit tile masks keep their ids. Layouts with different analytic rules (`causal`, `window`)
+        are joined by giving the tiles their token masks (tile by tile, no token mask of the whole).
+        """
+        layouts = list(layouts) if isinstance(layouts, (tuple, list)) else layouts
+        if not isinstance(layouts, list) or not layouts:
+            raise ValueError("cat needs a non-empty list of layouts")
+        for i, layout in enumerate(layouts):
+            if not isinstance(layout, BlockLayout):
+                raise TypeError(f"layouts[{i}] must be a BlockLayout, got {type(layout).__name__}")
+        if dim not in (0, 1) or isinstance(dim, bool):
+            raise ValueError(f"dim must be 0 (batch) or 1 (heads), got {dim!r}")
+        first = layouts[0]
+        for i, layout in enumerate(layouts):
+            if (layout.q_len, layout.k_len, layout.block_q, layout.block_k) != \
+                    (first.q_len, first.k_len, first.block_q, first.block_k):
+                raise ValueError(f"layouts[{i}] has (q_len, k_len, block_q, block_k) "
+                                 f"{(layout.q_len, layout.k_len, layout.block_q, layout.block_k)}, layouts[0] "
+                                 f"{(first.q_len, first.k_len, first.block_q, first.block_k)}")
+        other = 1 - dim
+        size = max(l.kv_counts.shape[other] for l in layouts)
+        if any(l.kv_counts.shape[other] not in (1, size) for l in layouts):
+            raise ValueError(f"layouts' {('batch', 'heads')[other]} dimensions do not broadcast: "
+                             f"{[l.kv_counts.shape[other] for l in layouts]}")
+        if len(layouts) == 1:
+            return first
+        if any((l.causal, l.window) != (first.causal, first.window) for l in layouts):
+            layouts = [l._with_rule_in_masks() for l in layouts]
+            first = layouts[0]
+        width = max(l.max_blocks for l in layouts)
+        any_masks = any(l.tile_masks is not None for l in layouts)
+        counts, indices, ids, masks, at = [], [], [], [], 0
+        for l in layouts:
+            shape = list(l.kv_indices.shape)
+            shape[other] = size
+            pad = width - l.max_blocks
+            counts.append(l.kv_counts.expand(shape[:3]))
+            indices.append(torch.nn.functional.pad(l.kv_indices.expand(shape), (0, pad), value=-1))
+            if l.tile_masks is not None:
+                shifted = torch.where(l.tile_mask_ids >= 0, l.tile_mask_ids + at, -1)
+                ids.append(torch.nn.functional.pad(shifted.expand(shape), (0, pad), value=-1))
+                masks.append(l.tile_masks)
+                at += l.tile_masks.shape[0]
+            elif any_masks:
+                ids.append(torch.full(shape[:3] + [width], -1, dtype=torch.int32, device=l.device))
+        return cls(torch.cat(counts, dim), torch.cat(indices, dim), q_len=first.q_len, k_len=first.k_len,
+                   block_q=first.block_q, block_k=first.block_k, causal=first.causal, window=first.window,
+                   tile_mask_ids=torch.cat(ids, dim) if any_masks else None,
+                   tile_masks=torch.cat(masks) if any_masks else None,
+                   allow_empty_rows=any(l.allow_empty_rows for l in layouts))
+
+    def _with_rule_in_masks(self) -> BlockLayout:
+        """The same token mask with the analytic rules moved into explicit tile masks (causal=False, no window)."""
+        if not self.causal and self.window is None:
+            return self
+        b, h, qb, kb = self.listed_tiles()
+        masks = torch.empty(len(b), self.block_q, self.block_k, dtype=torch.bool, device=self.device)
+        for at in range(0, len(b), _TILE_CHUNK):
+            sl = slice(at, at + _TILE_CHUNK)
+            masks[sl] = self.tile_token_masks(b[sl], h[sl], qb[sl], kb[sl])
+        return BlockLayout.from_tile_masks((b, h, qb, kb), masks, q_len=self.q_len, k_len=self.k_len,
+                                           block_q=self.block_q, block_k=self.block_k, batch=self.batch,
+                                           heads=self.heads, allow_empty_rows=self.allow_empty_rows)
+
+
 
 # ---------------------------------------------------------------------- helpers
 def _block_lists(block_mask: Tensor) -> tuple[Tensor, Tensor]:

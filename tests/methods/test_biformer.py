@@ -12,7 +12,9 @@ def naive_regions(length, n_win, grid):
         return [i // size for i in range(length)]
     height, width = grid
     rh, rw = -(-height // n_win), -(-width // n_win)
-    return [(y // rh) * n_win + (x // rw) for y in range(height) for x in range(width)]
+    raw = [(y // rh) * n_win + (x // rw) for y in range(height) for x in range(width)]
+    occupied = sorted(set(raw))  # windows holding no token (n_win not dividing a side) are not regions
+    return [occupied.index(r) for r in raw]
 
 
 def naive_biformer_mask(q, k, *, n_win, topk, causal, grid=None):
@@ -46,7 +48,9 @@ def naive_biformer_mask(q, k, *, n_win, topk, causal, grid=None):
 
 @pytest.mark.parametrize("length,n_win,topk,causal,grid,tile", [
     (200, 7, 3, False, None, 32), (200, 7, 3, True, None, 32), (144, 3, 2, False, (12, 12), 16),
-    (150, 4, 1, True, (10, 15), 32), (96, 5, 8, False, None, 16)])
+    (150, 4, 1, True, (10, 15), 32), (96, 5, 8, False, None, 16),
+    # n_win does not divide the grid: 16 = 5 x 3 + 1 and 10 = 4 x 2 + 2 leave windows with no token
+    (256, 7, 4, False, (16, 16), 32), (256, 7, 4, True, (16, 16), 32), (100, 7, 4, False, (10, 10), 16)])
 def test_token_mask_equals_naive_rule(length, n_win, topk, causal, grid, tile):
     g = torch.Generator().manual_seed(length + topk)
     q, k = torch.randn(2, 4, length, 8, generator=g), torch.randn(2, 2, length, 8, generator=g)
@@ -84,8 +88,17 @@ def test_defaults_on_smollm2_shapes_through_sparse_attention():
 @pytest.mark.parametrize("params", [dict(n_win=0), dict(topk=0), dict(tile_size=-1), dict(causal=1),
                                     dict(topk=2.5)])
 def test_bad_parameters(params):
-    with pytest.raises(ValueError):
+    with pytest.raises((TypeError, ValueError)):
         BiFormer(**params)
+
+
+def test_uneven_grid_routes_to_occupied_regions_only():
+    q, k = torch.randn(1, 2, 256, 8), torch.randn(1, 2, 256, 8)
+    labels, routed = BiFormer(n_win=7).route(q, k, grid=(16, 16))
+    sizes = torch.bincount(labels)
+    assert len(sizes) == 36 and (sizes > 0).all()  # 6 x 6 occupied windows of 3 x 3 (edges 1 x 3 ...)
+    assert (routed.sum(-1) == 4).all()
+    assert BiFormer(n_win=7).select(q, k, grid=(16, 16)).row_has_keys().all()
 
 
 def test_bad_grid():

@@ -52,7 +52,7 @@ def test_bad_input():
         methods.get("dense", block_size=0)
     with pytest.raises(TypeError, match="does not take"):
         methods.get("streaming", threshold=0.9)
-    with pytest.raises(ValueError, match="causal pattern"):
+    with pytest.raises(ValueError, match="causal layouts only"):
         methods.get("streaming").select(*qk(), causal=False)
     with pytest.raises(ValueError, match="q must"):
         methods.get("dense").select(torch.randn(3, 4), torch.randn(1, 1, 3, 4))

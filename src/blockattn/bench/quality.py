@@ -84,7 +84,7 @@ def measure(method, q: Tensor, k: Tensor, v: Tensor, *, name: str | None = None,
         return result, min(times)
 
     with torch.no_grad():
-        layout, select_ms = best(lambda: method.select(q, k))
+        layout, select_ms = best(lambda: method.select(q, k, causal=True))
         out, attend_ms = best(lambda: blockattn.attention(q, k, v, layout, backend=backend))
         dense, dense_ms = best(lambda: blockattn.attention(q, k, v, dense_layout, backend=backend))
         error = float((out.float() - dense.float()).norm() / dense.float().norm())
@@ -100,7 +100,7 @@ def skip_reason(method, q: Tensor, k: Tensor) -> str | None:
         method = blockattn.methods.get(method)
     n = min(256, q.shape[2])
     try:
-        method.select(q[:, :, :n], k[:, :, :n])
+        method.select(q[:, :, :n], k[:, :, :n], causal=True)
     except (TypeError, ValueError) as error:
         return str(error)
     return None

@@ -170,7 +170,7 @@ def _select(plan: Plan, query, key, causal, layer) -> BlockLayout:
         method = plan.head_methods(h)
         q, k = query[:, h:h + 1], key[:, h // group:h // group + 1]
         layout = _dense(q.shape[2], k.shape[2], causal) if method is None else \
-            _checked(method, method.select(q, k, causal=causal, layer=layer, head=h), causal, q, k)
+            _checked(method, method.select(q, k, causal=causal, layer=layer), causal, q, k)
         per_head.append(layout.expand(query.shape[0], 1) if layout.batch != query.shape[0] else layout)
     return _stack_heads(per_head)
 
@@ -183,23 +183,29 @@ def _checked(method, layout, causal, query, key) -> BlockLayout:
                          f"expected ({query.shape[2]}, {key.shape[2]})")
     if not causal and layout.causal:
         raise ValueError(f"method {method.name!r} builds causal layouts; it cannot serve a bidirectional model")
+    if causal and not layout.is_causal():
+        raise ValueError(f"method {method.name!r} returned a layout in which a query sees a later key; a causal "
+                         "model must never see the future (select it with causal=True)")
     return layout
 
 
+def _check_serves(method, causal: bool, where: str) -> None:
+    """Refuse, before any forward, a method that cannot serve this model: one that needs a token grid
+    (a language model has none) or whose rule has no mode for the model's causality."""
+    if method is None:
+        return
+    if method.needs_grid:
+        raise ValueError(f"{where}: method {method.name!r} needs a token grid (an image or video); a language "
+                         "model's tokens form a plain sequence, so it cannot serve this model")
+    method.check_causal(causal)
+
+
 def _stack_heads(layouts: list[BlockLayout]) -> BlockLayout:
-    first = layouts[0]
-    same = all((l.causal, l.window, l.block_q, l.block_k) == (first.causal, first.window, first.block_q,
-                                                            first.block_k) and l.tile_masks is None
-               for l in layouts)
-    if same:
-        blocks = torch.cat([l.to_dense() for l in layouts], dim=1)
-        return BlockLayout.from_dense(blocks, q_len=first.q_len, k_len=first.k_len, block_q=first.block_q,
-                                      block_k=first.block_k, causal=first.causal, window=first.window,
-                                      allow_empty_rows=any(l.allow_empty_rows for l in layouts))
-    # mixed token rules: explicit masks (O(L^2) bits; per-head mixes of different shapes are rare)
-    masks = torch.cat([l.to_token_mask() for l in layouts], dim=1)
-    return BlockLayout.from_token_mask(masks, block_q=first.block_q, block_k=first.block_k,
-                                       allow_empty_rows=any(l.allow_empty_rows for l in layouts))
+    blocks = {(l.block_q, l.block_k) for l in layouts}
+    if len(blocks) > 1:
+        raise ValueError(f"per-head methods must share one tile size to be stacked into a layer's layout, "
+                         f"got {sorted(blocks)}")
+    return BlockLayout.cat(layouts, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------- patching
@@ -323,6 +329,7 @@ def patch(model, method: str | methods.Method | None = "dense", *, layers=None, 
                 override = _per_key(layers, layer, method_name, params, f"layers[{layer}]")
                 if override is not ...:
                     layer_method = override
+            _check_serves(layer_method, bool(getattr(module, "is_causal", True)), f"layer {layer}")
             head_fn = None
             if heads is not None:
                 def head_fn(h, _layer=layer, _default=layer_method):

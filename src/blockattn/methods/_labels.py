@@ -38,6 +38,7 @@ def label_layout(q_labels: Tensor, k_labels: Tensor, allowed: Tensor, *, block_q
     k_len = k_labels.shape[2]
     n_q, n_k = -(-q_len // block_q), -(-k_len // block_k)
     offset = k_len - q_len
+    device = q_labels.device
     q_pres = _presence(q_labels, allowed.shape[2], block_q)
     k_pres = _presence(k_labels, allowed.shape[3], block_k)
     listed = (q_pres @ allowed.float() @ k_pres.transpose(-1, -2)) > 0
@@ -46,8 +47,8 @@ def label_layout(q_labels: Tensor, k_labels: Tensor, allowed: Tensor, *, block_q
     support = _analytic_block_support(q_len, k_len, block_q, block_k, causal, None, q_labels.device)
     listed &= support
     if causal:
-        q_first = torch.arange(n_q) * block_q + offset
-        k_last = ((torch.arange(n_k) + 1) * block_k).clamp(max=k_len) - 1
+        q_first = torch.arange(n_q, device=device) * block_q + offset
+        k_last = ((torch.arange(n_k, device=device) + 1) * block_k).clamp(max=k_len) - 1
         full &= (k_last.view(1, -1) <= q_first.view(-1, 1))
     if diagonal:
         listed |= _analytic_block_support(q_len, k_len, block_q, block_k, True, (0, 0), q_labels.device)
@@ -57,9 +58,9 @@ def label_layout(q_labels: Tensor, k_labels: Tensor, allowed: Tensor, *, block_q
     q_pad = torch.nn.functional.pad(q_labels.long(), (0, n_q * block_q - q_len), value=allowed.shape[2])
     k_pad = torch.nn.functional.pad(k_labels.long(), (0, n_k * block_k - k_len), value=allowed.shape[3])
     allowed_pad = torch.nn.functional.pad(allowed, (0, 1, 0, 1), value=False)
-    masks = torch.empty(len(b), block_q, block_k, dtype=torch.bool)
-    rows_in = torch.arange(block_q)
-    cols_in = torch.arange(block_k)
+    masks = torch.empty(len(b), block_q, block_k, dtype=torch.bool, device=device)
+    rows_in = torch.arange(block_q, device=device)
+    cols_in = torch.arange(block_k, device=device)
     for at in range(0, len(b), _TILES_AT_ONCE):
         sl = slice(at, at + _TILES_AT_ONCE)
         tb, th, tq, tk = b[sl], h[sl], qb[sl], kb[sl]
@@ -89,8 +90,8 @@ def _from_tile_masks(full: Tensor, tiles, masks: Tensor, *, q_len, k_len, block_
     tile_mask_ids = tile_masks = None
     if keep.any():
         tile_masks = masks[keep].contiguous()
-        ids_dense = torch.full(dense.shape, -1, dtype=torch.int32)
-        ids_dense[tb[keep], th[keep], tq[keep], tk[keep]] = torch.arange(int(keep.sum()), dtype=torch.int32)
+        ids_dense = torch.full(dense.shape, -1, dtype=torch.int32, device=dense.device)
+        ids_dense[tb[keep], th[keep], tq[keep], tk[keep]] = torch.arange(int(keep.sum()), dtype=torch.int32, device=dense.device)
         tile_mask_ids = torch.gather(ids_dense, 3, indices.clamp(min=0).long())
     return BlockLayout(counts, indices, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
                        tile_mask_ids=tile_mask_ids, tile_masks=tile_masks, allow_empty_rows=allow_empty_rows)

@@ -16,17 +16,6 @@ def expand_kv_heads(k: Tensor, heads_q: int) -> Tensor:
     return k[:, :, None].expand(batch, heads_kv, group, length, dim).reshape(batch, heads_q, length, dim)
 
 
-def check_qk(q: Tensor, k: Tensor) -> None:
-    """The input rule every selector shares: q `[B, Hq, Lq, D]`, k `[B, Hkv, Lk, D]`, `Hq % Hkv == 0`."""
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-dim tensor [B, H, L, D]")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {list(q.shape)} and k {list(k.shape)} must share batch size and head dim")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key heads ({k.shape[1]})")
-
-
 def cumulative_threshold(scores: Tensor, threshold: float, *, forced: Tensor | None = None) -> Tensor:
     """bool mask of the fewest blocks per row whose scores sum to >= `threshold` x the row total.
 
@@ -87,7 +76,7 @@ def stack_layouts(layouts: list, dim: int) -> "BlockLayout":
             masks.append(l.tile_masks)
             at += l.tile_masks.shape[0]
         else:
-            ids.append(torch.full(shape[:3] + [width], -1, dtype=torch.int32))
+            ids.append(torch.full(shape[:3] + [width], -1, dtype=torch.int32, device=first.device))
     any_masks = bool(masks)
     return BlockLayout(torch.cat(counts, dim), torch.cat(indices, dim), q_len=first.q_len, k_len=first.k_len,
                        block_q=first.block_q, block_k=first.block_k, causal=first.causal, window=first.window,
@@ -113,13 +102,13 @@ def column_layout(columns: Tensor, *, q_len: int, block_q: int, block_k: int, ca
     counts, indices = _block_lists(listed)
     slot_cols = torch.gather(cols, 3, indices.clamp(min=0).long().unsqueeze(-1).expand(-1, -1, -1, -1, block_k))
     valid = torch.arange(indices.shape[-1], device=columns.device) < counts.unsqueeze(-1)
-    in_range = (indices.clamp(min=0).long().unsqueeze(-1) * block_k + torch.arange(block_k)) < k_len
+    in_range = (indices.clamp(min=0).long().unsqueeze(-1) * block_k + torch.arange(block_k, device=columns.device)) < k_len
     partial = valid & ~(slot_cols | ~in_range).all(-1)
     tile_mask_ids = tile_masks = None
     if partial.any():
         unique_cols, inverse = torch.unique(slot_cols[partial], dim=0, return_inverse=True)
         tile_masks = unique_cols.unsqueeze(1).expand(-1, block_q, block_k).contiguous()
-        tile_mask_ids = torch.full(indices.shape, -1, dtype=torch.int32)
+        tile_mask_ids = torch.full(indices.shape, -1, dtype=torch.int32, device=columns.device)
         tile_mask_ids[partial] = inverse.to(torch.int32)
     return BlockLayout(counts, indices, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
                        causal=causal, tile_mask_ids=tile_mask_ids, tile_masks=tile_masks, allow_empty_rows=True)

@@ -38,7 +38,8 @@ from torch import Tensor
 
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
-from blockattn.methods._select import check_qk, column_layout, expand_kv_heads
+from blockattn._checks import check_qk
+from blockattn.methods._select import column_layout, expand_kv_heads
 from blockattn.methods.base import Method
 
 @register("anchor")
@@ -54,6 +55,9 @@ class AnchorAttention(Method):
     theta: float = 12.0
     step: int = 16
     block_size: int = 128
+
+    causal_modes = (True,)
+    any_lengths = False
 
     def __post_init__(self):
         if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)) or not self.theta >= 0:
@@ -71,17 +75,17 @@ class AnchorAttention(Method):
         keys = expand_kv_heads(k.float(), heads)
         queries = q.float()
         n_q = -(-length // block)
-        anchors = torch.empty(batch, heads, length)
+        anchors = torch.empty(batch, heads, length, device=q.device)
         init = min(block, length)
         for start in range(0, length, group):
             stop = min(length, start + group)
             window = torch.cat([keys[:, :, :init], keys[:, :, max(start, init):stop]], dim=2)
-            positions = torch.cat([torch.arange(init), torch.arange(max(start, init), stop)])
+            positions = torch.cat([torch.arange(init, device=q.device), torch.arange(max(start, init), stop, device=q.device)])
             logits = queries[:, :, start:stop] @ window.transpose(-1, -2) * scale
-            future = positions.view(1, -1) > torch.arange(start, stop).view(-1, 1)
+            future = positions.view(1, -1) > torch.arange(start, stop, device=q.device).view(-1, 1)
             anchors[:, :, start:stop] = logits.masked_fill(future, float("-inf")).amax(-1)
         pad = n_q * block - length
-        rows = torch.nn.functional.pad(torch.ones(length), (0, pad)).view(n_q, block).sum(-1)
+        rows = torch.nn.functional.pad(torch.ones(length, device=q.device), (0, pad)).view(n_q, block).sum(-1)
         mean_q = torch.nn.functional.pad(queries, (0, 0, 0, pad)).view(batch, heads, n_q, block, dim).sum(3) \
             / rows.view(1, 1, -1, 1)
         mean_anchor = torch.nn.functional.pad(anchors, (0, pad)).view(batch, heads, n_q, block).sum(-1) / rows
@@ -90,11 +94,11 @@ class AnchorAttention(Method):
         hit = torch.nn.functional.pad(hit, (0, 0, 0, n_groups * self.step - n_q))
         hit = hit.view(batch, heads, n_groups, self.step, length).any(3)
         hit = hit.repeat_interleave(self.step, dim=2)[:, :, :n_q]
-        group_start = (torch.arange(n_q) // self.step * group).view(-1, 1)
-        key = torch.arange(length).view(1, -1)
+        group_start = (torch.arange(n_q, device=q.device) // self.step * group).view(-1, 1)
+        key = torch.arange(length, device=q.device).view(1, -1)
         # stripes only between the initial block and the group; the group's own keys are always kept
         return (hit & (key >= init) & (key < group_start)) | (key < init) | (key >= group_start)
 
-    def select(self, q: Tensor, k: Tensor, **ctx) -> BlockLayout:
+    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
         columns = self.stripes(q, k)
         return column_layout(columns, q_len=q.shape[2], block_q=self.block_size, block_k=self.block_size, causal=True)

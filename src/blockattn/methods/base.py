@@ -1,11 +1,30 @@
-"""The shape every dynamic method has: a dataclass of its paper's hyperparameters and one `select`."""
+"""The shape every block-selection method has: a dataclass of its paper's hyperparameters, one final
+`select` that does the plumbing, and one `_select` per method that implements the paper's rule.
+
+`Method.select(q, k, *, causal=None, grid=None, layer=None)` (kvpress's `BasePress` shape):
+
+- validates q `[B, Hq, Lq, D]` and k `[B, Hkv, Lk, D]` once (tensors, 4-D, one device, same B and D,
+  `Hq % Hkv == 0`), so `_select` and the helpers it calls trust them;
+- rejects context keys it does not know, by name (`TypeError`: `casual=True` is a typo, not a no-op);
+- resolves `causal`: the argument when given, else the method's `causal` field, else its default mode;
+  a method whose rule has no such mode (an encoder-only or causal-only method) raises `ValueError`;
+- checks `grid` (the token grid of images/videos) against the method's `grid_dims`, and `layer`;
+- calls `_select(q, k, causal=..., grid=..., layer=...)` on a copy whose `causal` field, if it has
+  one, holds the resolved value, so the rule's helpers can read `self.causal`.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
+from typing import ClassVar
 
 from torch import Tensor
 
-from blockattn.layout import BlockLayout, _check_positive_int
+from blockattn import _checks
+from blockattn.layout import BlockLayout
+
+_CONTEXT = ("causal", "grid", "layer")
 
 
 @dataclasses.dataclass
@@ -13,19 +32,100 @@ class Method:
     """Base class of a block-selection method.
 
     Subclasses are dataclasses whose fields are the paper's hyperparameters (defaults = the
-    paper's defaults), validated in `__post_init__`, and implement `select`.
+    paper's defaults), validated in `__post_init__`, and implement `_select`. They describe
+    what context they accept with the class attributes below.
     """
 
-    name = "method"  # registry name, set by @register
+    #: registry name, set by @register
+    name: ClassVar[str] = "method"
+    #: the values of `causal` the rule is defined for; the first is the default when the method
+    #: has no `causal` field. (True,) = causal-only (LLM prefill), (False,) = encoder-only.
+    causal_modes: ClassVar[tuple[bool, ...]] = (True, False)
+    #: dimensions of the token grid `select` accepts (2: (H, W) images, 3: (T, H, W) videos), None = none
+    grid_dims: ClassVar[int | None] = None
+    #: whether `select` cannot run without a grid
+    needs_grid: ClassVar[bool] = False
+    #: whether the layout may be built for q_len != k_len (chunked prefill, decoding)
+    any_lengths: ClassVar[bool] = True
+    #: whether a causal layout may have q_len > k_len (the first queries then see no key)
+    queries_before_keys: ClassVar[bool] = False
+    #: further keyword context this method reads (e.g. LongHeads' `v`)
+    extra_context: ClassVar[tuple[str, ...]] = ()
 
-    def select(self, q: Tensor, k: Tensor, **ctx) -> BlockLayout:
-        """Return the layout for queries `[B, Hq, Lq, D]` and keys `[B, Hkv, Lk, D]`."""
-        raise NotImplementedError
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "select" in cls.__dict__:
+            raise TypeError(f"{cls.__name__} overrides Method.select; implement _select instead "
+                            "(select validates the inputs and resolves the context for every method)")
+
+    @typing.final
+    def select(self, q: Tensor, k: Tensor, *, causal: bool | None = None, grid=None, layer: int | None = None,
+               **extra) -> BlockLayout:
+        """Return the layout for queries `q [B, Hq, Lq, D]` and keys `k [B, Hkv, Lk, D]`.
+
+        Args:
+            causal: causal attention (LLM prefill); None = the method's default (its `causal` field).
+            grid: token grid `(H, W)` or `(T, H, W)` (row-major tokens) for image/video methods.
+            layer: index of the attention layer, for methods whose rule depends on it.
+        """
+        unknown = sorted(set(extra) - set(self.extra_context))
+        if unknown:
+            known = ", ".join(_CONTEXT + tuple(self.extra_context))
+            raise TypeError(f"{self.name}.select() got unknown context {unknown}; it takes {known}")
+        _checks.check_qk(q, k)
+        causal = self.default_causal() if causal is None else _checks.bool_arg("causal", causal)
+        self.check_causal(causal)
+        q_len, k_len = q.shape[2], k.shape[2]
+        if not self.any_lengths and q_len != k_len:
+            raise ValueError(f"{self.name} selects for prefill (self-attention): q_len ({q_len}) must equal "
+                             f"k_len ({k_len})")
+        if causal and q_len > k_len and not self.queries_before_keys:
+            raise ValueError(f"q_len ({q_len}) must not exceed k_len ({k_len}) for causal {self.name}")
+        grid = self._check_grid(grid, q_len)
+        layer = _checks.optional_int_arg("layer", layer, minimum=0)
+        method = self
+        if "causal" in self.field_names() and self.causal != causal:
+            method = dataclasses.replace(self, causal=causal)
+        return method._select(q, k, causal=causal, grid=grid, layer=layer, **extra)
+
+    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer: int | None) -> BlockLayout:
+        """The method's rule, on validated inputs and resolved context."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _select")
+
+    # ------------------------------------------------------------------ context rules
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+
+    def default_causal(self) -> bool:
+        return bool(self.causal) if "causal" in self.field_names() else self.causal_modes[0]
+
+    def check_causal(self, causal: bool) -> None:
+        """`ValueError` saying why the method cannot serve this kind of model."""
+        if causal in self.causal_modes:
+            return
+        if causal:
+            raise ValueError(f"{self.name} is an encoder-only (bidirectional) method: its rule lets a query see "
+                             "later tokens, so it cannot serve a causal model")
+        raise ValueError(f"{self.name} builds causal layouts only; it cannot serve a bidirectional (encoder) model")
+
+    def _check_grid(self, grid, length: int):
+        if grid is None:
+            if self.needs_grid:
+                raise ValueError(f"{self.name} needs grid=({', '.join('THW'[-self.grid_dims:])}), the token grid "
+                                 f"of the image/video (tokens in row-major order); a plain sequence has none")
+            return None
+        if self.grid_dims is None:
+            raise ValueError(f"{self.name} selects on a 1-D sequence and takes no grid, got grid={grid!r}")
+        grid = _checks.int_tuple_arg("grid", grid, self.grid_dims)
+        if math.prod(grid) != length:
+            raise ValueError(f"grid {grid} has {math.prod(grid)} tokens but the sequence has {length}")
+        return grid
 
     def check_positive_ints(self, *names: str) -> None:
-        """`ValueError` naming the first of these fields that is not a positive int."""
+        """`TypeError`/`ValueError` naming the first of these fields that is not a positive int."""
         for name in names:
-            _check_positive_int(name, getattr(self, name))
+            _checks.int_arg(name, getattr(self, name))
 
     def params(self) -> dict:
         return dataclasses.asdict(self)

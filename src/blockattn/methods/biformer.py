@@ -25,25 +25,27 @@ from torch import Tensor
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn.methods._labels import label_layout
-from blockattn.methods._select import check_qk, expand_kv_heads
+from blockattn._checks import check_qk, int_tuple_arg
+from blockattn.methods._select import expand_kv_heads
 from blockattn.methods.base import Method
 
 
-def region_labels(length: int, n_win: int, grid=None) -> Tensor:
-    """`[L]` region id of every token: `n_win x n_win` windows over `grid=(H, W)` (row-major tokens),
-    `n_win` contiguous segments of a plain sequence when `grid` is None. Edge regions may be smaller."""
+def region_labels(length: int, n_win: int, grid=None, device=None) -> Tensor:
+    """`[L]` region id of every token, ids `0..R-1` all in use: `n_win x n_win` windows of
+    `ceil(H / n_win) x ceil(W / n_win)` tokens over `grid=(H, W)` (row-major tokens), or `n_win`
+    contiguous segments of a plain sequence when `grid` is None. Edge regions may be smaller, and
+    when n_win does not divide a side some windows hold no token (H = 16, n_win = 7: 6 rows of
+    windows); those are left out, as the official zero-padding leaves them padding-only."""
     if grid is None:
         size = -(-length // n_win)
-        return torch.arange(length) // size
-    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or any(
-            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in grid):
-        raise ValueError(f"biformer grid must be (H, W) positive ints or None, got {grid!r}")
-    height, width = grid
+        return torch.arange(length, device=device) // size
+    height, width = int_tuple_arg("grid", grid, 2)
     if height * width != length:
-        raise ValueError(f"grid {tuple(grid)} has {height * width} tokens but the sequence has {length}")
-    rows = torch.arange(height) // -(-height // n_win)
-    cols = torch.arange(width) // -(-width // n_win)
-    return (rows.view(-1, 1) * n_win + cols.view(1, -1)).reshape(-1)
+        raise ValueError(f"grid {(height, width)} has {height * width} tokens but the sequence has {length}")
+    rows = torch.arange(height, device=device) // -(-height // n_win)
+    cols = torch.arange(width, device=device) // -(-width // n_win)
+    # windows are numbered row-major over the occupied ones only, so no region is empty
+    return (rows.view(-1, 1) * (int(cols[-1]) + 1) + cols.view(1, -1)).reshape(-1)
 
 
 @register("biformer")
@@ -61,6 +63,9 @@ class BiFormer(Method):
     causal: bool = False
     tile_size: int = 64
 
+    grid_dims = 2
+    any_lengths = False
+
     def __post_init__(self):
         self.check_positive_ints("n_win", "topk", "tile_size")
         if not isinstance(self.causal, bool):
@@ -72,28 +77,29 @@ class BiFormer(Method):
         batch, heads, length, dim = q.shape
         if k.shape[2] != length:
             raise ValueError(f"biformer is self-attention: q_len ({length}) must equal k_len ({k.shape[2]})")
-        labels = region_labels(length, self.n_win, grid)
+        labels = region_labels(length, self.n_win, grid, q.device)
         n_regions = int(labels.max()) + 1
         sizes = torch.bincount(labels, minlength=n_regions).view(1, 1, -1, 1).float()
         keys = expand_kv_heads(k.float(), heads)
-        q_region = torch.zeros(batch, heads, n_regions, dim).index_add_(2, labels, q.float()) / sizes
-        k_region = torch.zeros(batch, heads, n_regions, dim).index_add_(2, labels, keys) / sizes
+        q_region = torch.zeros(batch, heads, n_regions, dim, device=q.device).index_add_(2, labels, q.float()) / sizes
+        k_region = torch.zeros(batch, heads, n_regions, dim, device=q.device).index_add_(2, labels, keys) / sizes
         # heads share the routing: the affinity of the concatenated channels is the sum over heads
         affinity = torch.einsum("bhrd,bhsd->brs", q_region, k_region)
-        regions = torch.arange(n_regions)
+        regions = torch.arange(n_regions, device=q.device)
         if self.causal:
-            first = torch.full((n_regions,), length).scatter_reduce(0, labels, torch.arange(length), "amin")
+            first = torch.full((n_regions,), length, device=q.device).scatter_reduce(
+                0, labels, torch.arange(length, device=q.device), "amin")
             past = first.view(1, -1) <= first.view(-1, 1)
             affinity = affinity.masked_fill(~past, float("-inf"))
             affinity = torch.where(regions.view(-1, 1) == regions.view(1, -1), float("inf"), affinity)
             candidates = past
         else:
-            candidates = torch.ones(n_regions, n_regions, dtype=torch.bool)
+            candidates = torch.ones(n_regions, n_regions, dtype=torch.bool, device=q.device)
         chosen = affinity.topk(min(self.topk, n_regions), dim=-1).indices
-        routed = torch.zeros(batch, n_regions, n_regions, dtype=torch.bool).scatter_(-1, chosen, True)
+        routed = torch.zeros(batch, n_regions, n_regions, dtype=torch.bool, device=q.device).scatter_(-1, chosen, True)
         return labels, routed & candidates
 
-    def select(self, q: Tensor, k: Tensor, grid=None, **ctx) -> BlockLayout:
+    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
         """Layout (heads dimension 1: the heads share the routing) for q `[B, Hq, L, D]`, k `[B, Hkv, L, D]`;
         `grid=(H, W)` for images."""
         labels, routed = self.route(q, k, grid)

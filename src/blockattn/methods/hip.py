@@ -24,7 +24,8 @@ from torch import Tensor
 
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
-from blockattn.methods._select import check_qk, expand_kv_heads
+from blockattn._checks import check_qk
+from blockattn.methods._select import expand_kv_heads
 from blockattn.methods.base import Method
 
 
@@ -54,12 +55,12 @@ class HiPAttention(Method):
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal must be a bool, got {self.causal!r}")
 
-    def visible_blocks(self, q_len: int, k_len: int) -> Tensor:
+    def visible_blocks(self, q_len: int, k_len: int, device=None) -> Tensor:
         """`[nQ]`: how many leading key blocks each query block may see."""
         n_q, n_k = -(-q_len // self.block_size_q), -(-k_len // self.block_size_k)
         if not self.causal:
-            return torch.full((n_q,), n_k)
-        last = (torch.arange(1, n_q + 1) * self.block_size_q).clamp(max=q_len) - 1 + (k_len - q_len)
+            return torch.full((n_q,), n_k, device=device)
+        last = (torch.arange(1, n_q + 1, device=device) * self.block_size_q).clamp(max=q_len) - 1 + (k_len - q_len)
         return last // self.block_size_k + 1
 
     def search(self, q: Tensor, k: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
@@ -73,9 +74,9 @@ class HiPAttention(Method):
         n_q = -(-q_len // bq)
         keys = expand_kv_heads(k.float(), heads)
         queries = torch.nn.functional.pad(q.float(), (0, 0, 0, n_q * bq - q_len)).view(batch, heads, n_q, bq, dim)
-        valid_rows = (torch.arange(n_q * bq) < q_len).view(n_q, bq)
-        visible = self.visible_blocks(q_len, k_len).view(1, 1, n_q, 1)
-        slot = torch.arange(budget).view(1, 1, 1, -1)
+        valid_rows = (torch.arange(n_q * bq, device=q.device) < q_len).view(n_q, bq)
+        visible = self.visible_blocks(q_len, k_len, q.device).view(1, 1, n_q, 1)
+        slot = torch.arange(budget, device=q.device).view(1, 1, 1, -1)
         starts = (slot * visible) // budget
         ends = ((slot + 1) * visible) // budget
         starts, ends = starts.expand(batch, heads, n_q, budget), ends.expand(batch, heads, n_q, budget)
@@ -108,21 +109,21 @@ class HiPAttention(Method):
         if self.causal and q_len > k_len:
             raise ValueError(f"q_len ({q_len}) must not exceed k_len ({k_len}) for causal HiP")
         n_q, n_k = -(-q_len // self.block_size_q), -(-k_len // self.block_size_k)
-        visible = self.visible_blocks(q_len, k_len)
-        block_ids = torch.arange(n_k)
+        visible = self.visible_blocks(q_len, k_len, q.device)
+        block_ids = torch.arange(n_k, device=q.device)
         seen = block_ids.view(1, -1) < visible.view(-1, 1)                             # [nQ, nK]
         forced = seen & ((block_ids.view(1, -1) < self.sink_blocks)
                          | (block_ids.view(1, -1) == (visible - 1).view(-1, 1)))
         budget = self.k // self.block_size_k
         starts, ends, _, chosen = self.search(q, k)[-1]
-        mask = torch.zeros(batch, heads, n_q, n_k + 1, dtype=torch.bool)
+        mask = torch.zeros(batch, heads, n_q, n_k + 1, dtype=torch.bool, device=q.device)
         picked = torch.where(chosen & (ends - starts == 1), starts, n_k)
         mask.scatter_(-1, picked.long(), True)
         mask = mask[..., :n_k]
         mask |= (visible <= budget).view(1, 1, -1, 1) & seen   # short rows keep everything they see
         return (mask & seen) | forced
 
-    def select(self, q: Tensor, k: Tensor, **ctx) -> BlockLayout:
+    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
         blocks = self.block_mask(q, k)
         return BlockLayout.from_dense(blocks, q_len=q.shape[2], k_len=k.shape[2], block_q=self.block_size_q,
                                       block_k=self.block_size_k, causal=self.causal)

@@ -42,7 +42,8 @@ from torch import Tensor
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn.methods._labels import label_layout
-from blockattn.methods._select import check_qk, expand_kv_heads
+from blockattn._checks import check_qk
+from blockattn.methods._select import expand_kv_heads
 from blockattn.methods.base import Method
 
 
@@ -60,6 +61,10 @@ class LongHeads(Method):
     atten_length: int = 4096
     begin_selective_length: int = 4096
     tile_size: int = 64
+
+    causal_modes = (True,)
+    any_lengths = False
+    extra_context = ("v",)  # the official chunk summary uses the values (see the module docstring)
 
     def __post_init__(self):
         self.check_positive_ints("window_size", "atten_length", "tile_size")
@@ -80,7 +85,7 @@ class LongHeads(Method):
         values = keys if v is None else expand_kv_heads(v.float(), heads)
         split = [torch.nn.functional.pad(x, (0, 0, 0, pad)).view(batch, heads, n_chunks, w, dim)
                  for x in (q.float(), keys, values)]
-        valid = (torch.arange(n_chunks * w) < length).view(n_chunks, w)
+        valid = (torch.arange(n_chunks * w, device=q.device) < length).view(n_chunks, w)
         logits = (split[0] @ split[1].transpose(-1, -2)) * dim ** -0.5
         logits = logits.masked_fill(~valid.view(1, 1, n_chunks, 1, w), float("-inf"))
         outputs = torch.softmax(logits, -1) @ split[2]                                   # [B, H, nC, w, D]
@@ -98,8 +103,8 @@ class LongHeads(Method):
         if v is not None and v.shape != k.shape:
             raise ValueError(f"v must have k's shape {list(k.shape)}, got {list(v.shape)}")
         n_chunks = -(-length // self.window_size)
-        chunk_ids = torch.arange(n_chunks).view(1, -1)
-        current = (torch.arange(length) // self.window_size).view(-1, 1)
+        chunk_ids = torch.arange(n_chunks, device=q.device).view(1, -1)
+        current = (torch.arange(length, device=q.device) // self.window_size).view(-1, 1)
         visible = chunk_ids <= current                                                    # [L, nC]
         scores = q.float() @ self.chunk_keys(q, k, v).transpose(-1, -2)                   # [B, H, L, nC]
         forced = (chunk_ids == 0) | (chunk_ids == current) | (chunk_ids == current - 1)
@@ -107,13 +112,13 @@ class LongHeads(Method):
         budget = min(self.atten_length // self.window_size, n_chunks)
         chosen = scores.topk(budget, dim=-1).indices
         gates = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True) & visible
-        early = (torch.arange(length) < self.begin_selective_length).view(-1, 1)
+        early = (torch.arange(length, device=q.device) < self.begin_selective_length).view(-1, 1)
         return gates | (early & visible)
 
-    def select(self, q: Tensor, k: Tensor, v: Tensor | None = None, **ctx) -> BlockLayout:
+    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer, v: Tensor | None = None) -> BlockLayout:
         gates = self.gates(q, k, v)
         batch, heads, length, _ = gates.shape
-        token_ids = torch.arange(length).expand(batch, heads, length)
-        chunk_of_key = (torch.arange(length) // self.window_size).expand(batch, heads, length)
+        token_ids = torch.arange(length, device=q.device).expand(batch, heads, length)
+        chunk_of_key = (torch.arange(length, device=q.device) // self.window_size).expand(batch, heads, length)
         return label_layout(token_ids, chunk_of_key, gates, block_q=self.tile_size, block_k=self.tile_size,
                             causal=True)

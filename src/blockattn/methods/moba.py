@@ -22,7 +22,7 @@ from torch import Tensor
 
 from blockattn.layout import BlockLayout, _analytic_block_support, _block_lists
 from blockattn.methods import register
-from blockattn.methods._select import check_qk, expand_kv_heads
+from blockattn.methods._select import expand_kv_heads
 from blockattn.methods.base import Method
 
 
@@ -39,6 +39,8 @@ class MoBA(Method):
     top_k: int = 3
     tile_size: int = 64
 
+    causal_modes = (True,)
+
     def __post_init__(self):
         self.check_positive_ints("block_size", "top_k", "tile_size")
         if self.block_size % self.tile_size:
@@ -51,12 +53,12 @@ class MoBA(Method):
         n_blocks = -(-k_len // self.block_size)
         keys = expand_kv_heads(k.float(), heads)
         padded = torch.nn.functional.pad(keys, (0, 0, 0, n_blocks * self.block_size - k_len))
-        sizes = (k_len - torch.arange(n_blocks) * self.block_size).clamp(max=self.block_size)
+        sizes = (k_len - torch.arange(n_blocks, device=q.device) * self.block_size).clamp(max=self.block_size)
         pooled = padded.view(batch, heads, n_blocks, self.block_size, -1).sum(3) / sizes.view(1, 1, -1, 1)
         scores = q.float() @ pooled.transpose(-1, -2)  # [B, Hq, Lq, nBlocks]
-        position = torch.arange(q_len) + (k_len - q_len)  # queries are the last q_len tokens
+        position = torch.arange(q_len, device=q.device) + (k_len - q_len)  # queries are the last q_len tokens
         current = position // self.block_size
-        block_ids = torch.arange(n_blocks)
+        block_ids = torch.arange(n_blocks, device=q.device)
         past = block_ids.view(1, -1) < current.view(-1, 1)
         scores = scores.masked_fill(~past, float("-inf"))
         scores = torch.where(block_ids.view(1, -1) == current.view(-1, 1), float("inf"), scores)
@@ -65,10 +67,7 @@ class MoBA(Method):
         gates = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True)
         return gates & (past | (block_ids.view(1, -1) == current.view(-1, 1)))
 
-    def select(self, q: Tensor, k: Tensor, **ctx) -> BlockLayout:
-        check_qk(q, k)
-        if q.shape[2] > k.shape[2]:
-            raise ValueError(f"q_len ({q.shape[2]}) must not exceed k_len ({k.shape[2]}) for causal MoBA")
+    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
         gates = self.gates(q, k)  # [B, H, Lq, nBlocks]
         batch, heads, q_len, _ = gates.shape
         k_len, tile = k.shape[2], self.tile_size
@@ -83,14 +82,14 @@ class MoBA(Method):
         listed = rows.any(-1)
         counts, indices = _block_lists(listed)
         slot_rows = torch.gather(rows, 3, indices.clamp(min=0).long().unsqueeze(-1).expand(-1, -1, -1, -1, tile))
-        valid = torch.arange(indices.shape[-1]) < counts.unsqueeze(-1)
-        in_range = (torch.arange(n_q).view(-1, 1) * tile + torch.arange(tile)) < q_len  # [nQ, tile]
+        valid = torch.arange(indices.shape[-1], device=q.device) < counts.unsqueeze(-1)
+        in_range = (torch.arange(n_q, device=q.device).view(-1, 1) * tile + torch.arange(tile, device=q.device)) < q_len  # [nQ, tile]
         partial = valid & ~(slot_rows | ~in_range.view(1, 1, n_q, 1, tile)).all(-1)
         tile_mask_ids = tile_masks = None
         if partial.any():
             unique_rows, inverse = torch.unique(slot_rows[partial], dim=0, return_inverse=True)
             tile_masks = unique_rows.unsqueeze(-1).expand(-1, tile, tile).contiguous()
-            tile_mask_ids = torch.full(indices.shape, -1, dtype=torch.int32)
+            tile_mask_ids = torch.full(indices.shape, -1, dtype=torch.int32, device=q.device)
             tile_mask_ids[partial] = inverse.to(torch.int32)
         return BlockLayout(counts, indices, q_len=q_len, k_len=k_len, block_q=tile, block_k=tile, causal=True,
                            tile_mask_ids=tile_mask_ids, tile_masks=tile_masks)

@@ -35,16 +35,17 @@ import blockattn
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn.methods._labels import label_layout
-from blockattn.methods._select import check_qk, expand_kv_heads
+from blockattn._checks import check_qk, int_tuple_arg
+from blockattn.methods._select import expand_kv_heads
 from blockattn.methods.base import Method
 
 #: the 6 axis orders, outermost axis first ("thw" is the row-major identity)
 ORDERS = ("thw", "twh", "htw", "hwt", "wth", "wht")
 
 
-def order_indices(grid, order: str) -> Tensor:
+def order_indices(grid, order: str, device=None) -> Tensor:
     """`[L]` original token index at each position of the sequence read in axis `order`."""
-    ids = torch.arange(math.prod(grid)).view(*grid)
+    ids = torch.arange(math.prod(grid), device=device).view(*grid)
     return ids.permute(*("thw".index(axis) for axis in order)).reshape(-1)
 
 
@@ -76,6 +77,9 @@ class PAROAttention(Method):
     quant_bits: int | None = None
     causal: bool = False
 
+    grid_dims = 3
+    any_lengths = False
+
     def __post_init__(self):
         if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
             raise ValueError(f"density must lie in (0, 1], got {self.density!r}")
@@ -92,9 +96,7 @@ class PAROAttention(Method):
             raise ValueError(f"paro is self-attention: q_len ({length}) must equal k_len ({k.shape[2]})")
         if grid is None:
             return (length, 1, 1)
-        if not isinstance(grid, (tuple, list)) or len(grid) != 3 or any(
-                isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in grid):
-            raise ValueError(f"paro grid must be (T, H, W) positive ints or None, got {grid!r}")
+        grid = int_tuple_arg("grid", grid, 3)
         if math.prod(grid) != length:
             raise ValueError(f"grid {tuple(grid)} has {math.prod(grid)} tokens but the sequence has {length}")
         return tuple(grid)
@@ -109,20 +111,21 @@ class PAROAttention(Method):
         block = self.block_size
         n_blocks = -(-length // block)
         keys = expand_kv_heads(k.float(), heads)
-        position = torch.empty(length, dtype=torch.long)
-        position[order] = torch.arange(length)
+        position = torch.empty(length, dtype=torch.long, device=q.device)
+        position[order] = torch.arange(length, device=q.device)
         key_block = position // block
+        # the sampled blocks are loop bounds: they stay on the CPU
         sampled = torch.linspace(0, n_blocks - 1, min(self.sample_blocks, n_blocks)).round().long().unique()
-        total = torch.zeros(batch, heads)
+        total = torch.zeros(batch, heads, device=q.device)
         for qb in sampled.tolist():
             rows = order[qb * block:(qb + 1) * block]
             scores = q[:, :, rows].float() @ keys.transpose(-1, -2) * dim ** -0.5
-            allowed = torch.ones(len(rows), length, dtype=torch.bool)
+            allowed = torch.ones(len(rows), length, dtype=torch.bool, device=q.device)
             if self.causal:
-                allowed = torch.arange(length).view(1, -1) <= rows.view(-1, 1)
+                allowed = torch.arange(length, device=q.device).view(1, -1) <= rows.view(-1, 1)
             probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-            mass = torch.zeros(batch, heads, len(rows), n_blocks).index_add_(3, key_block, probs).mean(2)
-            candidates = torch.zeros(n_blocks, dtype=torch.bool)
+            mass = torch.zeros(batch, heads, len(rows), n_blocks, device=q.device).index_add_(3, key_block, probs).mean(2)
+            candidates = torch.zeros(n_blocks, dtype=torch.bool, device=q.device)
             candidates[key_block[allowed.any(0)]] = True
             keep = int(self._keep(candidates.sum()))
             total += mass.topk(keep, dim=-1).values.sum(-1)
@@ -142,11 +145,11 @@ class PAROAttention(Method):
                 seen.add(key)
                 unique.append(name)
         if len(unique) == 1:
-            order = torch.arange(length).expand(batch, heads, length)
+            order = torch.arange(length, device=q.device).expand(batch, heads, length)
             return order, [["thw"] * heads for _ in range(batch)]
-        scores = torch.stack([self.concentration(q, k, order_indices(grid, name)) for name in unique], -1)
+        scores = torch.stack([self.concentration(q, k, order_indices(grid, name, q.device)) for name in unique], -1)
         best = scores.argmax(-1)  # first order wins ties, so the identity is kept unless another is better
-        orders = torch.stack([order_indices(grid, name) for name in unique])
+        orders = torch.stack([order_indices(grid, name, q.device) for name in unique])
         return orders[best], [[unique[int(i)] for i in row] for row in best]
 
     def block_mask(self, q: Tensor, k: Tensor, order: Tensor) -> Tensor:
@@ -161,7 +164,7 @@ class PAROAttention(Method):
         index = order.unsqueeze(-1).expand(-1, -1, -1, dim)
         q_perm, k_perm = queries.gather(2, index), keys.gather(2, index)
         pad = n_blocks * block - length
-        sizes = torch.nn.functional.pad(torch.ones(length), (0, pad)).view(n_blocks, block).sum(-1)
+        sizes = torch.nn.functional.pad(torch.ones(length, device=q.device), (0, pad)).view(n_blocks, block).sum(-1)
         pooled = torch.nn.functional.pad(q_perm, (0, 0, 0, pad)).view(batch, heads, n_blocks, block, dim).sum(3) \
             / sizes.view(1, 1, -1, 1)
         scores = pooled @ k_perm.transpose(-1, -2) * dim ** -0.5  # [B, H, nQ, L]
@@ -170,23 +173,23 @@ class PAROAttention(Method):
             last = torch.nn.functional.pad(order, (0, pad), value=-1).view(batch, heads, n_blocks, block).amax(-1)
             scores = scores.masked_fill(order.unsqueeze(2) > last.unsqueeze(-1), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        key_block = (torch.arange(length) // block).expand(batch, heads, n_blocks, length)
-        mass = torch.zeros(batch, heads, n_blocks, n_blocks).scatter_add_(3, key_block, probs)
-        allowed = torch.zeros(batch, heads, n_blocks, n_blocks).scatter_add_(
+        key_block = (torch.arange(length, device=q.device) // block).expand(batch, heads, n_blocks, length)
+        mass = torch.zeros(batch, heads, n_blocks, n_blocks, device=q.device).scatter_add_(3, key_block, probs)
+        allowed = torch.zeros(batch, heads, n_blocks, n_blocks, device=q.device).scatter_add_(
             3, key_block, (scores > float("-inf")).float()) > 0
-        diagonal = torch.eye(n_blocks, dtype=torch.bool).expand_as(allowed)
+        diagonal = torch.eye(n_blocks, dtype=torch.bool, device=q.device).expand_as(allowed)
         keep = self._keep(allowed.sum(-1))
         # one ranking per row: the diagonal block first, then allowed blocks by mass; keep the first `keep`
         keyed = mass.masked_fill(~allowed, float("-inf")).masked_fill(diagonal, float("inf"))
         order = keyed.argsort(dim=-1, descending=True, stable=True)
-        ranked = torch.arange(n_blocks).expand_as(order) < keep.unsqueeze(-1)
+        ranked = torch.arange(n_blocks, device=q.device).expand_as(order) < keep.unsqueeze(-1)
         return torch.zeros_like(allowed).scatter_(-1, order, ranked) & (allowed | diagonal)
 
-    def select(self, q: Tensor, k: Tensor, grid=None, **ctx) -> BlockLayout:
+    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
         """The selected token mask in the original token order, `[B, Hq]` heads."""
         order, _ = self.permutation(q, k, grid)
         blocks = self.block_mask(q, k, order)
-        position = torch.empty_like(order).scatter_(2, order, torch.arange(q.shape[2]).expand_as(order))
+        position = torch.empty_like(order).scatter_(2, order, torch.arange(q.shape[2], device=q.device).expand_as(order))
         labels = position // self.block_size
         return label_layout(labels, labels, blocks, block_q=self.block_size, block_k=self.block_size,
                             causal=self.causal)

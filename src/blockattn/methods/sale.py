@@ -25,7 +25,8 @@ from torch import Tensor
 
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
-from blockattn.methods._select import check_qk, expand_kv_heads
+from blockattn._checks import check_qk
+from blockattn.methods._select import expand_kv_heads
 from blockattn.methods.base import Method
 
 _BAND_ROWS = 512  # estimated logits are formed this many query rows at a time
@@ -56,6 +57,9 @@ class SALE(Method):
     block_size: int = 64
     threshold: float = 1e-3
 
+    causal_modes = (True,)
+    any_lengths = False
+
     def __post_init__(self):
         if self.bits not in (4, 8) or isinstance(self.bits, bool):
             raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
@@ -76,13 +80,14 @@ class SALE(Method):
         # dequantized operands: the products equal the integer products times both scales
         q_deq = q_int * q_scale.repeat_interleave(block, dim=-1)[..., :length, None] / dim ** 0.5
         k_deq = expand_kv_heads(k_int * k_scale.repeat_interleave(block, dim=-1)[..., :length, None], heads)
-        scores = torch.zeros(batch, heads, n, n)
+        scores = torch.zeros(batch, heads, n, n, device=q.device)
         band_blocks = max(1, _BAND_ROWS // block)
         for first in range(0, n, band_blocks):
             stop = min(n, first + band_blocks)
             rows = slice(first * block, min(length, stop * block))
             logits = q_deq[:, :, rows] @ k_deq[:, :, :rows.stop].transpose(-1, -2)  # causal: no later keys
-            future = torch.arange(rows.stop).view(1, -1) > torch.arange(rows.start, rows.stop).view(-1, 1)
+            future = torch.arange(rows.stop, device=q.device).view(1, -1) > \
+                torch.arange(rows.start, rows.stop, device=q.device).view(-1, 1)
             logits = logits.masked_fill(future, float("-inf"))
             pad_r, pad_c = (stop - first) * block - (rows.stop - rows.start), stop * block - rows.stop
             # exp is monotone: the tile's largest relative weight comes from each row's largest logit in it
@@ -92,11 +97,12 @@ class SALE(Method):
             relative = torch.nn.functional.pad(relative, (0, 0, 0, pad_r))
             scores[:, :, first:stop, :stop] = relative.view(batch, heads, stop - first, block, stop).amax(3)
         return scores
-    def select(self, q: Tensor, k: Tensor, **ctx) -> BlockLayout:
+
+    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
         scores = self.relative_scores(q, k)
         n = scores.shape[-1]
         keep = scores >= self.threshold
         keep[..., :, 0] = True
-        keep |= torch.eye(n, dtype=torch.bool)
+        keep |= torch.eye(n, dtype=torch.bool, device=q.device)
         return BlockLayout.from_dense(keep, q_len=q.shape[2], k_len=k.shape[2], block_q=self.block_size,
                                       block_k=self.block_size, causal=True)

@@ -20,82 +20,65 @@ from blockattn.methods.base import Method
 from blockattn.patterns.sinks import a_shape, streaming
 
 
-def _lengths(q: Tensor, k: Tensor) -> tuple[int, int]:
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-dim tensor [B, H, L, D], got "
-                             f"{list(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-    return q.shape[2], k.shape[2]
-
-
 @functools.lru_cache(maxsize=64)
-def _cached(kind: str, q_len: int, k_len: int, causal: bool, block_q: int, block_k: int, **params) -> BlockLayout:
+def _cached(kind: str, q_len: int, k_len: int, causal: bool, block_q: int, block_k: int, device: str,
+            **params) -> BlockLayout:
     if kind == "dense":
-        return (patterns.causal if causal else patterns.full)(q_len, k_len, block_q=block_q, block_k=block_k)
-    if kind == "sliding_window":
-        return patterns.sliding_window(q_len, k_len, causal=causal, block_q=block_q, block_k=block_k, **params)
-    if not causal:
-        raise ValueError(f"{kind} is a causal pattern; it cannot serve a bidirectional (encoder) model")
-    builder = streaming if kind == "streaming" else a_shape
-    return builder(q_len, k_len, block_q=block_q, block_k=block_k, **params)
+        layout = (patterns.causal if causal else patterns.full)(q_len, k_len, block_q=block_q, block_k=block_k)
+    elif kind == "sliding_window":
+        layout = patterns.sliding_window(q_len, k_len, causal=causal, block_q=block_q, block_k=block_k, **params)
+    else:
+        builder = streaming if kind == "streaming" else a_shape
+        layout = builder(q_len, k_len, block_q=block_q, block_k=block_k, **params)
+    return layout.to(device)
 
 
-def _check_block(block_size):
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+class _Static(Method):
+    """A layout that depends only on the lengths (and the fields), cached per device."""
+
+    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
+        params = {f: getattr(self, f) for f in self.field_names() if f != "block_size"}
+        return _cached(self.name, q.shape[2], k.shape[2], causal, self.block_size, self.block_size,
+                       str(q.device), **params)
 
 
 @register("dense")
 @dataclasses.dataclass
-class Dense(Method):
+class Dense(_Static):
     """Full (causal) attention through the block engine: the quality reference every method is measured against."""
 
     block_size: int = 64
 
     def __post_init__(self):
-        _check_block(self.block_size)
-
-    def select(self, q: Tensor, k: Tensor, *, causal: bool = True, **ctx) -> BlockLayout:
-        q_len, k_len = _lengths(q, k)
-        return _cached("dense", q_len, k_len, bool(causal), self.block_size, self.block_size)
+        self.check_positive_ints("block_size")
 
 
 @register("sliding_window")
 @dataclasses.dataclass
-class SlidingWindow(Method):
+class SlidingWindow(_Static):
     """Longformer's local band: query i keeps keys i - window < j <= i (causal), or |i - j| <= window."""
 
     window: int = 512
     block_size: int = 64
 
     def __post_init__(self):
-        _check_block(self.block_size)
-        self.check_positive_ints("window")
-
-    def select(self, q: Tensor, k: Tensor, *, causal: bool = True, **ctx) -> BlockLayout:
-        q_len, k_len = _lengths(q, k)
-        return _cached("sliding_window", q_len, k_len, bool(causal), self.block_size, self.block_size,
-                       window=self.window)
+        self.check_positive_ints("block_size", "window")
 
 
 @register("streaming")
 @dataclasses.dataclass
-class StreamingLLM(Method):
+class StreamingLLM(_Static):
     """StreamingLLM: keep the first `sink` tokens (attention sinks; the paper uses 4) and the `window`
     most recent keys of each query, causally, token exact."""
+
+    causal_modes = (True,)
 
     sink: int = 4
     window: int = 512
     block_size: int = 64
 
     def __post_init__(self):
-        _check_block(self.block_size)
-        self.check_positive_ints("sink", "window")
-
-    def select(self, q: Tensor, k: Tensor, *, causal: bool = True, **ctx) -> BlockLayout:
-        q_len, k_len = _lengths(q, k)
-        return _cached("streaming", q_len, k_len, bool(causal), self.block_size, self.block_size,
-                       sink=self.sink, window=self.window)
+        self.check_positive_ints("block_size", "sink", "window")
 
 
 @register("a_shape")
@@ -106,8 +89,3 @@ class AShape(StreamingLLM):
 
     sink: int = 64
     window: int = 1024
-
-    def select(self, q: Tensor, k: Tensor, *, causal: bool = True, **ctx) -> BlockLayout:
-        q_len, k_len = _lengths(q, k)
-        return _cached("a_shape", q_len, k_len, bool(causal), self.block_size, self.block_size,
-                       sink=self.sink, window=self.window)

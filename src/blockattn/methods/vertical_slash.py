@@ -26,7 +26,8 @@ from torch import Tensor
 
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
-from blockattn.methods._select import check_qk, column_layout, expand_kv_heads
+from blockattn._checks import check_qk
+from blockattn.methods._select import column_layout, expand_kv_heads
 from blockattn.methods.base import Method
 
 _FORCED_COLUMNS = 30    # the official kernel always keeps the first 30 keys (attention sinks)
@@ -48,6 +49,9 @@ class VerticalSlash(Method):
     last_q: int = 64
     block_size: int = 64
 
+    causal_modes = (True,)
+    any_lengths = False
+
     def __post_init__(self):
         self.check_positive_ints("vertical_size", "slash_size", "last_q", "block_size")
 
@@ -61,27 +65,27 @@ class VerticalSlash(Method):
         last = min(self.last_q, length)
         keys = expand_kv_heads(k.float(), heads)
         logits = q[:, :, -last:].float() @ keys.transpose(-1, -2) / dim ** 0.5  # [B, H, last, L]
-        rows = torch.arange(length - last, length).view(-1, 1)
-        future = torch.arange(length).view(1, -1) > rows
+        rows = torch.arange(length - last, length, device=q.device).view(-1, 1)
+        future = torch.arange(length, device=q.device).view(1, -1) > rows
         probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
         vertical = probs.sum(-2)
         vertical[..., :_FORCED_COLUMNS] = float("inf")
-        offsets = (rows - torch.arange(length).view(1, -1)).clamp(min=0).expand(batch, heads, -1, -1)
-        slash = torch.zeros(batch, heads, length).scatter_add_(-1, offsets.reshape(batch, heads, -1),
+        offsets = (rows - torch.arange(length, device=q.device).view(1, -1)).clamp(min=0).expand(batch, heads, -1, -1)
+        slash = torch.zeros(batch, heads, length, device=q.device).scatter_add_(-1, offsets.reshape(batch, heads, -1),
                                                               probs.masked_fill(future, 0).reshape(batch, heads, -1))
         # forced diagonals rank nearest first, so a slash_size below 100 keeps the nearest ones
         forced = min(_FORCED_DIAGONALS, length)
         # (a diagonal's real score is at most `last`, the number of rows summed)
-        slash[..., :forced] = last + 1 + forced - torch.arange(forced, dtype=slash.dtype)
+        slash[..., :forced] = last + 1 + forced - torch.arange(forced, dtype=slash.dtype, device=q.device)
         v_size = min(length, max(self.vertical_size, _FORCED_COLUMNS))
         s_size = min(length, max(self.slash_size, 50))
-        columns = torch.zeros(batch, heads, length, dtype=torch.bool)
+        columns = torch.zeros(batch, heads, length, dtype=torch.bool, device=q.device)
         columns.scatter_(-1, vertical.topk(v_size, dim=-1).indices, True)
-        diagonals = torch.zeros(batch, heads, length, dtype=torch.bool)
+        diagonals = torch.zeros(batch, heads, length, dtype=torch.bool, device=q.device)
         diagonals.scatter_(-1, slash.topk(s_size, dim=-1).indices, True)
         return columns, diagonals
 
-    def select(self, q: Tensor, k: Tensor, **ctx) -> BlockLayout:
+    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
         columns, diagonals = self.lines(q, k)
         batch, heads, length = columns.shape
         block = self.block_size
@@ -89,8 +93,8 @@ class VerticalSlash(Method):
         # a diagonal o crosses query block [s, s+block) at keys [s-o, s+block-1-o]: key j is covered
         # when some kept o lies in [s-j, s+block-1-j]; count kept offsets with a prefix sum
         prefix = torch.nn.functional.pad(diagonals.int().cumsum(-1), (1, 0))  # prefix[o] = kept offsets < o
-        starts = torch.arange(n_q).view(-1, 1) * block
-        j = torch.arange(length).view(1, -1)
+        starts = torch.arange(n_q, device=q.device).view(-1, 1) * block
+        j = torch.arange(length, device=q.device).view(1, -1)
         lo = (starts - j).clamp(0, length)
         hi = (starts + block - j).clamp(0, length)
         count = prefix.gather(-1, hi.reshape(1, 1, -1).expand(batch, heads, -1)) - \

@@ -30,13 +30,16 @@ the paper and is not in the official module.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import Tensor
 
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
-from blockattn.methods._select import check_qk, expand_kv_heads
+from blockattn._checks import check_qk, int_arg, int_tuple_arg
+from blockattn.methods._labels import label_layout
+from blockattn.methods._select import expand_kv_heads
 from blockattn.methods.base import Method
 
 _EPS = 1e-6  # as in the official selection
@@ -69,6 +72,11 @@ class VMoBA(Method):
     selection: str = "head_global"
     tile_size: int = 64
 
+    causal_modes = (False,)
+    grid_dims = 3
+    needs_grid = True
+    any_lengths = False
+
     def __post_init__(self):
         if not (0.0 < self.threshold <= 1.0):
             raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
@@ -79,13 +87,13 @@ class VMoBA(Method):
             raise ValueError(f"selection must be 'head_global' or 'query_head', got {self.selection!r}")
         self.check_positive_ints("tile_size")
 
-    def block_ids(self, grid, layer: int) -> Tensor:
+    def block_ids(self, grid, layer: int, device=None) -> Tensor:
         """`[L]` key-block id of every token for `layer`'s partition (1D, 2D, 3D in turn)."""
         t, h, w = grid
         shape = ((self.block_1d, h, w), (t,) + self.block_2d, self.block_3d)[layer % 3]
-        coords = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+        coords = torch.stack(torch.meshgrid(*(torch.arange(n, device=device) for n in (t, h, w)), indexing="ij"), -1)
         counts = [-(-n // s) for n, s in zip(grid, shape)]
-        cell = coords.view(-1, 3) // torch.tensor(shape)
+        cell = coords.view(-1, 3) // torch.tensor(shape, device=device)
         return (cell[:, 0] * counts[1] + cell[:, 1]) * counts[2] + cell[:, 2]
 
     def gates(self, q: Tensor, k: Tensor, *, grid, layer: int = 0) -> Tensor:
@@ -94,21 +102,20 @@ class VMoBA(Method):
         batch, heads, length, dim = q.shape
         if k.shape[2] != length:
             raise ValueError(f"vmoba is self-attention: q_len ({length}) must equal k_len ({k.shape[2]})")
-        if grid is None or not isinstance(grid, (tuple, list)) or len(grid) != 3 or any(
-                isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in grid):
-            raise ValueError(f"vmoba needs grid=(T, H, W) of positive ints, got {grid!r}")
+        if grid is None:
+            raise ValueError("vmoba needs grid=(T, H, W), the video's token grid")
+        grid = int_tuple_arg("grid", grid, 3)
         if grid[0] * grid[1] * grid[2] != length:
             raise ValueError(f"grid {tuple(grid)} has {grid[0] * grid[1] * grid[2]} tokens but the sequence has {length}")
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-            raise ValueError(f"layer must be a non-negative int, got {layer!r}")
-        ids = self.block_ids(tuple(grid), layer)
-        n_blocks = int(ids.max()) + 1
+        layer = int_arg("layer", layer, minimum=0)
+        ids = self.block_ids(grid, layer, q.device)
+        n_blocks = self._n_blocks(grid, layer)
         keys = expand_kv_heads(k.float(), heads)
-        sums = torch.zeros(batch, heads, n_blocks, dim).index_add_(2, ids, keys)
+        sums = torch.zeros(batch, heads, n_blocks, dim, device=q.device).index_add_(2, ids, keys)
         pooled = sums / torch.bincount(ids, minlength=n_blocks).view(1, 1, -1, 1)
         gate = q.float() @ pooled.transpose(-1, -2)  # [B, H, L, nBlocks]
-        own = torch.zeros(length, n_blocks, dtype=torch.bool)
-        own[torch.arange(length), ids] = True
+        own = torch.zeros(length, n_blocks, dtype=torch.bool, device=q.device)
+        own[torch.arange(length, device=q.device), ids] = True
         # entries ranked together: all of a head's (query, block) pairs, or each query's blocks
         dims = (2, 3) if self.selection == "head_global" else (3,)
         low, high = gate.amin(dim=dims, keepdim=True), gate.amax(dim=dims, keepdim=True)
@@ -123,17 +130,22 @@ class VMoBA(Method):
         # keep the ranked entries up to and including the first at which the share is reached
         reached = ranked.cumsum(-1) / (total + _EPS) >= remain
         cutoff = torch.where(reached.any(-1), reached.float().argmax(-1), reached.shape[-1] - 1)
-        keep = torch.arange(ranked.shape[-1]) <= cutoff.unsqueeze(-1)
+        keep = torch.arange(ranked.shape[-1], device=q.device) <= cutoff.unsqueeze(-1)
         chosen = torch.zeros_like(keep).scatter(-1, order, keep).view_as(gate)
         return chosen | own
 
-    def select(self, q: Tensor, k: Tensor, grid=None, layer: int = 0, **ctx) -> BlockLayout:
+    def _n_blocks(self, grid, layer: int) -> int:
+        t, h, w = grid
+        shape = ((self.block_1d, h, w), (t,) + self.block_2d, self.block_3d)[layer % 3]
+        return math.prod(-(-n // s) for n, s in zip(grid, shape))
+
+    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
+        layer = 0 if layer is None else layer
         gates = self.gates(q, k, grid=grid, layer=layer)
-        ids = self.block_ids(tuple(grid), layer)
         batch, heads, length, _ = gates.shape
-
-        def allowed(b, h, q_idx, kv_idx):
-            return gates[b, h, q_idx, ids[kv_idx]]
-
-        return BlockLayout.from_token_mask(allowed, block_q=self.tile_size, block_k=self.tile_size, q_len=length,
-                                           k_len=length, batch=batch, heads=heads)
+        # query token i may see key token j when its gate chose j's block: labels are the query's own
+        # index and the key's block id
+        token_ids = torch.arange(length, device=q.device).expand(batch, heads, length)
+        block_of_key = self.block_ids(grid, layer, q.device).expand(batch, heads, length)
+        return label_layout(token_ids, block_of_key, gates, block_q=self.tile_size, block_k=self.tile_size,
+                            causal=False)

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
-from blockattn.methods._select import check_qk, cumulative_threshold
+from blockattn._checks import check_qk
+from blockattn.methods._select import cumulative_threshold
 from blockattn.methods.base import Method
 
 # Strided query rows scored at once: bands bound memory (at most _BAND_ELEMENTS scores, 16 MiB) and let
@@ -73,6 +74,8 @@ class XAttention(Method):
     stride: int = 8
     block_size: int = 128
     causal: bool = True
+
+    queries_before_keys = True  # causal q_len > k_len: the first queries precede every key
 
     def __post_init__(self):
         values = self.threshold if isinstance(self.threshold, (tuple, list)) else (self.threshold,)
@@ -152,7 +155,7 @@ class XAttention(Method):
             scores[:, :, :, start // per_block:stop // per_block, :width // per_block] = sums.sum(4)
         return scores.view(batch, heads, n_q, n_k)
 
-    def select(self, q: Tensor, k: Tensor, **ctx) -> BlockLayout:
+    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
         scores = self.block_scores(q, k)
         n_q, n_k = scores.shape[-2:]
         q_len, k_len = q.shape[2], k.shape[2]
@@ -160,12 +163,12 @@ class XAttention(Method):
         if self.causal:
             # the block holding each query block's last query (in the key frame): its own tokens
             last_query = ((torch.arange(n_q, device=q.device) + 1) * self.block_size).clamp(max=q_len) - 1
-            forced[torch.arange(n_q), ((last_query + k_len - q_len) // self.block_size).clamp(0, n_k - 1)] = True
+            forced[torch.arange(n_q, device=q.device), ((last_query + k_len - q_len) // self.block_size).clamp(0, n_k - 1)] = True
         threshold = self.threshold
         if isinstance(threshold, tuple):
             if len(threshold) != scores.shape[1]:
                 raise ValueError(f"threshold has {len(threshold)} per-head values but q has {scores.shape[1]} heads")
-            threshold = torch.tensor(threshold, dtype=scores.dtype).view(1, -1, 1, 1)
+            threshold = torch.tensor(threshold, dtype=scores.dtype, device=scores.device).view(1, -1, 1, 1)
         blocks = cumulative_threshold(scores, threshold, forced=forced.expand_as(scores)).clone()
         # the first block is kept too, outside the mass count, as the official selection does
         blocks[..., 0] = True
