@@ -99,7 +99,10 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     if attention_mask is not None and not (isinstance(attention_mask, Tensor) and attention_mask.dim() == 2):
         raise ValueError("the blockattn attention function expects the 2-D padding mask of its own mask "
                          "function; load or switch the model with attn_implementation='blockattn'")
-    if attention_mask is not None:
+    kv = getattr(module, "_blockattn_kv", None)  # a blockattn.kv policy owns the cache (kv/_hf.py)
+    if kv is not None and kv.active:
+        out = kv.attention(plan, query, key, value, attention_mask, scaling, causal, layer, window)
+    elif attention_mask is not None:
         out = _padded(plan, module, query, key, value, attention_mask, scaling, causal, layer, window)
     else:
         out = _attend(plan, query, key, value, scaling, causal, layer, window)
@@ -270,13 +273,15 @@ class Patch:
         return False
 
 
-def patch(model, method: str | methods.Method | None = "dense", *, layers=None, heads=None, decode=None,
+def patch(model, method: str | methods.Method | None = "dense", *, kv=None, layers=None, heads=None, decode=None,
           decode_max_q: int = 16, backend: str = "auto", **params) -> Patch:
     """Route `model`'s attention through blockattn.
 
     Args:
         model: a transformers `PreTrainedModel` that supports the attention interface.
         method: registered method name (with `**params` its hyperparameters), a `Method`, or None (dense).
+        kv: a KV-cache policy (`blockattn.kv.get(...)`, a name or a spec like "razor:ratio=0.7"): the cache
+            of every `use_cache` call keeps, per KV head, only what the policy keeps (`blockattn.kv`).
         layers: per-layer override, `{layer_idx: spec}` or `callable(layer_idx) -> spec`, where spec is a
             method name, a Method, `(name, params)`, a params dict for `method`, or None for dense.
         heads: per-head override within every layer, `{head: spec}` or `callable(layer_idx, head) -> spec`.
@@ -313,6 +318,9 @@ def patch(model, method: str | methods.Method | None = "dense", *, layers=None, 
     else:
         base = _resolve(method, "method")
     decode_fn = _decode_policy(decode)
+    if kv is not None:
+        from blockattn.kv import _hf as kv_hf
+        kv_policy = kv_hf.resolve(model, kv, modules, decode)
     max_len = getattr(model.config, "max_position_embeddings", None)
     rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
     if isinstance(rope, dict) and rope.get("rope_type", "default") != "default":
@@ -346,6 +354,8 @@ def patch(model, method: str | methods.Method | None = "dense", *, layers=None, 
         plans.append(by_layer[layer])
     model.set_attn_implementation(NAME)
     model._blockattn_previous = previous
+    if kv is not None:
+        kv_hf.install(model, kv_policy, modules)
     return Patch(model, previous, plans)
 
 
@@ -368,5 +378,8 @@ def unpatch(model):
     for module in model.modules():
         if hasattr(module, _PLAN_ATTR):
             delattr(module, _PLAN_ATTR)
+    if hasattr(model, "_blockattn_kv_hook"):
+        from blockattn.kv import _hf as kv_hf
+        kv_hf.uninstall(model)
     model.set_attn_implementation(previous)
     del model._blockattn_previous
