@@ -5,7 +5,7 @@ Task: n numbers drawn uniformly from [0, 1); the output is the permutation that 
 n drawn from [5, 15] per batch, then tested on n = 5, 10, 15, 20, 30 (20 and 30 are longer than any
 training sequence). Reported: per-position accuracy and whole-sequence accuracy (exact match).
 
-    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/blocks_pointer.py [--steps 3000] [--hidden 128]
+    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/blocks_pointer.py [--steps 2000] [--hidden 128]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def evaluate(model, n, generator, samples=1000):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--train-n", type=int, nargs=2, default=(5, 15))

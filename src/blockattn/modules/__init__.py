@@ -8,10 +8,12 @@ from blockattn.modules.overlock import ContMix, ContMixBlock, DynamicConvBlock, 
 from blockattn.modules.patnet import PATBlock, PATChannel, PATSelf, PATSpatial
 from blockattn.modules.pointer import PointerAttention, PointerNetwork
 from blockattn.modules.psa import PolarizedSelfAttention
+from blockattn.modules.sentence_attention import EmbeddingAttention, SentenceAttentionBlock
 from blockattn.modules.styleswin import StyleSwinDoubleAttention
 
 __all__ = ["CombinerAttention", "HaloAttention", "NeighborhoodAttention1d", "NeighborhoodAttention2d",
            "NeighborhoodAttention3d", "FrameKVCache", "NextFrameTransformer", "StyleSwinDoubleAttention",
            "PolarizedSelfAttention", "PointerAttention", "PointerNetwork",
            "NiNBlock", "PATBlock", "PATChannel", "PATSelf", "PATSpatial",
-           "ContMix", "ContMixBlock", "DynamicConvBlock", "contmix_aggregate"]
+           "ContMix", "ContMixBlock", "DynamicConvBlock", "contmix_aggregate",
+           "EmbeddingAttention", "SentenceAttentionBlock"]

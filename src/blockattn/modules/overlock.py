@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import blockattn
+from blockattn.layout import BlockLayout
 from blockattn.modules._block_checks import check_image, check_positive_int, check_same_device_dtype
 from blockattn.patterns import neighborhood, neighborhood_ranges
 
@@ -60,7 +61,7 @@ def _tap_tables(size: int, kernel: int, device) -> tuple[Tensor, Tensor]:
 
 
 def contmix_aggregate(logits: Tensor, values: Tensor, kernel_size: int, rpb: Tensor | None = None, *,
-                      backend: str = "auto") -> Tensor:
+                      layout: BlockLayout | None = None, backend: str = "auto") -> Tensor:
     """Dynamic-kernel neighborhood aggregation through the block engine.
 
     Args:
@@ -68,6 +69,7 @@ def contmix_aggregate(logits: Tensor, values: Tensor, kernel_size: int, rpb: Ten
         values: `[B, G, H, W, c]`.
         kernel_size: k (odd, <= min(H, W), k*k <= 256).
         rpb: optional `[G, 2k-1, 2k-1]` relative position bias (NATTEN indexing).
+        layout: `patterns.neighborhood((H, W), window=k)`, when the caller caches it.
     Returns `[B, G, H, W, c]`: `sum_t softmax_t(logits + rpb) * values[window(p)[t]]`.
     """
     check_positive_int("kernel_size", kernel_size)
@@ -96,7 +98,8 @@ def contmix_aggregate(logits: Tensor, values: Tensor, kernel_size: int, rpb: Ten
     q = F.pad(q, (0, d - k * k))
     keys = F.pad(keys, (0, d - k * k)).expand(b, g, h * w, d).contiguous()
     v = F.pad(values.reshape(b, g, h * w, c), (0, d - c))
-    layout = neighborhood((h, w), window=k)
+    if layout is None:
+        layout = neighborhood((h, w), window=k)
     out = blockattn.attention(q, keys, v, layout, scale=1.0, backend=backend)
     return out[..., :c].reshape(b, g, h, w, c)
 
@@ -134,6 +137,12 @@ class ContMix(nn.Module):
             nn.init.trunc_normal_(self.rpb1, std=rpb_std)
             nn.init.trunc_normal_(self.rpb2, std=rpb_std)
         self.dyconv_proj = _conv_bn(dim, dim)
+        self._layouts: dict[tuple[int, int, int], BlockLayout] = {}
+
+    def _layout(self, h: int, w: int, k: int) -> BlockLayout:
+        if (h, w, k) not in self._layouts:
+            self._layouts[h, w, k] = neighborhood((h, w), window=k)
+        return self._layouts[h, w, k]
 
     def kernel_logits(self, query: Tensor, key_src: Tensor) -> tuple[Tensor, Tensor]:
         """Dynamic-kernel logits `[B, G, H, W, s^2]` and `[B, G, H, W, k^2]` (before the position bias)."""
@@ -162,8 +171,10 @@ class ContMix(nn.Module):
         logits1, logits2 = self.kernel_logits(query, key_src)
         b = query.shape[0]
         v = values.reshape(b, 2, self.groups, -1, h, w).permute(1, 0, 2, 4, 5, 3)  # [2, B, G, H, W, c]
-        out1 = contmix_aggregate(logits1, v[0], self.smk_size, self.rpb1, backend=self.backend)
-        out2 = contmix_aggregate(logits2, v[1], self.kernel_size, self.rpb2, backend=self.backend)
+        out1 = contmix_aggregate(logits1, v[0], self.smk_size, self.rpb1, layout=self._layout(h, w, self.smk_size),
+                                 backend=self.backend)
+        out2 = contmix_aggregate(logits2, v[1], self.kernel_size, self.rpb2,
+                                 layout=self._layout(h, w, self.kernel_size), backend=self.backend)
         out = torch.stack([out1, out2]).permute(1, 0, 2, 5, 3, 4).reshape(b, self.dim, h, w)
         if (h, w) != tuple(size):
             out = F.adaptive_avg_pool2d(out, size)
