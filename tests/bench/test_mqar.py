@@ -1,5 +1,6 @@
 """MQAR data against Zoology's definition, causality of every registered mixer, the command's table/plot."""
 import json
+import math
 import types
 
 import numpy as np
@@ -154,3 +155,50 @@ def test_command_trains_and_writes_json(tmp_path, capsys):
     saved = json.loads((tmp_path / "r.json").read_text())
     assert [(r["mixer"], r["d_model"]) for r in saved] == [("attention", 8), ("linear", 8)]
     assert "| attention |" in capsys.readouterr().out
+
+
+def test_tnl_slope_schedule_matches_transnormerllm():
+    # lightning-attention `_build_slope_tensor`: 8 heads 1/2 .. 1/256; 2 heads 1/16, 1/256; 6 heads interleave 8's
+    assert mqar.alibi_slopes(8) == pytest.approx([2 ** -(i + 1) for i in range(8)])
+    assert mqar.alibi_slopes(2) == pytest.approx([1 / 16, 1 / 256])
+    assert mqar.alibi_slopes(6) == pytest.approx([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3])
+    first, last = mqar.tnl_decays(2, 0, 2), mqar.tnl_decays(2, 1, 2)
+    assert first == pytest.approx((0.9394, 0.9961), abs=1e-4) and all(1 - d < 1e-6 for d in last)
+    layer = mqar.MQARModel("lightning", vocab_size=32, d_model=8, seq_len=16).mixers[1]
+    assert layer.gate is not None and torch.allclose(layer.decay, torch.tensor(last))
+
+
+def test_rat_forget_gate_starts_near_the_official_085():
+    mixer = mqar.RATMixer(512)
+    forget = torch.sigmoid(mixer.forget(torch.zeros(1, 1, 512)))  # the bias alone: σ(log U(1, 15))
+    assert abs(forget.mean().item() - (1 - math.log(8) / 14)) < 0.03  # E[u / (1 + u)] = 0.851
+    assert abs(torch.sigmoid(mqar.RATMixer(512, paper=False).forget.bias).mean().item() - 0.5) < 0.03
+
+
+def test_rat_mixer_uses_the_official_layer_parts():
+    mixer = mqar.RATMixer(8, chunk_size=4)
+    assert mixer.gate is not None and mixer.paper  # output gate; chunk RoPE is tested with the op
+    assert not hasattr(mqar.RATMixer(8, paper=False), "gate")
+
+
+def test_block_transformer_mixer_sees_order_inside_earlier_blocks():
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 8)
+    shuffled = x.clone()
+    shuffled[:, 4:8] = x[:, [5, 7, 4, 6]]  # permute block 1
+    for embedder, order_matters in (("concat", True), ("mean", False)):
+        mixer = mqar.BlockTransformerMixer(8, embedder=embedder)
+        with torch.no_grad():
+            a, b = mixer(x), mixer(shuffled)
+        assert torch.allclose(a[:, :4], b[:, :4])
+        # later blocks see block 1 only through its context: the mean embedder cannot tell the orders apart
+        assert torch.allclose(a[:, 8:], b[:, 8:], atol=1e-6) != order_matters
+
+
+def test_based_layers_follow_the_official_layout():
+    model = mqar.MQARModel("based", vocab_size=32, d_model=8, seq_len=16)
+    assert isinstance(model.mixers[0], mqar.TaylorLinearMixer)
+    window = model.mixers[1]
+    assert isinstance(window, mqar.SoftmaxMixer) and window.window == mqar.WINDOW + 1  # W previous keys + self
+    zoology = mqar.MQARModel("based_zoology", vocab_size=32, d_model=8, seq_len=16)
+    assert isinstance(zoology.mixers[0], mqar.BaseConvMixer) and isinstance(zoology.mixers[1], mqar.TaylorLinearMixer)

@@ -127,24 +127,50 @@ class SparseMixer(_Heads):
         return self.merge(blockattn.sparse_attention(q, k, v, self.method, **self.params))
 
 
-class LightningMixer(_Heads):
-    """TransNormerLLM-style layer: Lightning attention with fixed per-head decays, RMS-normed output.
-    `decay=None` gives plain causal linear attention (λ = 1)."""
+def alibi_slopes(heads: int) -> list[float]:
+    """ALiBi's per-head slopes (TransNormerLLM / lightning-attention `_build_slope_tensor`)."""
+    def power_of_2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+    if math.log2(heads).is_integer():
+        return power_of_2(heads)
+    closest = 2 ** math.floor(math.log2(heads))
+    return power_of_2(closest) + alibi_slopes(2 * closest)[0::2][:heads - closest]
 
-    def __init__(self, d_model: int, heads: int = 1, decays: tuple[float, ...] | None = None):
+
+def tnl_decays(heads: int, layer: int, layers: int) -> tuple[float, ...]:
+    """TransNormerLLM's decays λ_h = exp(−s_h · (1 − l/(layers−1) + 1e−5)): ALiBi slopes shrinking with depth,
+    so the last layer barely forgets."""
+    factor = 1 - layer / (layers - 1) + 1e-5 if layers > 1 else 1.0
+    return tuple(math.exp(-s * factor) for s in alibi_slopes(heads))
+
+
+class LightningMixer(_Heads):
+    """TransNormerLLM-style layer: Lightning attention with per-head decays, RMS-normed output and, with
+    `output_gate`, TNL's sigmoid output gate o ⊙ σ(W_u x) (`tnl_attn.py`). `decays=None` gives plain
+    causal linear attention (λ = 1)."""
+
+    def __init__(self, d_model: int, heads: int = 1, decays: tuple[float, ...] | None = None,
+                 output_gate: bool = False):
         super().__init__(d_model, heads)
         self.register_buffer("decay", torch.tensor(decays if decays is not None else [1.0] * heads))
         self.norm = nn.RMSNorm(self.head_dim)
+        self.gate = nn.Linear(d_model, d_model, bias=False) if output_gate else None
 
     def forward(self, x):
         from blockattn.linear import lightning_attention
         q, k, v = self.split(x)
         q, k = nn.functional.silu(q), nn.functional.silu(k)  # TransNormerLLM's kernel on q and k
-        return self.merge(self.norm(lightning_attention(q, k, v, self.decay, block_size=16)))
+        y = self.norm(lightning_attention(q, k, v, self.decay, block_size=16))
+        if self.gate is not None:
+            b, length, _ = x.shape
+            y = y * torch.sigmoid(self.gate(x)).view(b, length, self.heads, -1).transpose(1, 2)
+        return self.merge(y)
 
 
 class BasedMixer(_Heads):
-    """BASED: q, k projected to `feature_dim` for the Taylor linear branch plus a sliding softmax window."""
+    """`based()` in one layer: the Taylor linear branch (q, k projected to `feature_dim`) plus a sliding softmax
+    window of `window` tokens (self included), summed. Not the official layout (see `based_layer`)."""
 
     def __init__(self, d_model: int, heads: int = 1, feature_dim: int = 16, window: int = 64):
         super().__init__(d_model, heads, qk_dim=feature_dim)
@@ -157,33 +183,104 @@ class BasedMixer(_Heads):
         return self.merge(taylor_linear_attention(q, k, v, block_size=16)) + self.local(x)
 
 
-class RATMixer(_Heads):
-    """RAT layer: sigmoid forget gate per channel, chunked recurrence + attention over chunk summaries."""
+class TaylorLinearMixer(_Heads):
+    """BASED's linear attention layer (`LinearAttention`): Taylor feature map on `feature_dim`-wide q, k,
+    values at the head width."""
 
-    def __init__(self, d_model: int, heads: int = 1, chunk_size: int = 16):
+    def __init__(self, d_model: int, heads: int = 1, feature_dim: int = 16):
+        super().__init__(d_model, heads, qk_dim=feature_dim)
+
+    def forward(self, x):
+        from blockattn.linear import taylor_linear_attention
+        return self.merge(taylor_linear_attention(*self.split(x), block_size=16))
+
+
+class BaseConvMixer(nn.Module):
+    """Zoology's BaseConv: projection(u) ⊙ conv(u), with a short causal depthwise conv (Zoology's
+    `kernel_size` 3 option; its MQAR runs use an implicit long conv). The block adds the residual."""
+
+    def __init__(self, d_model: int, kernel_size: int = 3):
+        super().__init__()
+        self.projection = nn.Linear(d_model, d_model)
+        self.conv = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model, padding=kernel_size - 1)
+
+    def forward(self, x):
+        conv = self.conv(x.transpose(1, 2))[..., :x.shape[1]].transpose(1, 2)
+        return self.projection(x) * conv
+
+
+def based_layer(d_model: int, layer: int, window: int) -> nn.Module:
+    """The official BASED stack interleaves separate layers (`based-360m.yaml`: BaseConv, then linear
+    attention, then sliding-window attention); in two layers: linear attention, then a sliding window of
+    `window` previous tokens plus self (BASED's convention: `SlidingAttention(window_size=2W)` passes the
+    flash window (W, 0)), with this model's short conv in front of both standing in for BaseConv."""
+    return TaylorLinearMixer(d_model) if layer % 2 == 0 else SoftmaxMixer(d_model, window=window + 1)
+
+
+class RATMixer(_Heads):
+    """RAT layer (`rat.py`): forget gate f = σ(W_f x + b) with the official init b = log U(1, C−1) (so a
+    chunk summary spans several tokens at init), chunked recurrence + attention over chunk summaries,
+    RoPE over the chunk index on q and the summary keys ("interrope"), output gate σ(W_z x) ⊙ out.
+    The model's pre-norm plays the official input RMSNorm; q/k are per head (official: 2 shared groups).
+    `paper=False` gives the bare layer (default-initialised gate, no RoPE, no output gate)."""
+
+    def __init__(self, d_model: int, heads: int = 1, chunk_size: int = 16, paper: bool = True):
         super().__init__(d_model, heads)
-        self.chunk_size = chunk_size
+        self.chunk_size, self.paper = chunk_size, paper
         self.forget = nn.Linear(d_model, d_model)
+        if paper:
+            with torch.no_grad():
+                self.forget.bias.copy_(torch.empty(d_model).uniform_(1, max(chunk_size - 1, 1)).log())
+            self.gate = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x):
         from blockattn.linear import rat
         q, k, v = self.split(x)
         b, length, _ = x.shape
         f = torch.sigmoid(self.forget(x)).view(b, length, self.heads, -1).transpose(1, 2)
-        return self.merge(rat(q, k, v, f, chunk_size=self.chunk_size))
+        y = rat(q, k, v, f, chunk_size=self.chunk_size, chunk_rope=self.paper)
+        if self.paper:
+            y = y * torch.sigmoid(self.gate(x)).view(b, length, self.heads, -1).transpose(1, 2)
+        return self.merge(y)
 
 
 class BlockTransformerMixer(_Heads):
-    """Block Transformer: global attention over pooled blocks + local attention inside each block."""
+    """Block Transformer in one layer, the paper's "summation" context strategy: a concatenating embedder
+    (Linear over the block's `block_size` token vectors, `projection_method: concat`), causal softmax over
+    block embeddings (block decoder), an expansion Linear to one context vector per position, and local
+    attention inside each block (token decoder) over the input plus the previous block's context.
+    `embedder="mean"` instead runs the `block_transformer` op (mean-pooled, permutation-invariant blocks,
+    context added to the output)."""
 
-    def __init__(self, d_model: int, heads: int = 1, block_size: int = 4):
+    def __init__(self, d_model: int, heads: int = 1, block_size: int = 4, embedder: str = "concat"):
         super().__init__(d_model, heads)
-        self.block_size = block_size
+        if embedder not in ("concat", "mean"):
+            raise ValueError(f"embedder must be 'concat' or 'mean', got {embedder!r}")
+        self.block_size, self.embedder = block_size, embedder
+        if embedder == "concat":
+            self.embed = nn.Linear(block_size * d_model, d_model, bias=False)
+            self.block_decoder = _Heads(d_model, heads)
+            self.expand = nn.Linear(d_model, block_size * d_model, bias=False)
 
     def forward(self, x):
+        import blockattn
         from blockattn.linear import block_transformer
-        q, k, v = self.split(x)
-        return self.merge(block_transformer(q, k, v, block_size=self.block_size))
+        if self.embedder == "mean":
+            return self.merge(block_transformer(*self.split(x), block_size=self.block_size))
+        b, length, d = x.shape
+        n = length // self.block_size
+        if length % self.block_size:
+            raise ValueError(f"sequence length ({length}) must be a multiple of block_size ({self.block_size})")
+        blocks = self.embed(x.reshape(b, n, self.block_size * d))
+        dec = self.block_decoder
+        context = dec.merge(blockattn.attention(*dec.split(blocks), blockattn.patterns.causal(n)))
+        # block j is decoded from the context of blocks < j: shift by one block, the first gets none
+        context = torch.cat([torch.zeros_like(context[:, :1]), context[:, :-1]], dim=1)
+        x = x + self.expand(context).reshape(b, length, d)
+        inside = blockattn.BlockLayout.from_dense(torch.eye(n, dtype=torch.bool, device=x.device), q_len=length,
+                                                  k_len=length, block_q=self.block_size, block_k=self.block_size,
+                                                  causal=True)
+        return self.merge(blockattn.attention(*self.split(x), inside))
 
 
 # Scale-down (L = 64 instead of Zoology's 64..512 and BASED's 2048): BASED's 64-token window at 2k
@@ -195,11 +292,17 @@ MIXERS: dict[str, Callable[[int, int], nn.Module]] = {
     "attention": lambda d, layer: SoftmaxMixer(d),
     "sliding_window": lambda d, layer: SoftmaxMixer(d, window=WINDOW),
     "linear": lambda d, layer: LightningMixer(d),
-    "lightning": lambda d, layer: LightningMixer(d, heads=2, decays=(1 - 2 ** -5, 1 - 2 ** -6)),
-    "based": lambda d, layer: BasedMixer(d, window=WINDOW),
+    # TransNormerLLM's slope schedule over the 2 layers and its output gate
+    "lightning": lambda d, layer: LightningMixer(d, heads=2, decays=tnl_decays(2, layer, 2), output_gate=True),
+    "lightning_fixed": lambda d, layer: LightningMixer(d, heads=2, decays=(1 - 2 ** -5, 1 - 2 ** -6)),
+    "based": lambda d, layer: based_layer(d, layer, WINDOW),
+    "based_zoology": lambda d, layer: BaseConvMixer(d) if layer == 0 else TaylorLinearMixer(d),
+    "based_summed": lambda d, layer: BasedMixer(d, window=WINDOW),
     "rat": lambda d, layer: RATMixer(d),
+    "rat_bare": lambda d, layer: RATMixer(d, paper=False),
     "rat_hybrid": lambda d, layer: SoftmaxMixer(d, window=WINDOW) if layer == 0 else RATMixer(d),
     "block_transformer": lambda d, layer: BlockTransformerMixer(d),
+    "block_transformer_mean": lambda d, layer: BlockTransformerMixer(d, embedder="mean"),
     "moba": lambda d, layer: SparseMixer(d, "moba", block_size=8, top_k=2, tile_size=8),
     "titans_mac": lambda d, layer: memory_mixer("titans_mac", d, window=WINDOW),
     "titans_mag": lambda d, layer: memory_mixer("titans_mag", d, window=WINDOW),

@@ -48,3 +48,14 @@ def test_bad_input():
         rat(q, k, v, f[..., :4], chunk_size=4)
     with pytest.raises(ValueError, match="feature dims must match"):
         rat(q, k[..., :4], v, f, chunk_size=4)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_chunk_rope_matches_naive_and_depends_on_chunk_distance(chunk_size):
+    """Official InterRoPE: q and the summaries turn by their chunk index, applied after the gated scan."""
+    from blockattn.linear.rat.naive import rat_naive
+    q, k, v = (torch.randn(1, 2, 16, 8, dtype=torch.float64) for _ in range(3))
+    f = torch.rand(1, 2, 16, 8, dtype=torch.float64)
+    out = rat(q, k, v, f, chunk_size=chunk_size, chunk_rope=True)
+    assert torch.allclose(out, rat_naive(q, k, v, f, chunk_size=chunk_size, chunk_rope=True), atol=1e-12)
+    assert not torch.allclose(out, rat(q, k, v, f, chunk_size=chunk_size))

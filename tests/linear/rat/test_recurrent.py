@@ -35,3 +35,17 @@ def test_step_bad_cache():
     q = torch.randn(1, 1, 1, 4)
     with pytest.raises(TypeError, match="cache must be a RATCache"):
         rat_step(q, q, q, q, cache=None)
+
+
+def test_steps_continue_prefill_with_chunk_rope():
+    q, k, v = (torch.randn(1, 2, 12, 8, dtype=torch.float64) for _ in range(3))
+    f = torch.rand(1, 2, 12, 8, dtype=torch.float64)
+    full = rat(q, k, v, f, chunk_size=4, chunk_rope=True)
+    _, cache = rat(q[:, :, :4], k[:, :, :4], v[:, :, :4], f[:, :, :4], chunk_size=4, chunk_rope=True,
+                   output_cache=True)
+    steps = []
+    for t in range(4, 12):
+        y, cache = rat_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], f[:, :, t:t + 1], cache,
+                            chunk_size=4, chunk_rope=True)
+        steps.append(y)
+    assert torch.allclose(torch.cat(steps, dim=2), full[:, :, 4:], atol=1e-12)

@@ -53,11 +53,19 @@ def based(q: Tensor, k: Tensor, v: Tensor, *, window: int = 64, block_size: int 
     Args:
         q, k: `[B, H, L, d]`, the small feature-dimension projections (paper: d = 16).
         v: `[B, H, L, d]`.
-        window: sliding-window size in tokens, the query included (paper: 64); computed by
-            `blockattn.attention` on `patterns.sliding_window`.
+        window: sliding-window size in tokens, the query included: `window - 1` previous keys plus
+            the query (tested against that dense band); computed by `blockattn.attention` on
+            `patterns.sliding_window`. The official BASED convention differs by one: its "window 64"
+            (`SlidingAttention(window_size=128)`, flash window (64, 0)) is 64 previous keys plus the
+            query, i.e. `window=65` here.
 
     Returns:
         `[B, H, L, d]`, the sum of the two branches.
+
+    This one-op sum (shared q/k for both branches) is a compact variant. The official model keeps
+    linear attention, sliding-window attention and BaseConv as separate interleaved layers, and
+    Zoology's MQAR BASED has no window at all; `blockattn.bench.mqar` builds both ("based",
+    "based_zoology") from `taylor_linear_attention` and the engine.
     """
     check_qkv(q, k, v, same_value_dim=True)
     check_causal(causal)

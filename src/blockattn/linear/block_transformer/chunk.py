@@ -6,9 +6,12 @@ embedder pools each block into one embedding, a block decoder runs causal attent
 block sequence, and its output at block j is the context with which the token decoder
 decodes block j+1 using attention *only inside that block*. So token t sees the past through
 one context vector per block and its own block's earlier tokens directly; no token-level KV
-cache spans blocks. Here the embedder is a mean over the block (the layer may precede it with
-a projection) and the context is added to the token decoder's output (the paper's
-"summation" variant of how context enters the token decoder).
+cache spans blocks. This op is a one-layer analogue, not the paper's model: the embedder is a
+mean over the block, which is permutation-invariant inside a block (the paper's embedder
+concatenates the block's token embeddings), and the context is added to the output of the local
+attention (the paper's "summation" strategy adds an expanded, per-position context to the token
+decoder's input; its main configs use the context as a prefix). `BlockTransformerMixer` in
+`blockattn.bench.mqar` is the concatenating, input-summation layer.
 """
 from __future__ import annotations
 

@@ -6,7 +6,9 @@ paper). Inside a chunk, keys and values are running gated averages,
 k̃_t = f_t ⊙ k̃_{t−1} + (1 − f_t) ⊙ k_t (the same for v), restarted at each chunk. Query t
 then takes a softmax over the final (k̃, ṽ) of every earlier chunk plus its own chunk's
 current (k̃_t, ṽ_t): attention sees L/C summaries instead of L tokens. The paper's hybrid
-interleaves RAT layers with local (sliding-window) attention layers.
+interleaves RAT layers with local (sliding-window) attention layers. With `chunk_rope`, q and
+every key summary are rotated by their chunk index (the official "interrope", rotate-half RoPE,
+base 10000), so chunk scores depend on the chunk distance.
 """
 from __future__ import annotations
 
@@ -40,13 +42,14 @@ def intra_chunk_recurrence(x: Tensor, forget: Tensor, chunk_size: int) -> Tensor
 
 
 def rat(q: Tensor, k: Tensor, v: Tensor, forget: Tensor, *, chunk_size: int = 16, scale: float | None = None,
-        output_cache: bool = False, causal: bool = True):
+        chunk_rope: bool = False, output_cache: bool = False, causal: bool = True):
     """Causal RAT attention.
 
     Args:
         q, k, v: `[B, H, L, D]`; L must be a multiple of `chunk_size`.
         forget: `[B, H, L, D]` gate in [0, 1] (a sigmoid of a projection in the layer).
         chunk_size: tokens per chunk (paper: 16). scale: score scale, default D**-0.5.
+        chunk_rope: rotate q and the key summaries by their chunk index (official InterRoPE; D even).
         output_cache: also return the `RATCache` that `rat_step` continues decoding from.
 
     Returns:
@@ -63,15 +66,20 @@ def rat(q: Tensor, k: Tensor, v: Tensor, forget: Tensor, *, chunk_size: int = 16
     n = length // chunk_size
     k_run = intra_chunk_recurrence(k, forget, chunk_size)
     v_run = intra_chunk_recurrence(v, forget, chunk_size)
-    k_end = k_run[:, :, chunk_size - 1::chunk_size]                       # [B, H, n, D]
-    v_end = v_run[:, :, chunk_size - 1::chunk_size]
     chunk_of = torch.arange(length, device=q.device) // chunk_size
+    k_cur = k_run
+    if chunk_rope:
+        from blockattn.linear._rope import rotary
+        # after the scan: the per-channel gate does not commute with the rotation
+        q, k_cur = rotary(q, chunk_of), rotary(k_run, chunk_of)
+    k_end = k_cur[:, :, chunk_size - 1::chunk_size]                       # [B, H, n, D]
+    v_end = v_run[:, :, chunk_size - 1::chunk_size]
     earlier = chunk_of[:, None] > torch.arange(n, device=q.device)[None, :]   # only finished chunks
     scores_past = (q @ k_end.transpose(-1, -2) * scale).masked_fill(~earlier, float("-inf"))
-    score_self = (q * k_run).sum(-1, keepdim=True) * scale
+    score_self = (q * k_cur).sum(-1, keepdim=True) * scale
     weights = torch.softmax(torch.cat([scores_past, score_self], dim=-1), dim=-1)
     out = weights[..., :n] @ v_end + weights[..., n:] * v_run
     if not output_cache:
         return out
     from blockattn.linear.rat.recurrent import RATCache
-    return out, RATCache(k_end, v_end, k_run[:, :, -1], v_run[:, :, -1], length)
+    return out, RATCache(k_end, v_end, k_run[:, :, -1], v_run[:, :, -1], length)  # current_k unrotated

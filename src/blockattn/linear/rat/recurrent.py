@@ -24,9 +24,10 @@ class RATCache:
 
 
 def rat_step(q: Tensor, k: Tensor, v: Tensor, forget: Tensor, cache: RATCache, *, chunk_size: int = 16,
-             scale: float | None = None) -> tuple[Tensor, RATCache]:
+             scale: float | None = None, chunk_rope: bool = False) -> tuple[Tensor, RATCache]:
     """One token (`[B, H, 1, D]` each) of RAT; returns `(y [B, H, 1, D], cache)`. The cache grows by one
-    summary per `chunk_size` tokens, the paper's C-fold smaller KV cache."""
+    summary per `chunk_size` tokens, the paper's C-fold smaller KV cache. With `chunk_rope` the stored
+    summaries are rotated by their chunk index and the running key is kept unrotated."""
     for name, t in (("q", q), ("k", k), ("v", v), ("forget", forget)):
         if t.dim() != 4 or t.shape[2] != 1:
             raise ValueError(f"{name} must be [B, H, 1, D] for a decode step, got shape {list(t.shape)}")
@@ -39,7 +40,12 @@ def rat_step(q: Tensor, k: Tensor, v: Tensor, forget: Tensor, cache: RATCache, *
     f = forget[:, :, 0]
     cur_k = f * cur_k + (1 - f) * k[:, :, 0]
     cur_v = f * cur_v + (1 - f) * v[:, :, 0]
-    keys = torch.cat([cache.summaries_k, cur_k[:, :, None]], dim=2)
+    key = cur_k[:, :, None]
+    if chunk_rope:
+        from blockattn.linear._rope import rotary
+        chunk = torch.tensor([cache.length // chunk_size], device=q.device)
+        q, key = rotary(q, chunk), rotary(key, chunk)
+    keys = torch.cat([cache.summaries_k, key], dim=2)
     values = torch.cat([cache.summaries_v, cur_v[:, :, None]], dim=2)
     weights = torch.softmax((q @ keys.transpose(-1, -2)) * scale, dim=-1)
     y = weights @ values
