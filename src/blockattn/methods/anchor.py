@@ -38,6 +38,7 @@ from torch import Tensor
 
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
+from blockattn import _checks
 from blockattn._checks import check_qk
 from blockattn.methods._select import column_layout, expand_kv_heads
 from blockattn.methods.base import Method
@@ -60,8 +61,7 @@ class AnchorAttention(Method):
     any_lengths = False
 
     def __post_init__(self):
-        if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)) or not self.theta >= 0:
-            raise ValueError(f"theta must be a non-negative number, got {self.theta!r}")
+        _checks.number_arg("theta", self.theta, low=0.0)
         self.check_positive_ints("step", "block_size")
 
     def stripes(self, q: Tensor, k: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from torch import Tensor
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn.methods._labels import label_layout
+from blockattn import _checks
 from blockattn._checks import check_qk, int_tuple_arg
 from blockattn.methods._select import expand_kv_heads
 from blockattn.methods.base import Method
@@ -68,8 +69,7 @@ class BiFormer(Method):
 
     def __post_init__(self):
         self.check_positive_ints("n_win", "topk", "tile_size")
-        if not isinstance(self.causal, bool):
-            raise ValueError(f"causal must be a bool, got {self.causal!r}")
+        _checks.bool_arg("causal", self.causal)
 
     def route(self, q: Tensor, k: Tensor, grid=None) -> tuple[Tensor, Tensor]:
         """(region id of every token `[L]`, routed regions bool `[B, nRegions, nRegions]`)."""

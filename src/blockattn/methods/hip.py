@@ -24,6 +24,7 @@ from torch import Tensor
 
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
+from blockattn import _checks
 from blockattn._checks import check_qk
 from blockattn.methods._select import expand_kv_heads
 from blockattn.methods.base import Method
@@ -50,10 +51,8 @@ class HiPAttention(Method):
         self.check_positive_ints("k", "block_size_q", "block_size_k")
         if self.k % self.block_size_k:
             raise ValueError(f"k ({self.k}) must be a multiple of block_size_k ({self.block_size_k})")
-        if isinstance(self.sink_blocks, bool) or not isinstance(self.sink_blocks, int) or self.sink_blocks < 0:
-            raise ValueError(f"sink_blocks must be a non-negative int, got {self.sink_blocks!r}")
-        if not isinstance(self.causal, bool):
-            raise ValueError(f"causal must be a bool, got {self.causal!r}")
+        _checks.int_arg("sink_blocks", self.sink_blocks, minimum=0)
+        _checks.bool_arg("causal", self.causal)
 
     def visible_blocks(self, q_len: int, k_len: int, device=None) -> Tensor:
         """`[nQ]`: how many leading key blocks each query block may see."""

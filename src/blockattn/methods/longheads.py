@@ -42,6 +42,7 @@ from torch import Tensor
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn.methods._labels import label_layout
+from blockattn import _checks
 from blockattn._checks import check_qk
 from blockattn.methods._select import expand_kv_heads
 from blockattn.methods.base import Method
@@ -68,9 +69,7 @@ class LongHeads(Method):
 
     def __post_init__(self):
         self.check_positive_ints("window_size", "atten_length", "tile_size")
-        value = self.begin_selective_length
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"begin_selective_length must be a non-negative int, got {value!r}")
+        _checks.int_arg("begin_selective_length", self.begin_selective_length, minimum=0)
         if self.atten_length % self.window_size or self.atten_length < 3 * self.window_size:
             raise ValueError(f"atten_length ({self.atten_length}) must be a multiple of window_size "
                              f"({self.window_size}) holding at least 3 chunks (first, previous, current)")

@@ -35,6 +35,7 @@ import blockattn
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn.methods._labels import label_layout
+from blockattn import _checks
 from blockattn._checks import check_qk, int_tuple_arg
 from blockattn.methods._select import expand_kv_heads
 from blockattn.methods.base import Method
@@ -81,13 +82,11 @@ class PAROAttention(Method):
     any_lengths = False
 
     def __post_init__(self):
-        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
-            raise ValueError(f"density must lie in (0, 1], got {self.density!r}")
+        _checks.fraction_arg("density", self.density)
         self.check_positive_ints("block_size", "sample_blocks")
-        if self.quant_bits not in (None, 8, 4):
-            raise ValueError(f"quant_bits must be None, 8 or 4, got {self.quant_bits!r}")
-        if not isinstance(self.causal, bool):
-            raise ValueError(f"causal must be a bool, got {self.causal!r}")
+        if self.quant_bits is not None:
+            _checks.choice_arg("quant_bits", _checks.int_arg("quant_bits", self.quant_bits), (None, 8, 4))
+        _checks.bool_arg("causal", self.causal)
 
     def _grid(self, q: Tensor, k: Tensor, grid):
         check_qk(q, k)

@@ -36,6 +36,7 @@ from torch import Tensor
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn.methods._labels import label_layout
+from blockattn import _checks
 from blockattn._checks import check_qk
 from blockattn.methods._select import expand_kv_heads
 from blockattn.methods.base import Method
@@ -61,16 +62,11 @@ class RoutingTransformer(Method):
     causal_segments: int = 4
 
     def __post_init__(self):
-        if self.num_clusters is not None and (isinstance(self.num_clusters, bool) or not isinstance(
-                self.num_clusters, int) or self.num_clusters < 1):
-            raise ValueError(f"num_clusters must be None or a positive int, got {self.num_clusters!r}")
-        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"decay must lie in [0, 1), got {self.decay!r}")
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
-            raise ValueError(f"iterations must be a non-negative int, got {self.iterations!r}")
+        _checks.optional_int_arg("num_clusters", self.num_clusters)
+        _checks.number_arg("decay", self.decay, low=0.0, high=1.0, high_open=True)
+        _checks.int_arg("iterations", self.iterations, minimum=0)
         self.check_positive_ints("tile_size", "causal_segments")
-        if not isinstance(self.causal, bool):
-            raise ValueError(f"causal must be a bool, got {self.causal!r}")
+        _checks.bool_arg("causal", self.causal)
 
     def clusters(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(query clusters `[B, Hq, Lq]`, key clusters `[B, Hq, Lk]`, final centroids `[B, Hq, C, D]`).

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
+from blockattn import _checks
 from blockattn._checks import check_qk
 from blockattn.methods._select import expand_kv_heads
 from blockattn.methods.base import Method
@@ -61,11 +62,9 @@ class SALE(Method):
     any_lengths = False
 
     def __post_init__(self):
-        if self.bits not in (4, 8) or isinstance(self.bits, bool):
-            raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
+        _checks.choice_arg("bits", _checks.int_arg("bits", self.bits), (4, 8))
         self.check_positive_ints("block_size")
-        if not (0.0 < self.threshold <= 1.0):
-            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
+        _checks.fraction_arg("threshold", self.threshold)
 
     def relative_scores(self, q: Tensor, k: Tensor) -> Tensor:
         """`[B, Hq, nQ, nK]` Relative Attention Score of every tile (0 for tiles with no causal pair)."""

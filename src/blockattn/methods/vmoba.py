@@ -37,19 +37,13 @@ from torch import Tensor
 
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
+from blockattn import _checks
 from blockattn._checks import check_qk, int_arg, int_tuple_arg
 from blockattn.methods._labels import label_layout
 from blockattn.methods._select import expand_kv_heads
 from blockattn.methods.base import Method
 
 _EPS = 1e-6  # as in the official selection
-
-
-def _check_shape(name, value, ndim):
-    if not isinstance(value, (tuple, list)) or len(value) != ndim or any(
-            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
-        raise ValueError(f"{name} must be {ndim} positive ints, got {value!r}")
-    return tuple(value)
 
 
 @register("vmoba")
@@ -78,13 +72,11 @@ class VMoBA(Method):
     any_lengths = False
 
     def __post_init__(self):
-        if not (0.0 < self.threshold <= 1.0):
-            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
-        _check_shape("block_1d", (self.block_1d,), 1)
-        self.block_2d = _check_shape("block_2d", self.block_2d, 2)
-        self.block_3d = _check_shape("block_3d", self.block_3d, 3)
-        if self.selection not in ("head_global", "query_head"):
-            raise ValueError(f"selection must be 'head_global' or 'query_head', got {self.selection!r}")
+        _checks.fraction_arg("threshold", self.threshold)
+        _checks.int_arg("block_1d", self.block_1d)
+        self.block_2d = int_tuple_arg("block_2d", self.block_2d, 2)
+        self.block_3d = int_tuple_arg("block_3d", self.block_3d, 3)
+        _checks.choice_arg("selection", self.selection, ("head_global", "query_head"))
         self.check_positive_ints("tile_size")
 
     def block_ids(self, grid, layer: int, device=None) -> Tensor:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
+from blockattn import _checks
 from blockattn._checks import check_qk
 from blockattn.methods._select import cumulative_threshold
 from blockattn.methods.base import Method
@@ -78,16 +79,16 @@ class XAttention(Method):
     queries_before_keys = True  # causal q_len > k_len: the first queries precede every key
 
     def __post_init__(self):
-        values = self.threshold if isinstance(self.threshold, (tuple, list)) else (self.threshold,)
-        if not values or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0
-                             for t in values):
-            raise ValueError(f"threshold must lie in (0, 1] (one value or one per query head), got {self.threshold!r}")
-        if isinstance(self.threshold, list):
-            self.threshold = tuple(self.threshold)
-        if not isinstance(self.stride, int) or self.stride < 1:
-            raise ValueError(f"stride must be a positive int, got {self.stride!r}")
-        if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size % self.stride:
+        if isinstance(self.threshold, (tuple, list)):
+            if not self.threshold:
+                raise ValueError("threshold must be one value or one per query head, got an empty sequence")
+            self.threshold = tuple(_checks.fraction_arg(f"threshold[{i}]", t) for i, t in enumerate(self.threshold))
+        else:
+            _checks.fraction_arg("threshold", self.threshold)
+        self.check_positive_ints("stride", "block_size")
+        if self.block_size % self.stride:
             raise ValueError(f"block_size must be a positive multiple of stride={self.stride}, got {self.block_size!r}")
+        _checks.bool_arg("causal", self.causal)
 
     def block_scores(self, q: Tensor, k: Tensor) -> Tensor:
         """Antidiagonal block scores `[B, Hq, nQ, nK]` (each causal row sums to ~block_size/stride)."""
