@@ -107,7 +107,9 @@ def _attention(runtime: Runtime, plan, query, key, value, attention_mask, scalin
                          "(max_position_embeddings)")
     policy = runtime.policy
     if state.pending is not None:
-        out = _attend(plan, query, key, value, scaling, causal, layer, window)
+        out = policy.prefill_attend(runtime.cache, layer, query, key, value, scale, plan.backend)
+        if out is None:
+            out = _attend(plan, query, key, value, scaling, causal, layer, window)
         _store(state, policy.select(layer, query, key, value, scale), key, value)
         return out
     out = policy.attend(runtime.cache, state, layer, query, scale, plan.backend)

@@ -55,14 +55,16 @@ def _causal(q_len: int, k_len: int):
 
 
 def attend_head(query: Tensor, key: Tensor, value: Tensor, scale: float, backend: str = "auto",
-                comp: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                comp: tuple[Tensor, Tensor, Tensor] | None = None, return_lse: bool = False):
     """The engine over one KV head's buffer: `query [B, G, Lq, D]` (its group), `key, value [B, n, D]`,
     the queries being the last `Lq` tokens of the buffer. A compensation slot `(k̂ [B, D], v̂ [B, D],
     N_d [B])` enters with logit q·k̂·scale + log N_d (RazorAttention eq. 5), merged through the lse."""
     k, v = key.unsqueeze(1), value.unsqueeze(1)
     layout = _causal(query.shape[2], key.shape[1])
     if comp is None:
-        return blockattn.attention(query, k, v, layout, scale=scale, backend=backend)
+        return blockattn.attention(query, k, v, layout, scale=scale, return_lse=return_lse, backend=backend)
+    if return_lse:
+        raise ValueError("attend_head: return_lse with a compensation slot is not supported")
     out, lse = blockattn.attention(query, k, v, layout, scale=scale, return_lse=True, backend=backend)
     comp_k, comp_v, count = comp
     logit = torch.einsum("bgqd,bd->bgq", query.float(), comp_k.float()) * scale + count.float().log()[:, None, None]
@@ -97,6 +99,11 @@ class Policy:
 
     def select(self, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Selection:
         raise NotImplementedError
+
+    def prefill_attend(self, cache, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float,
+                       backend: str) -> Tensor | None:
+        """A prefill attention of the policy's own `[B, Hq, n, D]`, or None: the patch's method runs."""
+        return None
 
     def attend(self, cache, state, layer: int, query: Tensor, scale: float, backend: str) -> Tensor:
         """Decode step over every KV head's buffer (the new tokens already appended): `[B, Hq, Lq, D]`."""
