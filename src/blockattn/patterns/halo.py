@@ -3,9 +3,10 @@
 Vaswani et al., "Scaling Local Self-Attention for Parameter Efficient Visual Backbones" (CVPR 2021,
 arXiv 2103.12731). Rule: the H x W map is cut into non-overlapping b x b query blocks; every query
 of block (i, j) attends to the (b + 2h) x (b + 2h) window of keys centred on its block, i.e. keys
-within `halo` pixels of the block on each axis. The paper zero-pads the halo at image borders; a
-layout has no padding tokens, so border windows are simply smaller here (the padded keys are
-masked, not attended as zeros).
+within `halo` pixels of the block on each axis. The paper (and timm) zero-pads the halo at image
+borders; a layout has no padding tokens, so its border windows are smaller (the padded keys are
+masked). `modules.HaloAttention(border="zero_pad")` adds the padded slots back exactly, from the
+engine's log-sum-exp.
 """
 from __future__ import annotations
 
