@@ -55,3 +55,29 @@ def test_dual_rope_position_ids():
     pos, temporal = patterns.dual_rope_position_ids(3, 4, prefix=2, suffix=1)
     assert torch.equal(pos, torch.arange(2 + 12 + 1))
     assert temporal.tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3]
+
+
+def test_dual_rope_ids_continue_like_videorope():
+    _, temporal = patterns.dual_rope_position_ids(2, 3, prefix=2, suffix=2, text_temporal="continue")
+    assert temporal.tolist() == [0, 1, 2, 2, 3, 3, 4, 4, 5, 6]
+    with pytest.raises(ValueError, match="text_temporal"):
+        patterns.dual_rope_position_ids(2, 3, text_temporal="zero")
+
+
+def test_dual_rope_is_a_rotary_embedding_of_the_summed_ids():
+    from blockattn.patterns.block_causal import dual_rope
+    pos, temporal = patterns.dual_rope_position_ids(3, 4, prefix=2, suffix=3)
+    q, k = torch.randn(2, 17, 8, dtype=torch.float64), torch.randn(2, 17, 8, dtype=torch.float64)
+    scores = dual_rope(q, pos, temporal) @ dual_rope(k, pos, temporal).transpose(-1, -2)
+    # q·k depends on the summed-id difference only: shifting both ids by constants changes nothing
+    shifted = dual_rope(q, pos + 5, temporal + 2) @ dual_rope(k, pos + 5, temporal + 2).transpose(-1, -2)
+    assert torch.allclose(scores, shifted)
+    # and it is a real rotation by the summed id: pair (i, i + D/2) turns by (p + t) * base^(-2i/D)
+    angle = (pos + temporal).double()[:, None] * 10000.0 ** (-torch.arange(0, 8, 2).double() / 8)
+    rotated = dual_rope(q, pos, temporal)
+    assert torch.allclose(rotated[..., :4], q[..., :4] * angle.cos() - q[..., 4:] * angle.sin())
+    assert torch.allclose(rotated[..., 4:], q[..., 4:] * angle.cos() + q[..., :4] * angle.sin())
+    # visual tokens of one frame share the temporal id, so within a frame only global offsets remain
+    assert not torch.allclose(scores, dual_rope(q, pos, 0 * temporal) @ dual_rope(k, pos, 0 * temporal).transpose(-1, -2))
+    with pytest.raises(ValueError, match="position_ids"):
+        dual_rope(q, pos[:-1], temporal)

@@ -18,7 +18,7 @@ from torch import Tensor
 from blockattn.layout import BlockLayout, _cdiv, _check_positive_int
 from blockattn.patterns._grid import tile_layout
 
-__all__ = ["segment_causal", "block_causal", "frame_segment_ids", "dual_rope_position_ids"]
+__all__ = ["segment_causal", "block_causal", "frame_segment_ids", "dual_rope_position_ids", "dual_rope"]
 
 
 def _check_nonneg(name, value):
@@ -74,18 +74,38 @@ def block_causal(frame_len: int, num_frames: int, *, prefix: int = 0, suffix: in
                           block_q=block_q, block_k=block_k)
 
 
-def dual_rope_position_ids(frame_len: int, num_frames: int, *, prefix: int = 0,
-                           suffix: int = 0) -> tuple[Tensor, Tensor]:
+def dual_rope_position_ids(frame_len: int, num_frames: int, *, prefix: int = 0, suffix: int = 0,
+                           text_temporal: str = "nearest") -> tuple[Tensor, Tensor]:
     """TC-LLaVA's Temporal-Aware Dual RoPE position ids: `(position_ids, temporal_ids)`, long `[L]` each.
 
     `position_ids` is the ordinary global index (every token keeps a distinct id, so text-visual
     relative positions are preserved); `temporal_ids` is the frame index shared by all visual tokens
-    of a frame. The paper does not fix the temporal id of text tokens in its public text; here text
-    tokens get 0 before the frames and `num_frames - 1` after them (the nearest frame), a documented
-    assumption of this helper.
+    of a frame. The paper does not fix the temporal id of text tokens in its public text:
+    `text_temporal="nearest"` gives text 0 before the frames and `num_frames - 1` after them (the
+    nearest frame); `"continue"` follows VideoRoPE's `tad_rope`, the only public reimplementation:
+    prefix text `0..P-1`, frame f `P + f`, suffix text `P + F + j`.
     """
     seg = frame_segment_ids(frame_len, num_frames, prefix=prefix, suffix=suffix)
-    temporal = torch.cat([torch.zeros(prefix, dtype=torch.long),
-                          torch.arange(num_frames).repeat_interleave(frame_len),
-                          torch.full((suffix,), num_frames - 1, dtype=torch.long)])
+    if text_temporal == "nearest":
+        before, frames, after = torch.zeros(prefix, dtype=torch.long), torch.arange(num_frames), \
+            torch.full((suffix,), num_frames - 1, dtype=torch.long)
+    elif text_temporal == "continue":
+        before, frames, after = torch.arange(prefix), prefix + torch.arange(num_frames), \
+            prefix + num_frames + torch.arange(suffix)
+    else:
+        raise ValueError(f"text_temporal must be 'nearest' or 'continue', got {text_temporal!r}")
+    temporal = torch.cat([before, frames.repeat_interleave(frame_len), after])
     return torch.arange(len(seg)), temporal
+
+
+def dual_rope(x: Tensor, position_ids: Tensor, temporal_ids: Tensor, *, base: float = 10000.0) -> Tensor:
+    """Apply the dual RoPE to q or k `[..., L, D]` (D even): one rotary angle per token from the sum
+    `position_ids + temporal_ids` (VideoRoPE's `tad_rope` combination: the two ids share the same
+    channels), so `dual_rope(q)·dual_rope(k)` depends on the difference of the summed ids only. During
+    decode both ids advance with each text token, i.e. the summed position by 2."""
+    from blockattn.linear._rope import rotary
+
+    for name, ids in (("position_ids", position_ids), ("temporal_ids", temporal_ids)):
+        if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.shape[0] != x.shape[-2]:
+            raise ValueError(f"{name} must be a 1D tensor of length L={x.shape[-2]}")
+    return rotary(x, position_ids + temporal_ids, base=base)
