@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import blockattn
 from blockattn import BlockLayout
 
 
@@ -190,3 +191,17 @@ def test_transpose_carries_explicit_mask_ids():
     backward = {(h, int(indices[0, h, kb, s]), kb): int(mask_ids[0, h, kb, s])
                 for h in range(2) for kb in range(layout.num_k_blocks) for s in range(int(counts[0, h, kb]))}
     assert forward == backward and any(v >= 0 for v in forward.values())
+
+
+def test_to_same_device_and_expand_to_own_shape_return_the_layout_itself():
+    layout = blockattn.patterns.random_blocks(256, density=0.3, heads=2)
+    assert layout.to("cpu") is layout
+    assert layout.to(torch.device("cpu")) is layout
+    assert layout.expand(layout.batch, layout.heads) is layout
+
+
+def test_derived_kernel_inputs_are_computed_once_per_layout():
+    layout = blockattn.patterns.random_blocks(256, density=0.3, heads=2)
+    assert layout.transpose()[1] is layout.transpose()[1]
+    moved = layout.expand(3, 2)
+    assert moved.kv_counts.shape == (3, 2, 4) and torch.equal(moved.to_dense()[1], layout.to_dense()[0])

@@ -38,6 +38,16 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    # "cuda" and "cuda:0" name the same device when the current device is 0
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
+
+
 def _check_window(window) -> tuple[int, int] | None:
     if window is None:
         return None
@@ -70,6 +80,7 @@ class BlockLayout:
                  block_q: int = 64, block_k: int = 64, causal: bool = False,
                  window: tuple[int, int] | None = None, tile_mask_ids: Tensor | None = None,
                  tile_masks: Tensor | None = None, allow_empty_rows: bool = False):
+        self._derived = {}
         self.q_len = _check_positive_int("q_len", q_len)
         self.k_len = _check_positive_int("k_len", k_len)
         self.block_q = _check_positive_int("block_q", block_q)
@@ -174,24 +185,48 @@ class BlockLayout:
                 f"B|H=({self.batch}, {self.heads}), density={self.density():.3f}{', ' + extra if extra else ''})")
 
     def to(self, device) -> BlockLayout:
-        return self._replace(kv_counts=self.kv_counts.to(device), kv_indices=self.kv_indices.to(device),
-                             tile_mask_ids=None if self.tile_mask_ids is None else self.tile_mask_ids.to(device),
-                             tile_masks=None if self.tile_masks is None else self.tile_masks.to(device))
+        """This layout on `device`: `self` when it is already there, else a copy (not re-validated)."""
+        device = torch.device(device)
+        if _same_device(self.device, device):
+            return self
+        moved = self._replace(kv_counts=self.kv_counts.to(device), kv_indices=self.kv_indices.to(device),
+                              tile_mask_ids=None if self.tile_mask_ids is None else self.tile_mask_ids.to(device),
+                              tile_masks=None if self.tile_masks is None else self.tile_masks.to(device))
+        return moved
 
     def _replace(self, **changes) -> BlockLayout:
+        """A layout with some fields changed, built without validation: for internal callers whose
+        changes keep a valid layout valid (moving it, broadcasting it)."""
         fields = dict(kv_counts=self.kv_counts, kv_indices=self.kv_indices, q_len=self.q_len,
                       k_len=self.k_len, block_q=self.block_q, block_k=self.block_k, causal=self.causal,
                       window=self.window, tile_mask_ids=self.tile_mask_ids, tile_masks=self.tile_masks,
                       allow_empty_rows=self.allow_empty_rows)
         fields.update(changes)
-        counts, indices = fields.pop("kv_counts"), fields.pop("kv_indices")
-        return BlockLayout(counts, indices, **fields)
+        return BlockLayout._trusted(**fields)
+
+    @classmethod
+    def _trusted(cls, **fields) -> BlockLayout:
+        """A layout from fields already known to be valid (int32 contiguous lists, -1 padding): the hot
+        path of kernels and methods, which must not pay the public constructor's checks per call."""
+        layout = object.__new__(cls)
+        layout.__dict__.update(fields)
+        layout._derived = {}
+        return layout
+
+    def _memo(self, key, build):
+        """`build()` computed once per layout (layouts are immutable): per-call kernel inputs such as the
+        transposed lists or packed tile masks."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def expand(self, batch: int, heads: int) -> BlockLayout:
         """The same layout with explicit batch and head dimensions (no copy)."""
         b, h = self.batch, self.heads
         if b not in (1, batch) or h not in (1, heads):
             raise ValueError(f"a layout with B|H=({b}, {h}) cannot broadcast to ({batch}, {heads})")
+        if (b, h) == (batch, heads):
+            return self
         shape4 = (batch, heads, self.num_q_blocks, self.max_blocks)
         return self._replace(
             kv_counts=self.kv_counts.expand(*shape4[:3]), kv_indices=self.kv_indices.expand(shape4),
@@ -467,7 +502,10 @@ class BlockLayout:
         """Per key block, the sorted query blocks that list it: (q_counts `[B|1, H|1, nK]`,
         q_indices `[B|1, H|1, nK, maxQ]` padded with -1, q_mask_ids `[B|1, H|1, nK, maxQ]` with each
         tile's explicit-mask id or -1, None when the layout has no explicit masks). Backward kernels
-        iterate these."""
+        iterate these. Computed once per layout."""
+        return self._memo("transpose", self._transpose)
+
+    def _transpose(self) -> tuple[Tensor, Tensor, Tensor | None]:
         counts, indices = _block_lists(self.to_dense().transpose(-1, -2))
         if self.tile_mask_ids is None:
             return counts, indices, None
@@ -682,7 +720,6 @@ class BlockLayout:
         return BlockLayout.from_tile_masks((b, h, qb, kb), masks, q_len=self.q_len, k_len=self.k_len,
                                            block_q=self.block_q, block_k=self.block_k, batch=self.batch,
                                            heads=self.heads, allow_empty_rows=self.allow_empty_rows)
-
 
 
 # ---------------------------------------------------------------------- helpers

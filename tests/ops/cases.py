@@ -103,7 +103,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 
 
 def check_backend(case: Case, backend: str, *, fwd_tol: float, grad_tol: float, lse_tol: float | None = None,
                   **kwargs) -> None:
-    """Compare `backend` with the float64 reference: output, lse and the gradients of q, k, v."""
+    """Compare `backend` with the float64 reference: output, lse and the gradients of q, k, v (through
+    both outputs: `lse` is differentiable)."""
     from blockattn.ops.reference import reference_attention
 
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (case.q, case.k, case.v))
@@ -116,9 +117,11 @@ def check_backend(case: Case, backend: str, *, fwd_tol: float, grad_tol: float, 
     assert err <= fwd_tol, f"{case.label}: output relative error {err:.2e} > {fwd_tol:.0e}"
     err = relative_error(lse, ref_lse)
     assert err <= (lse_tol if lse_tol is not None else fwd_tol), f"{case.label}: lse relative error {err:.2e}"
+    # gradients reach q, k, v through out AND lse (rows with no key have no lse gradient to carry)
     grad = torch.randn(out.shape, dtype=torch.float64)
-    got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
-    expected = torch.autograd.grad(ref_out, (q64, k64, v64), grad)
+    grad_lse = torch.randn(lse.shape, dtype=torch.float64).masked_fill(torch.isinf(ref_lse.detach()), 0.0)
+    got = torch.autograd.grad((out, lse), (q, k, v), (grad.to(out.dtype), grad_lse.float()))
+    expected = torch.autograd.grad((ref_out, ref_lse), (q64, k64, v64), (grad, grad_lse))
     for name, a, b in zip(("dq", "dk", "dv"), got, expected):
         err = relative_error(a, b)
         assert err <= grad_tol, f"{case.label}: {name} relative error {err:.2e} > {grad_tol:.0e}"

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from blockattn.layout import BlockLayout
+from blockattn.ops._autograd import LayoutAttention
 
 _SLOT_CHUNK = 32  # key tiles gathered at once: bounds the per-step working set to ~32 * block_k keys
 
@@ -96,7 +97,7 @@ def _forward(q, k, v, plan: _Plan, scale: float):
     return out, lse
 
 
-def _backward(q, k, v, out, lse, grad_out, plan: _Plan, scale: float):
+def _backward(q, k, v, lse, grad_out, delta, plan: _Plan, scale: float):
     work = _compute_dtype(q.dtype)
     bq, bk = plan.block_q, plan.block_k
     q_blocks = _pad_blocks(q, plan.n_q * bq, bq)
@@ -105,8 +106,7 @@ def _backward(q, k, v, out, lse, grad_out, plan: _Plan, scale: float):
     do_blocks = _pad_blocks(grad_out, plan.n_q * bq, bq)
     lse_blocks = torch.nn.functional.pad(lse, (0, plan.n_q * bq - lse.shape[2]), value=float("-inf"))
     lse_blocks = lse_blocks.view(lse.shape[0], lse.shape[1], plan.n_q, bq).to(work)
-    delta = (grad_out.to(work) * out.to(work)).sum(-1)
-    delta = torch.nn.functional.pad(delta, (0, plan.n_q * bq - delta.shape[2])).view_as(lse_blocks)
+    delta = torch.nn.functional.pad(delta.to(work), (0, plan.n_q * bq - delta.shape[2])).view_as(lse_blocks)
     batch, heads_kv = k.shape[0], k.shape[1]
     dq = torch.zeros(q_blocks.shape, dtype=work, device=q.device)
     dk = torch.zeros(batch * heads_kv * plan.n_k, bk, k.shape[3], dtype=work, device=q.device)
@@ -134,24 +134,8 @@ def _backward(q, k, v, out, lse, grad_out, plan: _Plan, scale: float):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _BlockSparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan, scale):
-        out, lse = _forward(q, k, v, plan, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale = plan, scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, grad_out.contiguous(), ctx.plan, ctx.scale)
-        return dq, dk, dv, None, None
-
-
 def torch_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: float):
     """`(out [B, Hq, Lq, D], lse [B, Hq, Lq] float32)`; inputs already validated."""
     plan = _Plan(layout, q.shape[0], q.shape[1], k.shape[1], q.device)
-    out, lse = _BlockSparseAttention.apply(q, k, v, plan, scale)
+    out, lse = LayoutAttention.apply(q, k, v, plan, scale, _forward, _backward)
     return out, lse.float()
