@@ -1,5 +1,8 @@
 """NFD-style frame model: cached frame-by-frame (and chunked) outputs equal full recomputation with
-the block-causal mask; speculative generation keeps exactly the frames a step-by-step run makes."""
+the block-causal mask. Speculative generation: when the actions change every frame, it keeps exactly
+the frames a step-by-step run makes (each chunk keeps only its first frame); when they stay constant,
+the accepted frames are those of a joint denoising of the whole chunk (later frames attend to the
+chunk's noisy earlier frames), which differ from step-by-step frames after the first."""
 import pytest
 import torch
 
@@ -76,6 +79,15 @@ def test_speculative_generation():
     assert calls == 2 * 3 and calls_plain == 6 * 3  # fewer model calls when speculation is accepted
     first, _, _ = model.generate(context, steady, steps=2, speculate=1, seed=3)
     torch.testing.assert_close(frames[:, :model.frame_len], first[:, :model.frame_len], rtol=1e-10, atol=1e-10)
+    # accepted frames = joint-chunk recomputation, not step-by-step
+    n, fl = 3, model.frame_len
+    x = torch.cat([model._noise(j, 1, 3, torch.float64) for j in range(n)], dim=1) \
+        + model.action_embedding(torch.tensor(2)).double()
+    for step in range(2):
+        x = x + model.step_embedding(torch.tensor(step)).double()
+        x = _dense_forward(model, torch.cat([context, x], dim=1))[:, context.shape[1]:]
+    torch.testing.assert_close(frames[:, :n * fl], x, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(frames[:, fl:2 * fl], first[:, fl:2 * fl])
 
 
 def test_errors():
