@@ -4,6 +4,8 @@ from blockattn.modules.halo import HaloAttention
 from blockattn.modules.neighborhood import NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d
 from blockattn.modules.next_frame import FrameKVCache, NextFrameTransformer
 from blockattn.modules.ninformer import NiNBlock
+from blockattn.modules.oat import (ObjectAttentionTransformer, ObjectCrossAttention, ObjectPositionalEncoding,
+                                  fit_positional_table, positional_table_error)
 from blockattn.modules.overlock import ContMix, ContMixBlock, DynamicConvBlock, contmix_aggregate
 from blockattn.modules.patnet import PATBlock, PATChannel, PATSelf, PATSpatial
 from blockattn.modules.pointer import PointerAttention, PointerNetwork
@@ -16,4 +18,6 @@ __all__ = ["CombinerAttention", "HaloAttention", "NeighborhoodAttention1d", "Nei
            "PolarizedSelfAttention", "PointerAttention", "PointerNetwork",
            "NiNBlock", "PATBlock", "PATChannel", "PATSelf", "PATSpatial",
            "ContMix", "ContMixBlock", "DynamicConvBlock", "contmix_aggregate",
-           "EmbeddingAttention", "SentenceAttentionBlock"]
+           "EmbeddingAttention", "SentenceAttentionBlock",
+           "ObjectAttentionTransformer", "ObjectCrossAttention", "ObjectPositionalEncoding", "fit_positional_table",
+           "positional_table_error"]
