@@ -119,6 +119,31 @@ def check_layout(name, rank, world, group):
         balance=plan.balance)
 
 
+def check_hf(rank, world, group):
+    """A tiny random Llama's prefill sharded over the group gives the single-process logits."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as missing:  # the optional `hf` extra
+        return dict(skip=str(missing))
+    from blockattn.distributed import hf as cp_hf
+
+    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    L = 250
+    ids = torch.randint(0, 101, (1, L), generator=torch.Generator().manual_seed(1))
+    layout = patterns.causal(L, block_q=BLOCK, block_k=BLOCK)
+    with torch.no_grad():
+        reference = model(ids, use_cache=False).logits
+        with cp_hf.sharded(model, layout, group):
+            local = model(bd.shard(ids, layout, group, dim=1), use_cache=False,
+                          position_ids=bd.shard(torch.arange(L)[None], layout, group, dim=1)).logits
+        logits = bd.unshard(local, layout, group, dim=1)
+    return dict(rel=float((logits - reference).abs().max() / reference.abs().max()),
+                restored=model.config._attn_implementation)
+
+
 def _expect_error(fn):
     try:
         fn()
@@ -196,11 +221,14 @@ def run(rank, world, port, out_dir):
                 except Exception:
                     mine[name] = {"error": traceback.format_exc()}
                 seconds[f"{size}:{name}"] = time.time()
-            try:
-                mine["bad_inputs"] = check_bad_inputs(rank, size, group)
-            except Exception:
-                mine["bad_inputs"] = {"error": traceback.format_exc()}
-            seconds[f"{size}:bad_inputs"] = time.time()
+            for name, check in (("bad_inputs", check_bad_inputs), ("hf", check_hf)):
+                if name == "hf" and size != 2:
+                    continue
+                try:
+                    mine[name] = check(rank, size, group)
+                except Exception:
+                    mine[name] = {"error": traceback.format_exc()}
+                seconds[f"{size}:{name}"] = time.time()
         dist.barrier()
     results["seconds"] = seconds
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

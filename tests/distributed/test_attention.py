@@ -116,3 +116,11 @@ def test_bad_input_is_refused_on_every_rank(results, world):
             assert res[case] is not None, f"rank {rank} of {world} accepted {case}"
             assert message in res[case], (case, rank, res[case])
         assert res["after"] <= 1e-5, res["after"]
+
+
+def test_hf_prefill_sharded_over_two_ranks_gives_the_same_logits(results):
+    for rank, res in enumerate(_ranks(results, 2, "hf")):
+        if "skip" in res:
+            pytest.skip(f"transformers is not installed: {res['skip']}")
+        assert res["rel"] <= 1e-5, (rank, res["rel"])
+        assert res["restored"] != "blockattn_cp", res["restored"]

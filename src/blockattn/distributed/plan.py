@@ -32,8 +32,8 @@ BALANCES = ("auto", "contiguous", "tile-contiguous", "head-tail", "greedy")
 
 # a candidate whose imbalance (max/mean) is within this of the best one counts as balanced, and the
 # one that moves fewer blocks among those wins (a banded layout stays contiguous: a head-tail split
-# of a sliding window is as balanced but doubles the halo)
-_LOAD_SLACK = 0.02
+# of a sliding window is as balanced but doubles the halo, a greedy one moves every block)
+_LOAD_SLACK = 0.10
 
 _CACHE: "weakref.WeakKeyDictionary[BlockLayout, dict]" = weakref.WeakKeyDictionary()
 
