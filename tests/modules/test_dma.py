@@ -106,3 +106,15 @@ def test_bad_input():
     q, k, v = _inputs(16)
     with pytest.raises(ValueError, match="expected q"):
         DMAAttention(3, 8)(q, k, v)
+
+
+def test_training_is_seeded_and_cli_writes_table_and_png(tmp_path):
+    from blockattn.cli import main
+    from blockattn.modules.dma_train import train
+    tiny = dict(steps=3, batch=4, train_examples=40, test_examples=20, seq_len=32, vocab=64, num_kv_pairs=2, window=4)
+    first, second = (train("dma", **tiny) for _ in range(2))
+    assert first["losses"] == second["losses"] and set(first["mask_recall"]) == {"dma", "random", "window"}
+    assert main(["train", "dma", "--tiny", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "dma.json").exists() and (tmp_path / "dma.png").exists()
+    with pytest.raises(ValueError, match="model kind"):
+        train("sparse", **tiny)

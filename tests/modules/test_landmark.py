@@ -126,3 +126,30 @@ def test_bad_input():
         grouped_softmax_attention(*_inputs(600, dim=8), block_size=2)
     with pytest.raises(ValueError, match="same length"):
         grouped_softmax_attention(q, k[:, :, :10], v[:, :, :10], block_size=5)
+
+
+def test_task_places_pairs_and_queries():
+    from blockattn.modules.landmark_train import LANDMARK, LandmarkTask
+    task = LandmarkTask()
+    stream, targets, pair_block = task.sample(8, torch.Generator().manual_seed(0))
+    assert stream.shape == (8, 256) and bool((stream[:, 15::16] == LANDMARK).all())
+    scored = targets >= 0
+    assert int(scored.sum()) == 8 * 4 and bool((pair_block[scored] <= 13).all())
+    for b, i in scored.nonzero().tolist():
+        block = int(pair_block[b, i])
+        key_at = (stream[b, block * 16:block * 16 + 15] == stream[b, i]).nonzero()
+        assert len(key_at) == 1 and int(stream[b, block * 16 + int(key_at) + 1]) == int(targets[b, i])
+    with pytest.raises(ValueError, match="pairs"):
+        LandmarkTask(blocks=4, pairs=4)
+
+
+def test_training_is_seeded_and_cli_writes_table_and_png(tmp_path):
+    from blockattn.cli import main
+    from blockattn.modules.landmark_train import LandmarkTask, train
+    task = LandmarkTask(blocks=4, block_size=8, pairs=2, queries=2)
+    first, second = (train(steps=3, batch=2, eval_sequences=10, task=task) for _ in range(2))
+    assert first["losses"] == second["losses"] and set(first["accuracy"]) >= {"full grouped softmax", "own block only"}
+    assert main(["train", "landmark", "--tiny", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "landmark.json").exists() and (tmp_path / "landmark.png").exists()
+    with pytest.raises(SystemExit, match="steps"):
+        main(["train", "landmark", "--steps", "0", "--out", str(tmp_path)])

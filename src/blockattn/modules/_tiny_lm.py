@@ -1,5 +1,7 @@
 """A nanoGPT-sized pre-LN decoder with RoPE whose attention is a pluggable module, for the small
-trained experiments of the trainable methods (Landmark, DMA)."""
+trained experiments of the trainable methods (Landmark, DMA). An optional short causal depthwise
+convolution before each attention (as in the project's MQAR model, after Zoology/BASED) lets a tiny
+CPU-trained model form the key -> value shift quickly."""
 from __future__ import annotations
 
 from typing import Callable
@@ -20,9 +22,11 @@ def rotary(x: Tensor, base: float = 10000.0) -> Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mixer: nn.Module, mlp_ratio: int):
+    def __init__(self, dim: int, heads: int, mixer: nn.Module, mlp_ratio: int, conv: int):
         super().__init__()
         self.heads = heads
+        self.conv = nn.Conv1d(dim, dim, conv, groups=dim, padding=conv - 1) if conv else None
+        self.norm0 = nn.LayerNorm(dim) if conv else None
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
@@ -31,6 +35,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, length, dim = x.shape
+        if self.conv is not None:
+            x = x + self.conv(self.norm0(x).transpose(1, 2))[..., :length].transpose(1, 2)
         q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         out = self.mixer(rotary(q), rotary(k), v)
         x = x + self.proj(out.transpose(1, 2).reshape(batch, length, dim))
@@ -42,10 +48,10 @@ class TinyDecoder(nn.Module):
     module `(q, k, v) [B, H, L, D] -> [B, H, L, D]` (q and k already rotated)."""
 
     def __init__(self, vocab: int, make_mixer: Callable[[int], nn.Module], *, dim: int = 64, heads: int = 2,
-                 layers: int = 2, mlp_ratio: int = 4):
+                 layers: int = 2, mlp_ratio: int = 4, conv: int = 0):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads, make_mixer(i), mlp_ratio) for i in range(layers))
+        self.blocks = nn.ModuleList(Block(dim, heads, make_mixer(i), mlp_ratio, conv) for i in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
 

@@ -1,0 +1,117 @@
+import json
+import os
+
+HELP = "train a trainable selector's small experiment here (landmark, dma); table, JSON and a PNG"
+
+NAMES = ("landmark", "dma")
+TINY = {"landmark": dict(steps=3, batch=4, eval_sequences=20),
+        "dma": dict(steps=3, batch=8, train_examples=100, test_examples=50, seq_len=32, vocab=64, num_kv_pairs=2)}
+
+
+def add_arguments(parser):
+    parser.add_argument("name", choices=NAMES, help="landmark: block retrieval task; dma: MQAR vs dense and window")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the experiment's)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: the experiment's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
+    parser.add_argument("--tiny", action="store_true", help="a few steps at a tiny size (CI smoke run)")
+    parser.add_argument("--out", default="train_out", help="folder for <name>.json and <name>.png")
+
+
+def _positive(name, value):
+    if value is not None and value < 1:
+        raise SystemExit(f"--{name} must be a positive int, got {value}")
+
+
+def _landmark_table(result) -> str:
+    rows = ["| evaluation | blocks read per query | accuracy |", "|---|---|---|"]
+    for label, acc in result["accuracy"].items():
+        reads = "all earlier + own" if label.startswith("full") else "own" if label.startswith("own") else \
+            label.split()[1] + " + own"
+        rows.append(f"| {label} | {reads} | {acc:.3f} |")
+    rows.append(f"\nchance {result['chance']:.3f}; landmark hit rate (last layer, some head): top-1 "
+                f"{result['hit_top1']:.3f}, top-2 {result['hit_top2']:.3f}; trained {result['steps']} steps in "
+                f"{result['train_seconds']:.0f} s")
+    return "\n".join(rows)
+
+
+def _dma_table(results) -> str:
+    rows = ["| model | keys per query | accuracy | train s |", "|---|---|---|---|"]
+    for r in results:
+        keys = "all earlier" if r["model"] == "dense" else f"{r['window']}"
+        rows.append(f"| {r['model']} | {keys} | {r['accuracy']:.3f} | {r['train_seconds']:.0f} |")
+    recall = next(r["mask_recall"] for r in results if r["model"] == "dma")
+    rows.append(f"\nshare of the DMA model's unmasked attention mass kept (rows i >= w): DMA mask "
+                f"{recall['dma']:.3f}, random {recall['random']:.3f}, last-w window {recall['window']:.3f}")
+    return "\n".join(rows)
+
+
+def _plot(name, results, path):
+    from blockattn.plots import plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    runs = results if isinstance(results, list) else [dict(results, model=name)]
+    for r in runs:
+        losses = r["losses"]
+        smooth = max(1, len(losses) // 50)
+        curve = [sum(losses[i:i + smooth]) / len(losses[i:i + smooth]) for i in range(0, len(losses), smooth)]
+        left.plot([i * smooth for i in range(len(curve))], curve, label=r["model"])
+    left.set_xlabel("step")
+    left.set_ylabel("training loss")
+    left.legend()
+    if isinstance(results, list):
+        labels, values = [r["model"] for r in results], [r["accuracy"] for r in results]
+    else:
+        labels, values = list(results["accuracy"]), list(results["accuracy"].values())
+        right.axhline(results["chance"], color="grey", linestyle=":", label="chance")
+        right.legend()
+    right.bar(range(len(values)), values)
+    right.set_xticks(range(len(values)), labels, rotation=20, ha="right", fontsize=8)
+    right.set_ylabel("accuracy")
+    right.set_ylim(0, 1)
+    fig.suptitle(f"blockattn train {name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(args):
+    import torch
+    from tqdm import tqdm
+
+    _positive("steps", args.steps)
+    _positive("batch", args.batch)
+    _positive("threads", args.threads)
+    torch.set_num_threads(args.threads)
+    options = dict(TINY[args.name]) if args.tiny else {}
+    options.update({k: v for k, v in (("steps", args.steps), ("batch", args.batch)) if v is not None})
+    options["seed"] = args.seed
+    os.makedirs(args.out, exist_ok=True)
+
+    if args.name == "landmark":
+        from blockattn.modules.landmark_train import LandmarkTask, train
+        if args.tiny:
+            options["task"] = LandmarkTask(blocks=4, block_size=8, pairs=2, queries=2)
+        with tqdm(desc="landmark", unit="step") as bar:
+            def progress(step, total, loss):
+                bar.total = total
+                bar.set_postfix(loss=f"{loss:.3f}")
+                bar.update(1)
+            results = train(progress=progress, **options)
+        table = _landmark_table(results)
+    else:
+        from blockattn.modules.dma_train import MODELS, train
+        results = []
+        for kind in MODELS:
+            with tqdm(desc=f"dma: {kind}", unit="step") as bar:
+                def progress(step, total, loss):
+                    bar.total = total
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                    bar.update(1)
+                results.append(train(kind, progress=progress, **options))
+        table = _dma_table(results)
+    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(table)
+    print(f"plot: {_plot(args.name, results, os.path.join(args.out, f'{args.name}.png'))}")
