@@ -161,7 +161,8 @@ def group_mean(scores: Tensor, kv_heads: int) -> Tensor:
 def window_probs(query: Tensor, key: Tensor, window: int, scale: float) -> Tensor:
     """Softmax attention of the last `window` queries over all keys, causal: `[B, Hq, window, n]` in float32
     (O(window·n))."""
-    b, hq, n, d = query.shape
+    b, hq, _, d = query.shape
+    n = key.shape[2]
     group = hq // key.shape[1]
     q = query[:, :, -window:].float().view(b, key.shape[1], group, window, d)
     logits = torch.einsum("bhgqd,bhnd->bhgqn", q, key.float()) * scale
