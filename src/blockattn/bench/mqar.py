@@ -355,8 +355,9 @@ class MQARModel(nn.Module):
 class MQARConfig:
     """Scaled-down MQAR settings (Zoology: V = 8192, L = 64..512, N = 4..64, 100k examples, 64 epochs, lr sweep).
 
-    L = 64 with N = L/4 = 16 pairs is Zoology's shortest setting; the vocabulary is 256 and training
-    is 20k examples x 4 epochs (1,248 AdamW steps, batch 64; 10% linear warm-up, cosine decay).
+    L = 64 with N = 16 pairs is the densest packing the generator allows (4N <= L), four times
+    Zoology's density (its figure-2 sweep uses N = L/16: (64, 4), (128, 8), (256, 16)); the vocabulary
+    is 256 (Zoology: 8,192) and training is 20k examples x 4 epochs (1,248 AdamW steps, batch 64; 10% linear warm-up, cosine decay).
     `lr=None` takes `default_lr(d_model)`: 1e-2 up to d_model 32, 3e-3 above, picked from short
     attention runs at 1e-3 / 3e-3 / 1e-2 (at d 16-32 only 1e-2 leaves MQAR's loss plateau within
     budget; at d 64, 1e-2 stalls and 3e-3 solves it); the same lr is used for every mixer."""

@@ -7,7 +7,10 @@ Rule: the grid is cut into non-overlapping `window` x `window` windows and each 
 the tokens of its window. A shift of s moves the window boundaries by s (Swin's cyclic shift plus
 its mask): on each axis the windows become `[0, s)`, `[s, s + w)`, ..., and the wrapped last window
 is split at the image border, so shifted windows never join opposite borders. If an axis is not
-longer than the window, the window covers the axis and the shift is 0 (Swin's rule).
+longer than the window, the window covers the axis and the shift is 0 (Swin's rule, applied per
+axis here: Swin and StyleSwin test `min(H, W) <= window` and then shrink the window and drop the
+shift on both axes, so on non-square grids such as (4, 16) with window 8 the two differ;
+StyleSwin itself only builds square maps).
 
 StyleSwin's double attention gives half of the heads the regular windows and the other half the
 shifted ones (`double_window`).

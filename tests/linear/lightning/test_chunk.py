@@ -76,3 +76,18 @@ def test_bad_input():
         lightning_attention(q, q, q, torch.ones(2), initial_state=torch.zeros(1, 2, 8, 7))
     with pytest.raises(ValueError, match="must have 4 dims"):
         lightning_attention(q[0], q[0], q[0], torch.ones(2))
+
+
+def test_matches_the_official_masked_reference_with_alibi_slopes():
+    """lightning-attention's `linear_attn`: o = ((q kᵀ) ⊙ M) v with M[t, s] = exp(−slope·(t − s)) for t ≥ s,
+    slopes of 8 heads 1/2 .. 1/256 (`_build_slope_tensor`); the op takes λ = exp(−slope). n = 913 is not a
+    multiple of the block."""
+    n, heads = 913, 8
+    q, k, v = (torch.randn(1, heads, n, 8, dtype=torch.float64) * 0.3 for _ in range(3))
+    slopes = torch.tensor([2.0 ** -(i + 1) for i in range(heads)], dtype=torch.float64)
+    t = torch.arange(n, dtype=torch.float64)
+    gap = t[:, None] - t[None]
+    mask = torch.exp(-slopes.view(-1, 1, 1) * gap.clamp(min=0)) * (gap >= 0)
+    expected = ((q @ k.transpose(-1, -2)) * mask) @ v
+    out = lightning_attention(q, k, v, torch.exp(-slopes), block_size=64)
+    assert rel_err(out, expected) <= 1e-12
