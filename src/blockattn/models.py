@@ -86,7 +86,7 @@ def load(name: str, *, attn_implementation: str = "sdpa", dtype: torch.dtype = t
     raise ValueError(f"unknown model {name!r}: expected one of {names()} or an existing local model directory")
 
 
-def _converted(name: str, folder: str, file: str, package: str) -> str:
+def _converted(name: str, folder: str, file: str, package: str | None = None) -> str:
     """Folder of the converted GGUF model, converting (once, atomically) when it is not cached yet."""
     target = os.path.join(cache_dir(), name)
     if os.path.exists(os.path.join(target, "config.json")):

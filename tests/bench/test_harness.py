@@ -1,6 +1,7 @@
 """bench.harness / metrics / eval_plots on a tiny random Llama: the passkey cells equal the unpatched
 model's own answers for dense, a window that cannot see the needle never finds it, plots are written,
 and bad method specs are refused."""
+import dataclasses
 import json
 import os
 
@@ -112,19 +113,23 @@ def test_command_task_names_match_the_harness():
     assert eval_command.TASKS == harness.TASKS
 
 
-def test_a_method_that_raises_is_recorded_not_fatal():
+def test_a_method_that_cannot_run_is_refused_before_any_work_and_a_later_failure_is_recorded(monkeypatch):
     model, tok = copy_model(), Digits()
     config = harness.EvalConfig(lengths=(300,), depths=(0.5,), quality_layers=(0,), decode_prompt=32,
                                 decode_tokens=2, backend="torch")
-    # an engine error inside one method's run (here an unknown backend) is recorded in its row
-    results = harness.run_eval(model, tok, [("dense", {})], harness.EvalConfig(**{**config.__dict__,
-                                                                                  "backend": "nope"}),
-                               progress=False)
-    assert "backend" in results["methods"][0]["error"]
-    assert "failed" in harness.format_table(results)
-    # an error after some cells were scored keeps the cells and is named under the table
-    results["methods"][0]["cells"] = [{"task": "passkey", "length": 300, "depth": 0.5, "found": True, "seconds": 1.0}]
+    timed = []
+    monkeypatch.setattr(harness.tasks, "answer_found", lambda *a: timed.append(1) or (True, 1.0))
+    with pytest.raises(ValueError, match="cannot run on LlamaForCausalLM.*backend"):
+        harness.run_eval(model, tok, [("dense", {})], dataclasses.replace(config, backend="nope"), progress=False)
+    assert not timed  # refused before the first timed prefill
+    monkeypatch.undo()
+    # an error inside one method's run (here in its decode-speed step) is recorded in its row, cells kept
+    monkeypatch.setattr(harness.metrics, "decode_tokens_per_second", lambda *a, **k: 1 / 0)
+    results = harness.run_eval(model, tok, [("dense", {})], config, progress=False)
+    assert "ZeroDivisionError" in results["methods"][0]["error"] and results["methods"][0]["cells"]
     assert "dense stopped early: " in harness.format_table(results)
+    results["methods"][0]["cells"] = []
+    assert "failed" in harness.format_table(results)
 
 
 def test_lengths_beyond_context_and_bad_depths_are_refused():
@@ -140,3 +145,62 @@ def test_lengths_beyond_context_and_bad_depths_are_refused():
 def test_decode_tokens_per_second_rejects_bad_count():
     with pytest.raises(ValueError, match="new_tokens"):
         metrics.decode_tokens_per_second(copy_model(), torch.zeros(1, 4, dtype=torch.long), new_tokens=1)
+
+
+def hybrid_model():
+    """A tiny random Gemma 3: sliding (window 64) and full layers, 2 query heads, 1 key head."""
+    config = transformers.Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=3,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                           sliding_window=64, max_position_embeddings=1024, pad_token_id=0,
+                                           layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    torch.manual_seed(0)
+    return transformers.Gemma3ForCausalLM(config).eval()
+
+
+def test_hybrid_model_two_baselines_full_layer_density_memory_and_per_length_rows():
+    model, tok = hybrid_model(), Digits()
+    config = harness.EvalConfig(lengths=(256, 320), depths=(0.5,), decode_prompt=32, decode_tokens=2,
+                                perplexity_tail=64, backend="torch")
+    results = harness.run_eval(model, tok, ["dense", "streaming:window=32,block_size=32"], config, progress=False)
+    dense, stream = results["methods"]
+    assert results["hybrid_full_layers"] == [1] and results["config"]["quality_layers"] == [1]
+    # the structure-only baseline is the dense row itself; the SDPA baseline is the unpatched model
+    assert results["baseline_structure_seconds"] == {n: dense["per_length"][n]["seconds"] for n in (256, 320)}
+    assert all(row["speedup_structure"] == 1.0 for row in dense["per_length"].values())
+    assert stream["prefill_speedup_structure"] > 0 and stream["prefill_speedup"] > 0
+    # density of the full-attention layer only: dense keeps all its tiles, streaming does not
+    assert dense["density"] == pytest.approx(1.0) and dense["density_all_layers"] < 1.0
+    assert stream["density"] < 1.0
+    # perplexity at every length on the last 64 tokens, against the unpatched model
+    for n in (256, 320):
+        assert abs(dense["per_length"][n]["perplexity"]["nll_delta_mean"]) < 1e-5
+        assert stream["per_length"][n]["perplexity"]["nll_delta_max"] > 1e-4
+    assert dense["perplexity"] == dense["per_length"][320]["perplexity"]
+    assert 0.01 < dense["peak_rss_gib"] < 64 and 0.01 < results["baseline_sdpa_peak_rss_gib"][256] < 64
+    table = harness.format_length_table(results)
+    assert "| unpatched (SDPA) | 256 |" in table and "| streaming(window=32,block_size=32) | 320 |" in table
+    assert "vs structure" in harness.format_table(results)
+
+
+def test_structure_baseline_is_measured_when_dense_is_not_run():
+    model, tok = hybrid_model(), Digits()
+    config = harness.EvalConfig(tasks=("passkey",), lengths=(256,), depths=(0.5,), decode_prompt=32,
+                                decode_tokens=2, backend="torch")
+    results = harness.run_eval(model, tok, ["streaming:window=32,block_size=32"], config, progress=False)
+    assert results["baseline_structure_seconds"][256] > 0
+    assert results["methods"][0]["prefill_speedup_structure"] > 0
+
+
+def test_default_lengths_follow_the_context_and_peak_rss_sees_an_allocation():
+    assert harness.default_lengths(copy_model()) == (2032,)  # 2048 positions: the longest prompt + answer
+    big = copy_model()
+    big.config.max_position_embeddings = 32768
+    assert harness.default_lengths(big) == (8192, 16384, 32000)
+    big.config.max_position_embeddings = 8192
+    assert harness.default_lengths(big) == (2048, 4096, 8000)
+    with harness.PeakRSS(every=0.001) as quiet:
+        pass
+    with harness.PeakRSS(every=0.001) as busy:
+        block = torch.ones(64, 2 ** 20)  # 256 MiB, freed before the block ends
+        del block
+    assert busy.gib > quiet.gib + 0.2

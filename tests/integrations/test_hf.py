@@ -190,3 +190,124 @@ def test_minilm_full_layout_embeddings_identical():
     assert result["min_cosine"] >= 0.99999
     with pytest.raises(ValueError, match="bidirectional"):
         encoder_fidelity(model, tokenizer, "streaming", n_sentences=4)
+
+
+# ------------------------------------------------------------------------------- hybrid (Gemma 3) models
+def tiny_gemma3(window=48, scalar=9, seed=0, types=("sliding_attention", "sliding_attention", "full_attention",
+                                                    "sliding_attention")):
+    """Gemma 3 structure at toy size; query_pre_attn_scalar != head_dim so a dropped `scaling` shows."""
+    config = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=len(types), num_attention_heads=4,
+                                           num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=scalar,
+                                           sliding_window=window, layer_types=list(types),
+                                           max_position_embeddings=512, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    model.set_attn_implementation("eager")  # transformers' own masks and math: the reference
+    return model
+
+
+def test_hybrid_dense_patch_equals_unpatched_and_sliding_layers_run_their_band():
+    model = tiny_gemma3()
+    ids = torch.randint(1, 97, (1, 200))  # 4 windows long: the band really cuts
+    with torch.no_grad():
+        ref = model.double()(ids).logits
+        model.float()
+        with hf.patch(model, "dense", block_size=32) as handle:
+            out = model(ids).logits
+    assert [p.layer_type for p in handle.plans] == list(model.config.layer_types)
+    assert all(p.method is None for p in handle.plans if p.layer_type == "sliding_attention")
+    # 64-token tiles over 200 tokens: the 48-token band touches 7 of the 10 causal tiles
+    assert handle.stats_of("sliding_attention").density == pytest.approx(0.7)
+    assert handle.stats_of("full_attention").density == pytest.approx(1.0)
+    assert (out.double() - ref).norm() / ref.norm() < 1e-5
+
+
+def test_hybrid_band_off_by_one_and_scaling_would_be_caught(monkeypatch):
+    model = tiny_gemma3()
+    ids = torch.randint(1, 97, (1, 200))
+    with torch.no_grad():
+        ref = model(ids).logits
+    # one key too many per row (window instead of window - 1 before the query): visibly different
+    from blockattn.integrations import hf as integration
+    integration._band.cache_clear()
+    monkeypatch.setattr(integration, "_band_rule", lambda w, causal: (w, 0))
+    with torch.no_grad(), hf.patch(model, "dense"):
+        wide = model(ids).logits
+    integration._band.cache_clear()
+    monkeypatch.undo()
+    assert (wide - ref).norm() / ref.norm() > 1e-4
+    # the module's own scaling: the engine's default D ** -0.5 would differ (scalar 9 vs head_dim 16)
+    with torch.no_grad(), hf.patch(model, "dense"):
+        model.model.layers[0].self_attn.scaling = 16 ** -0.5
+        unscaled = model(ids).logits
+    assert (unscaled - ref).norm() / ref.norm() > 1e-4
+
+
+def test_hybrid_generation_past_the_window_is_token_identical():
+    model = tiny_gemma3(window=32)
+    ids = torch.randint(1, 97, (2, 90))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
+        with hf.patch(model, "dense", block_size=16) as handle:
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    assert handle.stats.decode_calls > 0
+
+
+def test_hybrid_method_on_full_layers_by_default_and_per_layer_type():
+    model = tiny_gemma3()
+    ids = torch.randint(1, 97, (1, 192))
+    sink, window = 4, 40
+    i = torch.arange(192).view(-1, 1)
+    j = torch.arange(192).view(1, -1)
+    band = (j <= i) & (j > i - 48)
+    stream = (j <= i) & ((j < sink) | (j > i - window))
+    with torch.no_grad(), hf.patch(model, "streaming", sink=sink, window=window, block_size=32) as handle:
+        out = model(ids).logits
+    assert [p.method is not None for p in handle.plans] == [t == "full_attention" for t in model.config.layer_types]
+    # oracle: float64 eager clone, each layer given its rule as an explicit additive mask
+    clone = tiny_gemma3().double()
+    clone.load_state_dict(model.state_dict())
+    for layer, kind in zip(clone.model.layers, model.config.layer_types):
+        keep = band if kind == "sliding_attention" else stream
+        bias = torch.zeros(192, 192, dtype=torch.float64).masked_fill(~keep, float("-inf"))[None, None]
+
+        def forward(*args, _orig=layer.self_attn.forward, _bias=bias, **kwargs):
+            kwargs["attention_mask"] = _bias
+            return _orig(*args, **kwargs)
+        layer.self_attn.forward = forward
+    with torch.no_grad():
+        expected = clone(ids).logits
+    assert (out.double() - expected).norm() / expected.norm() < 1e-5
+    # per layer type: the method on the sliding layers too (cut to their band); layers= still wins
+    with hf.patch(model, "streaming", sink=sink, window=window, layer_types={"sliding_attention": {}},
+                  layers={0: None}) as handle:
+        assert [p.method is not None for p in handle.plans] == [False, True, True, True]
+    with pytest.raises(ValueError, match="full_attention"):
+        hf.patch(model, "dense", layer_types={"global": None})
+
+
+def test_bf16_patched_model_is_as_close_to_fp32_as_unpatched_bf16():
+    model = tiny_gemma3()
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(1, 97, (1, 256))
+    with torch.no_grad():
+        ref = model(ids).logits.double()
+        model.bfloat16()
+        plain = model(ids).logits.double()
+        with hf.patch(model, "dense"):
+            patched = model(ids).logits.double()
+    err_plain = (plain - ref).norm() / ref.norm()
+    err_patched = (patched - ref).norm() / ref.norm()
+    assert err_patched <= 1.5 * err_plain, (float(err_patched), float(err_plain))
+
+
+def test_soft_capped_attention_is_refused():
+    config = transformers.Gemma2Config(vocab_size=11, hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                       attn_logit_softcapping=50.0)
+    with pytest.raises(ValueError, match="soft-cap"):
+        hf.patch(transformers.Gemma2ForCausalLM(config))

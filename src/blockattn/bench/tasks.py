@@ -128,22 +128,43 @@ def answer_found(model, sample: Sample) -> tuple[bool, float]:
 
 
 @torch.no_grad()
-def token_nll(model, ids: torch.Tensor, *, chunk: int = 1024) -> torch.Tensor:
-    """Per-token negative log-likelihood `[L - 1]` (float64) of `ids [1, L]` under the model.
+def token_nll(model, ids: torch.Tensor, *, chunk: int | None = None, tail: int | None = None) -> torch.Tensor:
+    """Per-token negative log-likelihood (float64) of `ids [1, L]` under the model: `[L - 1]`, or the
+    last `tail` predictions only (each still conditioned on the whole prefix).
 
-    The LM head runs over `chunk` positions at a time (an 8k prompt's full logits over a 49k
-    vocabulary would be 1.6 GB in float32) when the model exposes its decoder and output head."""
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    The LM head runs over `chunk` positions at a time (default: about 16M logits per chunk; a 32k
+    prompt's full logits over Gemma's 262k vocabulary would be 34 GB in float32) when the model
+    exposes its decoder and output head; `final_logit_softcapping` is applied per chunk."""
+    return timed_token_nll(model, ids, chunk=chunk, tail=tail)[0]
+
+
+@torch.no_grad()
+def timed_token_nll(model, ids: torch.Tensor, *, chunk: int | None = None,
+                    tail: int | None = None) -> tuple[torch.Tensor, float]:
+    """`token_nll` and the seconds of its decoder forward (the prefill; the LM head is not included)."""
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    targets = ids[0, 1:]
+    if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 1):
+        raise ValueError(f"tail must be a positive int or None, got {tail!r}")
+    n = ids.shape[1] - 1 if tail is None else min(tail, ids.shape[1] - 1)
+    targets = ids[0, -n:]
     decoder, head = getattr(model, "get_decoder", None), model.get_output_embeddings()
-    if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
-        return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-    hidden = decoder()(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
-    return torch.cat([torch.nn.functional.cross_entropy(head(hidden[at:at + chunk]).double(),
-                                                        targets[at:at + chunk], reduction="none")
-                      for at in range(0, hidden.shape[0], chunk)])
+    if decoder is None or head is None:
+        start = time.perf_counter()
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=n + 1).logits[0, :-1].double()
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="none"), time.perf_counter() - start
+    start = time.perf_counter()
+    hidden = decoder()(input_ids=ids, use_cache=False).last_hidden_state[0, -n - 1:-1]
+    seconds = time.perf_counter() - start
+    chunk = chunk or max(1, 2 ** 24 // head.weight.shape[0])
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    parts = []
+    for at in range(0, n, chunk):
+        logits = head(hidden[at:at + chunk]).double()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        parts.append(torch.nn.functional.cross_entropy(logits, targets[at:at + chunk], reduction="none"))
+    return torch.cat(parts), seconds
 
 
 def document_ids(tokenizer, length: int, *, seed: int = 0) -> torch.Tensor:

@@ -6,17 +6,21 @@ HELP = ("passkey retrieval on a real model (SmolLM2 by default) for dense and ev
 TASKS = ("passkey", "multi_needle", "perplexity", "encoder")
 # the default run tries dense, then the LLM-prefill selectors and baselines, then every other method
 FIRST = ("xattention", "streaming", "vertical_slash", "hip", "moba", "a_shape", "sliding_window")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 QUICK = {"lengths": [1024], "depths": [0.1, 0.5, 0.9], "methods": ["dense", "streaming:window=256"]}
 
 
 def add_arguments(parser):
     parser.add_argument("--model", default="smollm2-135m",
-                        help="built-in model name (smollm2-135m) or a local Hugging Face model directory")
+                        help="built-in model name (smollm2-135m, gemma3-270m: 32k context, sliding + full layers) "
+                             "or a local Hugging Face model directory")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                        help="parameter dtype (default fp32; bf16 halves memory and is the long-context setting)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="method specs 'name' or 'name:key=value,...' (default: dense and every registered "
                              "method)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None, help="prompt lengths in tokens (default 2048 4096 8000: prompt + answer must fit "
-                             "the model's context, 8192 for SmolLM2)")
+                             "the model's context, 8192 for SmolLM2; 8192 16384 32000 for a 32k model)")
     parser.add_argument("--depths", type=float, nargs="+", default=None,
                         help="needle depths in [0, 1] (default 0 .25 .5 .75 1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="passkey seeds (one sample per seed)")
@@ -62,8 +66,9 @@ def run(args):
     if args.depths:
         config.depths = tuple(args.depths)
 
+    import torch
     start = time.perf_counter()
-    model, tokenizer = models.load(args.model)
+    model, tokenizer = models.load(args.model, dtype=getattr(torch, DTYPES[getattr(args, "dtype", "fp32")]))
     if "ForCausalLM" not in type(model).__name__:
         raise ValueError(f"blockattn eval needs a causal language model; {args.model!r} loads as "
                          f"{type(model).__name__}")
@@ -72,7 +77,7 @@ def run(args):
     results["model"] = str(args.model)
     results["wall_seconds"] = time.perf_counter() - start
     os.makedirs(args.output, exist_ok=True)
-    table = harness.format_table(results)
+    table = harness.format_table(results) + "\n\nPer length:\n\n" + harness.format_length_table(results)
     with open(os.path.join(args.output, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     with open(os.path.join(args.output, "table.md"), "w") as f:

@@ -8,6 +8,13 @@ A mask function is registered with `AttentionMaskInterface` too: without it tran
 passes `attention_mask=None`. It stays O(L): None, or the 2-D `[B, Lk]` padding mask; the token rule
 comes from the layout.
 
+Hybrid models (Gemma 3: `config.layer_types` mixes "sliding_attention" and "full_attention") keep their
+structure: a sliding layer runs the engine's sliding-window layout with the module's window (HF's rule
+`q - window < k <= q`: the query and the `window - 1` keys before it), so it computes only the tiles
+the band touches; the method applies to the full-attention layers unless `layer_types=` says otherwise.
+The module's `scaling` (Gemma: `query_pre_attn_scalar ** -0.5`) is passed to the engine; attention-logit
+soft-capping (Gemma 2) is refused, the engine has none.
+
     with blockattn.hf.patch(model, "xattention", threshold=0.9):
         model.generate(input_ids, max_new_tokens=32)
 """
@@ -58,6 +65,7 @@ class Plan:
     backend: str = "auto"
     max_len: int | None = None
     stats: Stats = dataclasses.field(default_factory=Stats)
+    layer_type: str = "full_attention"
 
 
 _DEFAULT_PLAN = Plan(method=None)
@@ -95,7 +103,10 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     if kwargs.get("is_causal") is None:
         causal = bool(getattr(module, "is_causal", True))
     layer = getattr(module, "layer_idx", None)
-    window = kwargs.get("sliding_window")
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"layer {layer} asks for attention-logit soft-capping (softcap={kwargs['softcap']}); "
+                         "the blockattn engine has none, so it cannot run this model exactly")
     if attention_mask is not None and not (isinstance(attention_mask, Tensor) and attention_mask.dim() == 2):
         raise ValueError("the blockattn attention function expects the 2-D padding mask of its own mask "
                          "function; load or switch the model with attn_implementation='blockattn'")
@@ -138,16 +149,19 @@ def _attend(plan: Plan, query, key, value, scaling, causal, layer, window):
     stats = plan.stats
     start = time.perf_counter()
     decoding = q_len < k_len and q_len <= plan.decode_max_q
+    structure_only = plan.method is None and plan.head_methods is None
     if decoding:
         stats.decode_calls += 1
-        layout = (plan.decode(query, key, layer=layer) if plan.decode is not None
-                  else _dense(q_len, k_len, causal))
+        if plan.decode is None:
+            layout = _dense(q_len, k_len, causal) if window is None else _band(q_len, k_len, int(window), causal)
+        else:
+            layout = _windowed(plan.decode(query, key, layer=layer), window, causal)
     else:
         stats.prefill_calls += 1
-        layout = _select(plan, query, key, causal, layer)
-        if window is not None:
-            layout = layout & blockattn.patterns.sliding_window(q_len, k_len, window=int(window),
-                                                                 block_q=layout.block_q, block_k=layout.block_k)
+        if structure_only and window is not None:
+            layout = _band(q_len, k_len, int(window), causal)  # a sliding layer: only the band's tiles
+        else:
+            layout = _windowed(_select(plan, query, key, causal, layer), window, causal)
         stats.density_sum += layout.density("causal" if causal else "full")
     selected = time.perf_counter()
     out = blockattn.attention(query, key, value, layout, scale=scaling, backend=plan.backend)
@@ -160,6 +174,26 @@ def _attend(plan: Plan, query, key, value, scaling, causal, layer, window):
 def _dense(q_len, k_len, causal):
     # decoding asks for the same (1, k_len) layout in every layer of a step: build it once
     return (blockattn.patterns.causal if causal else blockattn.patterns.full)(q_len, k_len)
+
+
+def _band_rule(window: int, causal: bool) -> tuple[int, int]:
+    # transformers: causal sliding keeps q - window < k <= q (sliding_window_overlay), the bidirectional
+    # one |q - k| < window: `window - 1` keys on each allowed side, not `window`
+    return (window - 1, 0) if causal else (window - 1, window - 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _band(q_len, k_len, window, causal, block_q=64, block_k=64):
+    """A sliding layer's own layout: the band of `_band_rule`, only the tiles it touches."""
+    return blockattn.patterns.sliding_window(q_len, k_len, window=_band_rule(window, causal), causal=causal,
+                                             block_q=block_q, block_k=block_k)
+
+
+def _windowed(layout: BlockLayout, window, causal) -> BlockLayout:
+    """A method's layout on a sliding layer (chosen with `layer_types=`/`layers=`): cut to the band."""
+    if window is None:
+        return layout
+    return layout & _band(layout.q_len, layout.k_len, int(window), causal, layout.block_q, layout.block_k)
 
 
 def _select(plan: Plan, query, key, causal, layer) -> BlockLayout:
@@ -252,8 +286,14 @@ class Patch:
 
     @property
     def stats(self) -> Stats:
+        return self.stats_of()
+
+    def stats_of(self, layer_type: str | None = None) -> Stats:
+        """Stats summed over the layers of one type ("full_attention", "sliding_attention"), or all (None)."""
         total = Stats()
         for plan in {id(p): p for p in self.plans}.values():
+            if layer_type is not None and plan.layer_type != layer_type:
+                continue
             for f in dataclasses.fields(Stats):
                 setattr(total, f.name, getattr(total, f.name) + getattr(plan.stats, f.name))
         return total
@@ -273,8 +313,19 @@ class Patch:
         return False
 
 
-def patch(model, method: str | methods.Method | None = "dense", *, kv=None, layers=None, heads=None, decode=None,
-          decode_max_q: int = 16, backend: str = "auto", **params) -> Patch:
+def layer_type(module) -> str:
+    """"sliding_attention" or "full_attention" (or the model's own name) for one attention module."""
+    kind = getattr(module, "layer_type", None)
+    types = getattr(getattr(module, "config", None), "layer_types", None)
+    if kind is None and types is not None and getattr(module, "layer_idx", None) is not None:
+        kind = types[module.layer_idx]
+    if kind is None:
+        kind = "sliding_attention" if getattr(module, "sliding_window", None) else "full_attention"
+    return kind
+
+
+def patch(model, method: str | methods.Method | None = "dense", *, kv=None, layers=None, layer_types=None,
+          heads=None, decode=None, decode_max_q: int = 16, backend: str = "auto", **params) -> Patch:
     """Route `model`'s attention through blockattn.
 
     Args:
@@ -284,6 +335,10 @@ def patch(model, method: str | methods.Method | None = "dense", *, kv=None, laye
             of every `use_cache` call keeps, per KV head, only what the policy keeps (`blockattn.kv`).
         layers: per-layer override, `{layer_idx: spec}` or `callable(layer_idx) -> spec`, where spec is a
             method name, a Method, `(name, params)`, a params dict for `method`, or None for dense.
+        layer_types: per layer-type override, `{"sliding_attention": spec, "full_attention": spec}` (specs as
+            for `layers`, which wins over it). On a hybrid model (sliding and full layers) the default is
+            `{"sliding_attention": None}`: sliding layers run their own band, `method` runs on the full
+            layers; a method given to sliding layers is cut to their band. Elsewhere `method` runs everywhere.
         heads: per-head override within every layer, `{head: spec}` or `callable(layer_idx, head) -> spec`.
         decode: decode policy for steps with `Lq <= decode_max_q` and a cache: a method name/Method (its
             `select(q, k)` over the cache) or `callable(q, k, layer=...) -> BlockLayout`; None = dense.
@@ -307,9 +362,18 @@ def patch(model, method: str | methods.Method | None = "dense", *, kv=None, laye
         raise ValueError(f"backend must be 'auto' or one of {list(blockattn.backends())}, got {backend!r}")
     if isinstance(decode_max_q, bool) or not isinstance(decode_max_q, int) or decode_max_q < 1:
         raise ValueError(f"decode_max_q must be a positive int, got {decode_max_q!r}")
-    for name, spec in (("layers", layers), ("heads", heads)):
+    for name, spec in (("layers", layers), ("layer_types", layer_types), ("heads", heads)):
         if spec is not None and not (isinstance(spec, dict) or callable(spec)):
             raise TypeError(f"{name} must be a dict or a callable, got {type(spec).__name__}")
+    kinds = {module.layer_idx: layer_type(module) for module in modules}
+    if isinstance(layer_types, dict) and set(layer_types) - set(kinds.values()):
+        raise ValueError(f"layer_types keys {sorted(set(layer_types) - set(kinds.values()))} are not layer types "
+                         f"of {type(model).__name__}; it has {sorted(set(kinds.values()))}")
+    text_config = getattr(model.config, "get_text_config", lambda: model.config)()
+    softcap = getattr(text_config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise ValueError(f"{type(model).__name__} soft-caps its attention logits (attn_logit_softcapping={softcap}); "
+                         "the blockattn engine has no soft-capping, so patching would change the model")
     method_name = method if isinstance(method, str) else None
     if isinstance(method, str):
         base = methods.get(method, **params)
@@ -333,6 +397,13 @@ def patch(model, method: str | methods.Method | None = "dense", *, kv=None, laye
         layer = module.layer_idx
         if layer not in by_layer:
             layer_method = base
+            hybrid = {"sliding_attention", "full_attention"} <= set(kinds.values())
+            if hybrid and kinds[layer] == "sliding_attention":
+                layer_method = None  # the model's structure: its band, through the engine
+            if layer_types is not None:
+                override = _per_key(layer_types, kinds[layer], method_name, params, f"layer_types[{kinds[layer]!r}]")
+                if override is not ...:
+                    layer_method = override
             if layers is not None:
                 override = _per_key(layers, layer, method_name, params, f"layers[{layer}]")
                 if override is not ...:
@@ -349,7 +420,8 @@ def patch(model, method: str | methods.Method | None = "dense", *, kv=None, laye
                             raise ValueError("per-head params need patch() to be given a method name")
                         return methods.get(method_name, **{**params, **spec})
                     return _resolve(spec, f"heads[{h}]")
-            by_layer[layer] = Plan(layer_method, head_fn, decode_fn, decode_max_q, backend, max_len)
+            by_layer[layer] = Plan(layer_method, head_fn, decode_fn, decode_max_q, backend, max_len,
+                                   layer_type=kinds[layer])
         setattr(module, _PLAN_ATTR, by_layer[layer])
         plans.append(by_layer[layer])
     model.set_attn_implementation(NAME)
