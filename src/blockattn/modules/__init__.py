@@ -1,5 +1,6 @@
 """nn.Module attention blocks from vision and video papers, each running on the block engine."""
 from blockattn.modules.combiner import CombinerAttention
+from blockattn.modules.dpenet import DDRB, DPENet, ERPAB
 from blockattn.modules.halo import HaloAttention
 from blockattn.modules.neighborhood import NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d
 from blockattn.modules.next_frame import FrameKVCache, NextFrameTransformer
@@ -20,4 +21,4 @@ __all__ = ["CombinerAttention", "HaloAttention", "NeighborhoodAttention1d", "Nei
            "ContMix", "ContMixBlock", "DynamicConvBlock", "contmix_aggregate",
            "EmbeddingAttention", "SentenceAttentionBlock",
            "ObjectAttentionTransformer", "ObjectCrossAttention", "ObjectPositionalEncoding", "fit_positional_table",
-           "positional_table_error"]
+           "positional_table_error", "DDRB", "DPENet", "ERPAB"]
