@@ -54,7 +54,7 @@ def test_unknown_backend_and_wrong_device():
         blockattn.attention(q, k, v, LAYOUT, backend="cuda")
     # a tensor on another device than the backend's: 'meta' stands in for CUDA on this machine
     q, k, v = (t.to("meta") for t in _inputs())
-    with pytest.raises(RuntimeError, match="cannot run on meta"):
+    with pytest.raises(ValueError, match="backend 'cpu' cannot run this call: unavailable on meta"):
         blockattn.attention(q, k, v, LAYOUT, backend="cpu")
 
 

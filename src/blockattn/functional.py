@@ -48,17 +48,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: fl
         scale: score scale; default `D ** -0.5`.
         return_lse: also return the natural-log sum of exponentials of the scaled scores,
             `[B, Hq, Lq]` float32 (`-inf` for rows that attend to nothing).
-        backend: "auto" (Triton on CUDA, compiled kernel on CPU, portable PyTorch otherwise),
-            or one of "reference", "torch", "cpu", "triton", "flex".
+        backend: "auto" (the first backend that can run the call: Triton then torch on CUDA, the
+            compiled kernel then torch on CPU, torch elsewhere), or one of "reference", "torch",
+            "cpu", "triton", "flex". A backend that cannot run the call (dtype, device, tile shape)
+            raises TypeError (dtype) or ValueError naming the reason and the backends that can.
 
     Returns:
         `out [B, Hq, Lq, D]` in q's dtype, and `lse` when asked. Differentiable in q, k, v.
     """
     _check_inputs(q, k, v, layout, scale, backend)
-    name = dispatch.choose(q.device) if backend == "auto" else backend
-    status = dispatch.status(name, q.device)
-    if status != "available":
-        raise RuntimeError(f"backend {name!r} cannot run on {q.device}: {status}")
+    name = dispatch.choose_for(q, k, v, layout) if backend == "auto" else backend
+    reason = dispatch.can_run(name, q, k, v, layout)
+    if reason != "available":
+        error = TypeError if reason.startswith("dtype") else ValueError
+        raise error(f"backend {name!r} cannot run this call: {reason}; backends that can: "
+                    f"{dispatch.capable(q, k, v, layout)}")
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     out, lse = dispatch.module(name).run(q, k, v, layout, scale=scale)
     return (out, lse) if return_lse else out

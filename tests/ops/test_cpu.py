@@ -79,8 +79,12 @@ def test_isa_can_be_forced_to_avx2():
         cpu._kernel.set_isa("sse")
 
 
-def test_float64_inputs_are_exact():
-    check_backend(random_case(5, dtype=torch.float64), "cpu", fwd_tol=1e-12, grad_tol=1e-12)
+def test_float64_is_refused_by_name_and_auto_gives_it_to_torch():
+    case = random_case(5, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"dtype float64 is not supported by the cpu backend.*backends that can: "
+                                        r"\['reference', 'torch'"):
+        blockattn.attention(case.q, case.k, case.v, case.layout, backend="cpu")
+    check_backend(case, "auto", fwd_tol=1e-12, grad_tol=1e-12)
 
 
 def test_long_rows_span_many_tiles(isa):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from blockattn import attention, patterns
-from blockattn.ops import backend_reference  # noqa: F401  (the oracle backend must exist)
+from blockattn.ops import reference  # noqa: F401  (the oracle backend must exist)
 
 
 def naive_streaming(q_len, k_len, sink, window):

@@ -135,3 +135,22 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scal
                   return_lse=True)
     # FlexAttention reports empty rows with lse = -inf and zero output, as our contract says
     return out, lse.float()
+
+
+def available(device=None) -> str:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError as error:
+        return f"unavailable: torch has no FlexAttention ({error})"
+    return "available"
+
+
+def can_run(q, k, v, layout) -> str:
+    from blockattn.ops.dispatch import dtype_reason
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "unavailable: torch has no FlexAttention backward on CPU"
+    return dtype_reason(q, (torch.float64, torch.float32, torch.bfloat16, torch.float16), "flex")
+
+
+def run(q, k, v, layout, *, scale):
+    return flex_attention(q, k, v, layout, scale=scale)

@@ -30,3 +30,15 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *,
     if return_lse:
         return out, lse.float()
     return out
+
+
+def available(device=None) -> str:
+    return "available"
+
+
+def can_run(q, k, v, layout) -> str:
+    return "available"  # float64 on any device, any layout: slow and O(L^2) memory, never chosen by `auto`
+
+
+def run(q, k, v, layout, *, scale):
+    return reference_attention(q, k, v, layout, scale=scale, return_lse=True)

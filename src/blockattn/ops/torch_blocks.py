@@ -139,3 +139,16 @@ def torch_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, sca
     plan = _Plan(layout, q.shape[0], q.shape[1], k.shape[1], q.device)
     out, lse = LayoutAttention.apply(q, k, v, plan, scale, _forward, _backward)
     return out, lse.float()
+
+
+def available(device=None) -> str:
+    return "available"
+
+
+def can_run(q, k, v, layout) -> str:
+    from blockattn.ops.dispatch import dtype_reason
+    return dtype_reason(q, (torch.float64, torch.float32, torch.bfloat16, torch.float16), "torch")
+
+
+def run(q, k, v, layout, *, scale):
+    return torch_attention(q, k, v, layout, scale=scale)

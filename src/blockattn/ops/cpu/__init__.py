@@ -1,14 +1,15 @@
 """Compiled C++ block-sparse attention for CPUs (built by setup.py against the installed torch).
 
 float32 runs in the kernel; bfloat16/float16 are converted to float32 around it (the kernel
-computes in float32, as FlashAttention does); float64 goes to the portable torch backend,
-whose arithmetic is exact in float64.
+computes in float32, as FlashAttention does); float64 is not taken (`can_run` says so, and `auto`
+gives it to the portable torch backend, whose arithmetic is exact in float64).
 
 The forward pass uses AVX-512 micro-kernels where the CPU has AVX-512 (F/BW/VL/DQ) and the AVX2 + MKL
 path elsewhere; `isa()` says which. Setting BLOCKATTN_CPU_ISA=avx2 before import forces the AVX2 path.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -37,10 +38,20 @@ def available(device=None) -> str:
         return f"unavailable: compiled kernel not built or not importable ({_IMPORT_ERROR}); reinstall with ./setup.sh"
     if device is not None and device.type != "cpu":
         return f"unavailable on {device.type}: the cpu backend takes CPU tensors"
+    return _cpu_status()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_status() -> str:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         # the kernel is built with AVX2/FMA intrinsics; running it elsewhere would be an illegal instruction
         return f"unavailable: this CPU lacks AVX2 (torch reports {torch.backends.cpu.get_cpu_capability()})"
     return "available"
+
+
+def can_run(q, k, v, layout) -> str:
+    from blockattn.ops.dispatch import dtype_reason
+    return dtype_reason(q, (torch.float32, torch.bfloat16, torch.float16), "cpu")
 
 
 def _rule(layout: BlockLayout) -> dict:
@@ -84,11 +95,8 @@ def _backward(q, k, v, lse, grad_out, delta, layout, scale):
 
 
 def run(q, k, v, layout: BlockLayout, *, scale):
-    if q.dtype == torch.float64:
-        from blockattn.ops.torch_blocks import torch_attention
-        return torch_attention(q, k, v, layout, scale=scale)
     dtype = q.dtype
     # the kernel reads plain contiguous float32; for float32 inputs these are no-op views
     q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
-    out, lse = LayoutAttention.apply(q32, k32, v32, layout.to("cpu"), scale, _forward, _backward)
+    out, lse = LayoutAttention.apply(q32, k32, v32, layout, scale, _forward, _backward)
     return out.to(dtype), lse

@@ -29,10 +29,17 @@ def available(device=None) -> str:
     return "available"
 
 
-def _check_blocks(layout):
+def can_run(q, k, v, layout) -> str:
+    from blockattn.ops.dispatch import dtype_reason
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"unavailable on {q.device.type}: the triton backend takes CUDA tensors"
+    reason = dtype_reason(q, (torch.float32, torch.bfloat16, torch.float16), "triton")
+    if reason != "available":
+        return reason
     for name, size in (("block_q", layout.block_q), ("block_k", layout.block_k)):
         if size < 16 or size & (size - 1):
-            raise ValueError(f"the triton backend needs {name} to be a power of two >= 16, got {size}")
+            return f"the triton backend needs {name} to be a power of two >= 16, got {size}"
+    return "available"
 
 
 def _launch_args(q, k, layout, scale):
@@ -121,9 +128,9 @@ def _backward(q, k, v, lse, grad_out, delta, layout, scale):
 
 
 def run(q, k, v, layout, *, scale):
-    _check_blocks(layout)
-    if q.dtype == torch.float64:
-        raise TypeError("the triton backend takes float32, bfloat16 or float16 inputs, got float64")
+    reason = can_run(q, k, v, layout)
+    if reason != "available":
+        raise (TypeError if reason.startswith("dtype") else ValueError)(reason)
     if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         # the CPU interpreter reads bfloat16 as raw 16-bit integers (numpy has no bfloat16), so under it
         # bfloat16 runs in float32; on a GPU the kernel takes bfloat16 natively
