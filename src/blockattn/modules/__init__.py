@@ -2,6 +2,7 @@
 from blockattn.modules.combiner import CombinerAttention
 from blockattn.modules.dpenet import DDRB, DPENet, ERPAB
 from blockattn.modules.halo import HaloAttention
+from blockattn.modules.lamamba import SS2D, LaMambaBlock, WindowAttention, selective_scan
 from blockattn.modules.neighborhood import NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d
 from blockattn.modules.next_frame import FrameKVCache, NextFrameTransformer
 from blockattn.modules.ninformer import NiNBlock
@@ -21,4 +22,5 @@ __all__ = ["CombinerAttention", "HaloAttention", "NeighborhoodAttention1d", "Nei
            "ContMix", "ContMixBlock", "DynamicConvBlock", "contmix_aggregate",
            "EmbeddingAttention", "SentenceAttentionBlock",
            "ObjectAttentionTransformer", "ObjectCrossAttention", "ObjectPositionalEncoding", "fit_positional_table",
-           "positional_table_error", "DDRB", "DPENet", "ERPAB"]
+           "positional_table_error", "DDRB", "DPENet", "ERPAB",
+           "LaMambaBlock", "SS2D", "WindowAttention", "selective_scan"]
