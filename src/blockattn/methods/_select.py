@@ -85,6 +85,69 @@ def stack_layouts(layouts: list, dim: int) -> "BlockLayout":
                        allow_empty_rows=any(l.allow_empty_rows for l in layouts))
 
 
+def pack_bits(bits: Tensor) -> Tensor:
+    """int64 `[..., W]`: the last axis of a bool tensor packed 64 to a word (`W = ceil(n / 64)`), so a
+    tile's row or column pattern compares, dedups and sorts as one integer."""
+    n = bits.shape[-1]
+    words = -(-n // 64)
+    if words * 64 != n:
+        bits = torch.nn.functional.pad(bits, (0, words * 64 - n))
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    packed = (bits.reshape(*bits.shape[:-1], words * 8, 8).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
+    return packed.view(torch.int64)  # little-endian bytes: bit i of the axis is bit i of its word
+
+
+def unpack_bits(words: Tensor, n: int) -> Tensor:
+    """bool `[..., n]`: the inverse of `pack_bits`."""
+    shifts = torch.arange(64, dtype=torch.int64, device=words.device)
+    return ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(-2)[..., :n]
+
+
+def _unique_words(words: Tensor) -> tuple[Tensor, Tensor]:
+    """Unique rows of an int64 `[T, W]` and each row's index among them."""
+    if words.shape[1] == 1:
+        unique, inverse = torch.unique(words[:, 0], return_inverse=True)
+        return unique.unsqueeze(1), inverse
+    return torch.unique(words, dim=0, return_inverse=True)
+
+
+def stripe_layout(words: Tensor, *, axis: str, q_len: int, k_len: int, block_q: int, block_k: int,
+                  causal: bool = True) -> "BlockLayout":
+    """Layout whose every listed tile keeps a set of whole rows (`axis="rows"`) or whole columns
+    (`axis="columns"`), given as packed bits (`pack_bits`) `[B, H, nQ, nK, W]`: the tile's rows (query
+    positions in the tile) or columns (key positions). A tile is listed when a bit is set (and the
+    causal rule leaves it a pair); it carries an explicit mask only when some in-range bit is clear, and
+    identical masks are stored once. Built from block lists and packed words, O(tiles): no token mask.
+    Every row is assumed to keep a key (the rules using it force the query's own block), so the
+    constructor's per-row check over every tile mask is skipped."""
+    from blockattn.layout import BlockLayout, _analytic_block_support, _block_lists
+    device = words.device
+    n_q, n_k = -(-q_len // block_q), -(-k_len // block_k)
+    size, count, length = (block_q, n_q, q_len) if axis == "rows" else (block_k, n_k, k_len)
+    in_range = (torch.arange(count, device=device).view(-1, 1) * size + torch.arange(size, device=device)) < length
+    range_words = pack_bits(in_range)                                    # [count, W]
+    range_words = range_words.view(count, 1, -1) if axis == "rows" else range_words.view(1, count, -1)
+    listed = ((words & range_words) != 0).any(-1)
+    full = ((words & range_words) == range_words).all(-1)
+    if causal:
+        listed &= _analytic_block_support(q_len, k_len, block_q, block_k, True, None, device)
+    counts, indices = _block_lists(listed)
+    slots = indices.clamp(min=0).long()
+    valid = torch.arange(indices.shape[-1], device=device) < counts.unsqueeze(-1)
+    partial = valid & ~torch.gather(full, 3, slots)
+    tile_mask_ids = tile_masks = None
+    if bool(partial.any()):
+        slot_words = torch.gather(words, 3, slots.unsqueeze(-1).expand(-1, -1, -1, -1, words.shape[-1]))
+        unique, inverse = _unique_words(slot_words[partial])
+        bits = unpack_bits(unique, size)
+        tile_masks = (bits.unsqueeze(-1).expand(-1, block_q, block_k) if axis == "rows"
+                      else bits.unsqueeze(1).expand(-1, block_q, block_k)).contiguous()
+        tile_mask_ids = torch.full(indices.shape, -1, dtype=torch.int32, device=device)
+        tile_mask_ids[partial] = inverse.to(torch.int32)
+    return BlockLayout(counts, indices, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
+                       causal=causal, tile_mask_ids=tile_mask_ids, tile_masks=tile_masks, allow_empty_rows=True)
+
+
 def column_layout(columns: Tensor, *, q_len: int, block_q: int, block_k: int, causal: bool = True) -> "BlockLayout":
     """Layout in which each query block attends to an arbitrary set of key tokens (stripes).
 
@@ -92,23 +155,24 @@ def column_layout(columns: Tensor, *, q_len: int, block_q: int, block_k: int, ca
     where it holds a kept column; unless all its columns are kept it carries an explicit tile mask
     (the kept columns, the same for every row), and causality is applied on top as usual.
     """
-    from blockattn.layout import BlockLayout, _analytic_block_support, _block_lists
     batch, heads, n_q, k_len = columns.shape
     n_k = -(-k_len // block_k)
     cols = torch.nn.functional.pad(columns, (0, n_k * block_k - k_len)).view(batch, heads, n_q, n_k, block_k)
-    listed = cols.any(-1)
-    if causal:
-        listed &= _analytic_block_support(q_len, k_len, block_q, block_k, True, None, columns.device)
-    counts, indices = _block_lists(listed)
-    slot_cols = torch.gather(cols, 3, indices.clamp(min=0).long().unsqueeze(-1).expand(-1, -1, -1, -1, block_k))
-    valid = torch.arange(indices.shape[-1], device=columns.device) < counts.unsqueeze(-1)
-    in_range = (indices.clamp(min=0).long().unsqueeze(-1) * block_k + torch.arange(block_k, device=columns.device)) < k_len
-    partial = valid & ~(slot_cols | ~in_range).all(-1)
-    tile_mask_ids = tile_masks = None
-    if partial.any():
-        unique_cols, inverse = torch.unique(slot_cols[partial], dim=0, return_inverse=True)
-        tile_masks = unique_cols.unsqueeze(1).expand(-1, block_q, block_k).contiguous()
-        tile_mask_ids = torch.full(indices.shape, -1, dtype=torch.int32, device=columns.device)
-        tile_mask_ids[partial] = inverse.to(torch.int32)
-    return BlockLayout(counts, indices, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
-                       causal=causal, tile_mask_ids=tile_mask_ids, tile_masks=tile_masks, allow_empty_rows=True)
+    return stripe_layout(pack_bits(cols), axis="columns", q_len=q_len, k_len=k_len, block_q=block_q,
+                         block_k=block_k, causal=causal)
+
+
+def row_gate_layout(gates: Tensor, *, group: int, k_len: int, tile: int, causal: bool = True) -> "BlockLayout":
+    """Layout of per-token gates over key groups: query token i attends to every key of group g when
+    `gates[b, h, i, g]` (MoBA's blocks, LongHeads' chunks), causally. gates: bool `[B, H, Lq, nG]`,
+    groups of `group` keys (a multiple of `tile`), tiles `tile x tile`. Each listed tile keeps the rows
+    whose token chose its group, packed per (query tile, group) and shared by the group's tiles."""
+    batch, heads, q_len, n_groups = gates.shape
+    if group % tile:
+        raise ValueError(f"group ({group}) must be a multiple of tile ({tile})")
+    n_q, n_k = -(-q_len // tile), -(-k_len // tile)
+    rows = torch.nn.functional.pad(gates, (0, 0, 0, n_q * tile - q_len)).view(batch, heads, n_q, tile, n_groups)
+    words = pack_bits(rows.transpose(-1, -2))                           # [B, H, nQ, nG, W]
+    group_of_tile = torch.arange(n_k, device=gates.device) // (group // tile)
+    words = words.index_select(3, group_of_tile)                        # [B, H, nQ, nK, W]
+    return stripe_layout(words, axis="rows", q_len=q_len, k_len=k_len, block_q=tile, block_k=tile, causal=causal)

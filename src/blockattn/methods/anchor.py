@@ -28,6 +28,10 @@ computed by this rule in log2 units, `sm_scale` = log2(e)/sqrt(d) and `diff` = t
 block 16/32, step 2 to 4, theta 2/4/8/12, 2 seeds, 1184 (head, group) stripe sets, 216k stripes):
 identical stripe sets on the keys the official code scans; the only difference is the last block
 before each group (above). The anchor computation (Triton only) was read, not run.
+
+Causality: a group of `step` query blocks shares one stripe set, so in prefill the later tokens of
+a group can change the stripes its earlier tokens attend to (never letting them see a later key),
+as in the official code.
 """
 from __future__ import annotations
 
@@ -40,8 +44,10 @@ from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn import _checks
 from blockattn._checks import check_qk
-from blockattn.methods._select import column_layout, expand_kv_heads
+from blockattn.methods._select import column_layout
 from blockattn.methods.base import Method
+
+_ANCHOR_ROWS = 256  # query rows whose anchors are computed at once
 
 @register("anchor")
 @dataclasses.dataclass
@@ -72,24 +78,38 @@ class AnchorAttention(Method):
             raise ValueError(f"anchor attention selects for prefill: q_len ({length}) must equal k_len ({k.shape[2]})")
         block, group = self.block_size, self.block_size * self.step
         scale = dim ** -0.5
-        keys = expand_kv_heads(k.float(), heads)
-        queries = q.float()
+        heads_kv = k.shape[1]
+        group_heads = heads // heads_kv
+        keys = k.float()
+        # scaled once; the query heads of a key head are stacked row-wise so each GEMM reads its keys once
+        queries = (q.float() * scale).view(batch, heads_kv, group_heads, length, dim)
         n_q = -(-length // block)
-        anchors = torch.empty(batch, heads, length, device=q.device)
+        anchors = torch.empty(batch, heads_kv, group_heads, length, device=q.device)
         init = min(block, length)
         for start in range(0, length, group):
             stop = min(length, start + group)
-            window = torch.cat([keys[:, :, :init], keys[:, :, max(start, init):stop]], dim=2)
-            positions = torch.cat([torch.arange(init, device=q.device), torch.arange(max(start, init), stop, device=q.device)])
-            logits = queries[:, :, start:stop] @ window.transpose(-1, -2) * scale
-            future = positions.view(1, -1) > torch.arange(start, stop, device=q.device).view(-1, 1)
-            anchors[:, :, start:stop] = logits.masked_fill(future, float("-inf")).amax(-1)
+            # row bands: a band's rows never see the group's keys after the band (causal), so each band's
+            # GEMM stops at its own end and only its last columns need the causal mask
+            for a in range(start, stop, _ANCHOR_ROWS):
+                b = min(stop, a + _ANCHOR_ROWS)
+                first = max(start, init)
+                window = torch.cat([keys[:, :, :init], keys[:, :, first:max(first, b)]], dim=2)
+                positions = torch.cat([torch.arange(init, device=q.device),
+                                       torch.arange(first, max(first, b), device=q.device)])
+                logits = (queries[:, :, :, a:b].reshape(batch, heads_kv, group_heads * (b - a), dim)
+                          @ window.transpose(-1, -2)).view(batch, heads_kv, group_heads, b - a, -1)
+                past = int((positions < a).sum())  # columns every row of the band sees
+                future = positions[past:].view(1, -1) > torch.arange(a, b, device=q.device).view(-1, 1)
+                logits[..., past:].masked_fill_(future, float("-inf"))
+                anchors[..., a:b] = logits.amax(-1)
+        anchors = anchors.view(batch, heads, length)
         pad = n_q * block - length
         rows = torch.nn.functional.pad(torch.ones(length, device=q.device), (0, pad)).view(n_q, block).sum(-1)
-        mean_q = torch.nn.functional.pad(queries, (0, 0, 0, pad)).view(batch, heads, n_q, block, dim).sum(3) \
-            / rows.view(1, 1, -1, 1)
+        mean_q = torch.nn.functional.pad(queries, (0, 0, 0, pad)).view(batch, heads_kv, group_heads, n_q, block,
+                                                                      dim).sum(4) / rows.view(1, 1, 1, -1, 1)
         mean_anchor = torch.nn.functional.pad(anchors, (0, pad)).view(batch, heads, n_q, block).sum(-1) / rows
-        hit = (mean_q @ keys.transpose(-1, -2) * scale + self.theta) >= mean_anchor.unsqueeze(-1)  # [B, H, nQ, L]
+        compressed = (mean_q.view(batch, heads_kv, group_heads * n_q, dim) @ keys.transpose(-1, -2))
+        hit = (compressed.view(batch, heads, n_q, length) + self.theta) >= mean_anchor.unsqueeze(-1)  # [B, H, nQ, L]
         n_groups = -(-n_q // self.step)
         hit = torch.nn.functional.pad(hit, (0, 0, 0, n_groups * self.step - n_q))
         hit = hit.view(batch, heads, n_groups, self.step, length).any(3)

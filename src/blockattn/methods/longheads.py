@@ -44,7 +44,7 @@ from blockattn.methods import register
 from blockattn.methods._labels import label_layout
 from blockattn import _checks
 from blockattn._checks import check_qk
-from blockattn.methods._select import expand_kv_heads
+from blockattn.methods._select import expand_kv_heads, row_gate_layout
 from blockattn.methods.base import Method
 
 
@@ -116,6 +116,10 @@ class LongHeads(Method):
 
     def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer, v: Tensor | None = None) -> BlockLayout:
         gates = self.gates(q, k, v)
+        if self.window_size % self.tile_size == 0:
+            # chunks are whole tiles: each tile keeps the rows whose token chose its chunk (every token
+            # keeps its own chunk, so no row is empty)
+            return row_gate_layout(gates, group=self.window_size, k_len=k.shape[2], tile=self.tile_size)
         batch, heads, length, _ = gates.shape
         token_ids = torch.arange(length, device=q.device).expand(batch, heads, length)
         chunk_of_key = (torch.arange(length, device=q.device) // self.window_size).expand(batch, heads, length)

@@ -20,9 +20,9 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from blockattn.layout import BlockLayout, _analytic_block_support, _block_lists
+from blockattn.layout import BlockLayout
 from blockattn.methods import register
-from blockattn.methods._select import expand_kv_heads
+from blockattn.methods._select import expand_kv_heads, row_gate_layout
 from blockattn.methods.base import Method
 
 
@@ -51,10 +51,11 @@ class MoBA(Method):
         batch, heads, q_len, _ = q.shape
         k_len = k.shape[2]
         n_blocks = -(-k_len // self.block_size)
-        keys = expand_kv_heads(k.float(), heads)
-        padded = torch.nn.functional.pad(keys, (0, 0, 0, n_blocks * self.block_size - k_len))
+        padded = torch.nn.functional.pad(k.float(), (0, 0, 0, n_blocks * self.block_size - k_len))
         sizes = (k_len - torch.arange(n_blocks, device=q.device) * self.block_size).clamp(max=self.block_size)
-        pooled = padded.view(batch, heads, n_blocks, self.block_size, -1).sum(3) / sizes.view(1, 1, -1, 1)
+        # pooled per key head, then shared by its query heads
+        pooled = padded.view(batch, k.shape[1], n_blocks, self.block_size, -1).sum(3) / sizes.view(1, 1, -1, 1)
+        pooled = expand_kv_heads(pooled, heads)
         scores = q.float() @ pooled.transpose(-1, -2)  # [B, Hq, Lq, nBlocks]
         position = torch.arange(q_len, device=q.device) + (k_len - q_len)  # queries are the last q_len tokens
         current = position // self.block_size
@@ -68,29 +69,6 @@ class MoBA(Method):
         return gates & (past | (block_ids.view(1, -1) == current.view(-1, 1)))
 
     def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
-        gates = self.gates(q, k)  # [B, H, Lq, nBlocks]
-        batch, heads, q_len, _ = gates.shape
-        k_len, tile = k.shape[2], self.tile_size
-        n_q, n_k = -(-q_len // tile), -(-k_len // tile)
-        # token gates per key tile, then per (query tile, key tile): the rows that chose it
-        rows = gates.repeat_interleave(self.block_size // tile, dim=-1)[..., :n_k]     # [B, H, Lq, nK]
-        rows = torch.nn.functional.pad(rows, (0, 0, 0, n_q * tile - q_len))
-        rows = rows.view(batch, heads, n_q, tile, n_k).transpose(-1, -2)             # [B, H, nQ, nK, tile]
-        # the current MoBA block reaches past the query's own tile: drop the tiles causality empties
-        support = _analytic_block_support(q_len, k_len, tile, tile, True, None, q.device)
-        rows = rows & support.view(1, 1, n_q, n_k, 1)
-        listed = rows.any(-1)
-        counts, indices = _block_lists(listed)
-        slot_rows = torch.gather(rows, 3, indices.clamp(min=0).long().unsqueeze(-1).expand(-1, -1, -1, -1, tile))
-        valid = torch.arange(indices.shape[-1], device=q.device) < counts.unsqueeze(-1)
-        in_range = (torch.arange(n_q, device=q.device).view(-1, 1) * tile + torch.arange(tile, device=q.device)) < q_len  # [nQ, tile]
-        partial = valid & ~(slot_rows | ~in_range.view(1, 1, n_q, 1, tile)).all(-1)
-        tile_mask_ids = tile_masks = None
-        if partial.any():
-            unique_rows, inverse = torch.unique(slot_rows[partial], dim=0, return_inverse=True)
-            tile_masks = unique_rows.unsqueeze(-1).expand(-1, tile, tile).contiguous()
-            tile_mask_ids = torch.full(indices.shape, -1, dtype=torch.int32, device=q.device)
-            tile_mask_ids[partial] = inverse.to(torch.int32)
-        return BlockLayout(counts, indices, q_len=q_len, k_len=k_len, block_q=tile, block_k=tile, causal=True,
-                           tile_mask_ids=tile_mask_ids, tile_masks=tile_masks)
-
+        # per (query tile, key tile) the rows whose token chose the tile's MoBA block; every token keeps
+        # its own (current) block, so no row is empty
+        return row_gate_layout(self.gates(q, k), group=self.block_size, k_len=k.shape[2], tile=self.tile_size)
