@@ -7,8 +7,10 @@ backbone is a small ConvNet:
 
     stem 3x3/2 (1 -> 32) -> [block A @ 12x12] -> 3x3/2 (32 -> 64) -> [block B @ 6x6] -> GAP -> linear
 
-`none` leaves both block slots empty (the backbone alone); every other variant puts its paper's
-block in both slots. Reported: test accuracy (mean over seeds), parameters, train time.
+`none` leaves both block slots empty (the backbone alone); `conv` puts a plain residual
+3x3-conv block in both (a control with extra depth but no attention); every other variant puts
+its paper's block in both slots (`overlock-topdown` rewires the net as OverLoCK's overview and
+focus stages, see `TopDown`). Reported: test accuracy (mean over seeds), parameters, train time.
 
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/blocks_shapes.py [--blocks none psa ...] [--seeds 0 1]
 """
@@ -76,9 +78,22 @@ class _Tokens(nn.Module):
         return self.block(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, h, w)
 
 
+class _ResidualConv(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                                  nn.GELU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
 def make_block(kind: str, channels: int, size: int) -> nn.Module:
     if kind == "none":
         return nn.Identity()
+    if kind == "conv":   # a plain residual conv block: the "same compute, no attention" control
+        return _ResidualConv(channels)
     if kind == "psa":
         return PolarizedSelfAttention(channels, layout="parallel", form="paper")
     if kind == "psa-seq":
@@ -166,7 +181,7 @@ def train(kind, data, seed, epochs, batch):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--blocks", nargs="+", default=["none", "psa", "psa-seq", "pat", "pat-sf", "ninformer",
+    parser.add_argument("--blocks", nargs="+", default=["none", "conv", "psa", "psa-seq", "pat", "pat-sf", "ninformer",
                                                         "overlock", "overlock-topdown"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--train", type=int, default=2000)

@@ -13,6 +13,7 @@ from blockattn.modules.patnet import PATBlock, PATChannel, PATSelf, PATSpatial
 from blockattn.modules.pointer import PointerAttention, PointerNetwork
 from blockattn.modules.psa import PolarizedSelfAttention
 from blockattn.modules.sentence_attention import EmbeddingAttention, SentenceAttentionBlock
+from blockattn.modules.ssl_uvos import SpatioTemporalBlock, hierarchical_cluster, symmetric_kl
 from blockattn.modules.styleswin import StyleSwinDoubleAttention
 
 __all__ = ["CombinerAttention", "HaloAttention", "NeighborhoodAttention1d", "NeighborhoodAttention2d",
@@ -23,4 +24,5 @@ __all__ = ["CombinerAttention", "HaloAttention", "NeighborhoodAttention1d", "Nei
            "EmbeddingAttention", "SentenceAttentionBlock",
            "ObjectAttentionTransformer", "ObjectCrossAttention", "ObjectPositionalEncoding", "fit_positional_table",
            "positional_table_error", "DDRB", "DPENet", "ERPAB",
-           "LaMambaBlock", "SS2D", "WindowAttention", "selective_scan"]
+           "LaMambaBlock", "SS2D", "WindowAttention", "selective_scan",
+           "SpatioTemporalBlock", "hierarchical_cluster", "symmetric_kl"]
