@@ -72,6 +72,14 @@ def score(model, cache, question, answer, steps):
     return ok, steps / (time.perf_counter() - start)
 
 
+def question_length(tokenizer, ids) -> int:
+    """Tokens of the trailing "\nQuestion: ..." of a multi-needle prompt."""
+    for back in range(1, min(64, len(ids))):
+        if tokenizer.decode(ids[-back:]).lstrip(" ").startswith("\nQuestion"):
+            return back
+    raise ValueError("no trailing question found in the prompt")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--length", type=int, default=4096)
@@ -82,6 +90,10 @@ def main():
     parser.add_argument("--act", action="store_true", help="also run ACT end to end (one more prefill a sample)")
     parser.add_argument("--probe-period", type=int, default=1000, help="RazorAttention probe R (4R+1 tokens)")
     parser.add_argument("--steps", type=int, default=8, help="greedy decode steps timed per run")
+    parser.add_argument("--task", choices=["passkey", "multi_needle"], default="passkey")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="samples per depth (multi_needle: per run)")
+    parser.add_argument("--moa-plan", default=None, help="a MoA plan JSON: adds MoA and the uniform window at the "
+                                                       "same densities (ratios)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -92,6 +104,9 @@ def main():
     configs += [(f"{p}:ratio={r}", kv.get(p, ratio=r, **({"probe_period": args.probe_period} if p == "razor" else {})))
                 for p in args.policies for r in args.ratios]
     configs += [(f"tidaldecode:top_k={k}", kv.get("tidaldecode", top_k=k)) for k in args.tidal]
+    if args.moa_plan:
+        configs += [(f"moa plan:ratio={r}", kv.get("moa", plan=args.moa_plan, ratio=r)) for r in args.ratios]
+        configs += [(f"uniform window (moa, no plan):ratio={r}", kv.get("moa", ratio=r)) for r in args.ratios]
     if args.act:
         configs.append(("act (end to end)", "act"))
     rows = {label: {"ok": 0, "runs": 0, "bytes": [], "tps": [], "error": None} for label, _ in configs}
@@ -102,15 +117,21 @@ def main():
                 pass
             patches[label] = policy
 
-    for depth in args.depths:
-        sample = tasks.passkey(tokenizer, args.length, depth, model=model)
+    runs = [(d, s) for d in args.depths for s in args.seeds] if args.task == "passkey" else \
+        [(None, s) for s in args.seeds]
+    for depth, seed in runs:
+        if args.task == "passkey":
+            sample = tasks.passkey(tokenizer, args.length, depth, seed=seed, model=model)
+        else:
+            sample = tasks.multi_needle(tokenizer, args.length, seed=seed, model=model)
+            q_len = question_length(tokenizer, sample.prompt[0])
         context, question = sample.prompt[:, :-q_len], sample.prompt[:, -q_len:]
         n = context.shape[1]
         capture = Capture()
         start = time.perf_counter()
         with torch.no_grad(), hf.patch(model, kv=capture):
             model(context, use_cache=True)
-        print(f"depth {depth}: context of {n} tokens prefilled in {time.perf_counter() - start:.1f} s", flush=True)
+        print(f"depth {depth} seed {seed}: context of {n} tokens prefilled in {time.perf_counter() - start:.1f} s", flush=True)
         dense_bytes = sum(2 * k.numel() * k.element_size() for _, k, _, _ in capture.layers.values())
         for label, policy in configs:
             row = rows[label]
@@ -151,7 +172,8 @@ def main():
             torch.equal(a, b) for x, y in zip(real.layers, shortcut.layers) for a, b in zip(x.positions, y.positions))
         del capture
 
-    print(f"\nSmolLM2-135M, passkey at {args.length} tokens, depths {args.depths}, decode steps {args.steps}\n")
+    print(f"\nSmolLM2-135M, {args.task} at {args.length} tokens, depths {args.depths}, seeds {args.seeds}, "
+          f"decode steps {args.steps}\n")
     print("| policy | passkey | KV bytes held / dense | decode tok/s |")
     print("|---|---|---|---|")
     for label, _ in configs:

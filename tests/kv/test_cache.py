@@ -110,3 +110,16 @@ def test_unpatch_restores_plain_caching():
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
     assert not isinstance(cache, kv.KVCache) and not model._forward_pre_hooks
+
+
+def test_short_prompts_keep_everything_without_errors():
+    model = tiny_llama()
+    ids = torch.randint(0, VOCAB, (1, 3))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=3, do_sample=False)
+        for spec in ("streaming", "snapkv", "tova:ratio=0.5"):
+            with hf.patch(model, kv=spec):
+                out = model.generate(ids, max_new_tokens=3, do_sample=False)
+            assert out.shape == ref.shape
+            if spec != "tova:ratio=0.5":
+                assert torch.equal(out, ref)

@@ -45,8 +45,8 @@ def check_int(name: str, value, minimum: int) -> int:
 
 
 def budget(n: int, ratio: float) -> int:
-    """Tokens kept out of `n` at `ratio` (kvpress: int(n·(1 − ratio)))."""
-    return int(n * (1 - ratio))
+    """Tokens kept out of `n` at `ratio` (kvpress: int(n·(1 − ratio)), at least one)."""
+    return max(1, int(n * (1 - ratio)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -143,10 +143,10 @@ class ScorerPolicy(Policy):
     def select(self, layer, query, key, value, scale):
         batch, heads, n, _ = key.shape
         kept = budget(n, self.ratio)
-        self.check_budget(n, kept)
         if kept >= n:
             index = torch.arange(n, device=key.device).expand(batch, n)
             return Selection([index] * heads)
+        self.check_budget(n, kept)
         scores = self.score(layer, query, key, value, scale)
         index = scores.topk(kept, dim=-1).indices.sort(dim=-1).values  # position order, as RoPE'd keys expect
         return Selection([index[:, h] for h in range(heads)])

@@ -30,7 +30,9 @@ class StreamingLLM(Policy):
 
     def capacity(self, n: int) -> int:
         kept = budget(n, self.ratio)
-        if self.window is not None and self.ratio == 0:
+        if self.ratio == 0:
+            if self.window is None:
+                return n
             kept = self.sink + self.window
         need = self.sink + (self.window or 1)
         if kept < need:
