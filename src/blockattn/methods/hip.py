@@ -1,19 +1,28 @@
 """HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning (Lee et al., ICLR 2025).
 
 Rule: per query block and head, a tree search finds `k / block_size_k` key blocks among the
-blocks the block may see. The candidate range is first cut into that many equal nodes; then, level
-by level, every node is split in two (a one-block node stays whole), each child is scored by its
-representative key — the child's centre token — as the largest `q . k_rep` over the block's
-queries, and the best `k / block_size_k` children become the next level's nodes. When every node
-is one block, the nodes are the selection. The first `sink_blocks` blocks and the query's own
-(diagonal) block are always kept as well; rows that can see no more blocks than the budget keep
-them all. The search costs O(k log L) scores per query block instead of O(L).
+blocks before the block's sliding window. The candidate range is first cut into that many equal
+nodes; then, level by level, every node is split in two (a one-block node stays whole), each child
+is scored by its representative key — the child's centre token — as the largest `q . k_rep` over
+the block's queries, and the best `k / block_size_k` children become the next level's nodes. When
+every node is one block, the nodes are the selection. As in the official code (DeepAuto-AI/
+hip-attention v1.1, `attention2_draft_causal_batch_gpu.py`: the search range ends at `TSRC -
+sliding_window_size`, window 128, sink 4 tokens), the last `window` keys before the block's causal
+end are attended densely and left out of the search, so no search slot lands on the diagonal, and
+the first `sink_tokens` keys are always attended (as a column mask of the first tile unless the
+search picked that tile). Rows whose search range holds no more blocks than the budget keep them
+all. The search costs O(k log L) scores per query block instead of O(L).
 
-Our reading of the paper, not checked against the official code (DeepAuto-AI/hip-attention,
-Triton/CUDA kernels): the paper's fine key granularity (b_k = 2 tokens) is replaced by the engine
-tile, and the representative is the centre token. Check done: the selection equals a float64 loop
-implementation of this search in tests/methods/test_hip.py, which also checks that every level
-keeps the top-k of its own hierarchical scores.
+Deliberate differences from the official code: the paper's fine key granularity (b_k = 2 tokens,
+query blocks of 64 with stride 2) is replaced by the engine tile, and the window is rounded out to
+whole tiles (the tiles holding any of the block's window keys are attended whole). Check done: the
+selection equals a float64 loop implementation of this search in tests/methods/test_hip.py, which
+also checks that every level keeps the top-k of its own hierarchical scores and that no search
+slot lands on a window tile.
+
+Causality: the selection is block-granular. The search scores a key block by the best of the query
+block's queries, so in prefill the later tokens of a query block can change the key blocks its
+earlier tokens attend to (never letting them see a later key), as in the official code.
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn import _checks
 from blockattn._checks import check_qk
-from blockattn.methods._select import expand_kv_heads
+from blockattn.methods._select import pack_bits, stripe_layout
 from blockattn.methods.base import Method
 
 
@@ -37,21 +46,25 @@ class HiPAttention(Method):
         k: key tokens each query block selects by the tree search. Paper: 512.
         block_size_q: query block (and tile) size. Paper: 32; here the engine tile.
         block_size_k: key block (and tile) size. Paper: 2; here the engine tile.
-        sink_blocks: first key blocks always kept (attention sink).
+        sink_tokens: first keys always attended (attention sink). Official: 4.
+        window: keys before each block's causal end attended densely and kept out of the search
+            (causal only). Official: 128.
         causal: no future keys (LLM prefill).
     """
 
     k: int = 512
     block_size_q: int = 64
     block_size_k: int = 64
-    sink_blocks: int = 1
+    sink_tokens: int = 4
+    window: int = 128
     causal: bool = True
 
     def __post_init__(self):
         self.check_positive_ints("k", "block_size_q", "block_size_k")
         if self.k % self.block_size_k:
             raise ValueError(f"k ({self.k}) must be a multiple of block_size_k ({self.block_size_k})")
-        _checks.int_arg("sink_blocks", self.sink_blocks, minimum=0)
+        _checks.int_arg("sink_tokens", self.sink_tokens, minimum=0)
+        _checks.int_arg("window", self.window, minimum=0)
         _checks.bool_arg("causal", self.causal)
 
     def visible_blocks(self, q_len: int, k_len: int, device=None) -> Tensor:
@@ -62,6 +75,15 @@ class HiPAttention(Method):
         last = (torch.arange(1, n_q + 1, device=device) * self.block_size_q).clamp(max=q_len) - 1 + (k_len - q_len)
         return last // self.block_size_k + 1
 
+    def search_blocks(self, q_len: int, k_len: int, device=None) -> Tensor:
+        """`[nQ]`: how many leading key blocks the search may choose from (those wholly before the
+        block's window; causal), the rest up to `visible_blocks` being the window."""
+        n_q, n_k = -(-q_len // self.block_size_q), -(-k_len // self.block_size_k)
+        if not self.causal:
+            return torch.full((n_q,), n_k, device=device)
+        end = (torch.arange(1, n_q + 1, device=device) * self.block_size_q).clamp(max=q_len) + (k_len - q_len)
+        return (end - self.window).clamp(min=0) // self.block_size_k
+
     def search(self, q: Tensor, k: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """The tree search level by level: for each level (candidate starts, candidate ends, candidate
         scores, chosen) with candidates `[B, Hq, nQ, C]` as key-block ranges `[start, end)` (empty
@@ -71,10 +93,11 @@ class HiPAttention(Method):
         budget = self.k // self.block_size_k
         bq, bk = self.block_size_q, self.block_size_k
         n_q = -(-q_len // bq)
-        keys = expand_kv_heads(k.float(), heads)
+        heads_kv = k.shape[1]
+        keys = k.float()
         queries = torch.nn.functional.pad(q.float(), (0, 0, 0, n_q * bq - q_len)).view(batch, heads, n_q, bq, dim)
         valid_rows = (torch.arange(n_q * bq, device=q.device) < q_len).view(n_q, bq)
-        visible = self.visible_blocks(q_len, k_len, q.device).view(1, 1, n_q, 1)
+        visible = self.search_blocks(q_len, k_len, q.device).view(1, 1, n_q, 1)
         slot = torch.arange(budget, device=q.device).view(1, 1, 1, -1)
         starts = (slot * visible) // budget
         ends = ((slot + 1) * visible) // budget
@@ -88,7 +111,8 @@ class HiPAttention(Method):
             first = cand_starts * bk
             last = (cand_ends * bk).clamp(max=k_len) - 1
             representative = ((first + last) // 2).clamp(min=0, max=k_len - 1)
-            rep_keys = keys.gather(2, representative.view(batch, heads, -1, 1).expand(-1, -1, -1, dim))
+            # representatives of a key head's query heads gathered in one go (no per-query-head key copy)
+            rep_keys = keys.gather(2, representative.reshape(batch, heads_kv, -1, 1).expand(-1, -1, -1, dim))
             rep_keys = rep_keys.view(batch, heads, n_q, -1, dim)
             scores = (queries @ rep_keys.transpose(-1, -2)).masked_fill(~valid_rows.view(1, 1, n_q, bq, 1),
                                                                         float("-inf")).amax(3)
@@ -101,7 +125,8 @@ class HiPAttention(Method):
                 return levels
 
     def block_mask(self, q: Tensor, k: Tensor) -> Tensor:
-        """bool `[B, Hq, nQ, nK]`: the selected key blocks of every query block."""
+        """bool `[B, Hq, nQ, nK]`: the key blocks attended whole (search picks, window, short rows);
+        the sink tokens come on top (`select`)."""
         check_qk(q, k)
         batch, heads, q_len, _ = q.shape
         k_len = k.shape[2]
@@ -109,20 +134,29 @@ class HiPAttention(Method):
             raise ValueError(f"q_len ({q_len}) must not exceed k_len ({k_len}) for causal HiP")
         n_q, n_k = -(-q_len // self.block_size_q), -(-k_len // self.block_size_k)
         visible = self.visible_blocks(q_len, k_len, q.device)
-        block_ids = torch.arange(n_k, device=q.device)
-        seen = block_ids.view(1, -1) < visible.view(-1, 1)                             # [nQ, nK]
-        forced = seen & ((block_ids.view(1, -1) < self.sink_blocks)
-                         | (block_ids.view(1, -1) == (visible - 1).view(-1, 1)))
+        searched = self.search_blocks(q_len, k_len, q.device)
+        block_ids = torch.arange(n_k, device=q.device).view(1, -1)
+        seen = block_ids < visible.view(-1, 1)                                          # [nQ, nK]
+        # the window (and with window=0 still the block's own key block) is attended whole
+        window = seen & (block_ids >= torch.minimum(searched, visible - 1).view(-1, 1)) & self.causal
         budget = self.k // self.block_size_k
         starts, ends, _, chosen = self.search(q, k)[-1]
         mask = torch.zeros(batch, heads, n_q, n_k + 1, dtype=torch.bool, device=q.device)
         picked = torch.where(chosen & (ends - starts == 1), starts, n_k)
         mask.scatter_(-1, picked.long(), True)
         mask = mask[..., :n_k]
-        mask |= (visible <= budget).view(1, 1, -1, 1) & seen   # short rows keep everything they see
-        return (mask & seen) | forced
+        mask |= (searched <= budget).view(1, 1, -1, 1) & (block_ids < searched.view(-1, 1))  # short ranges: all
+        return (mask & seen) | window
 
     def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
         blocks = self.block_mask(q, k)
-        return BlockLayout.from_dense(blocks, q_len=q.shape[2], k_len=k.shape[2], block_q=self.block_size_q,
-                                      block_k=self.block_size_k, causal=self.causal)
+        bq, bk = self.block_size_q, self.block_size_k
+        q_len, k_len = q.shape[2], k.shape[2]
+        n_k = blocks.shape[-1]
+        # whole tiles as all-ones column words, the sink's tiles (unless whole) as their first columns
+        whole = pack_bits(torch.ones(bk, dtype=torch.bool, device=q.device))
+        columns = (torch.arange(n_k, device=q.device).view(-1, 1) * bk + torch.arange(bk, device=q.device)) \
+            < self.sink_tokens
+        words = torch.where(blocks.unsqueeze(-1), whole, pack_bits(columns).view(1, 1, 1, n_k, -1))
+        return stripe_layout(words, axis="columns", q_len=q_len, k_len=k_len, block_q=bq, block_k=bk,
+                             causal=self.causal)
