@@ -106,6 +106,20 @@ def test_retrieve_blocks_local_only():
     assert retrieve_blocks(q, k, block_size=5, top_k=0).shape[-1] == 0
 
 
+def test_gradients_flow_to_landmark_keys_and_match_the_two_level_form():
+    q, k, v = (t.requires_grad_() for t in _inputs(20, heads_q=2, heads_kv=1, seed=6))
+    grouped_softmax_attention(q, k, v, block_size=5, backend="torch").square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    out = torch.stack([torch.stack([naive_grouped_weights(q[b, h], k[b, 0], 5) @ v[b, 0] for h in range(2)])
+                       for b in range(2)])
+    out.square().sum().backward()
+    assert float(k.grad[..., 4::5, :].abs().sum()) > 0, "landmark keys get no gradient"
+    for got, want in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_insert_landmarks_and_targets():
     tokens = torch.arange(1, 10).view(1, 9)
     stream = insert_landmarks(tokens, block_size=4, landmark_id=0)

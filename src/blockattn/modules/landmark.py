@@ -113,21 +113,25 @@ def _causal_regular_layout(length: int, block_size: int, device) -> BlockLayout:
                        tile_masks=_regular_columns(block_size, block_size, device))
 
 
-def _one_block_per_row(blocks: Tensor, length: int, block_q: int, block_size: int) -> BlockLayout:
+def _one_block_per_row(blocks: Tensor, length: int, block_q: int, block_size: int,
+                       k_len: int | None = None) -> BlockLayout:
     """Each query block (`block_q` rows) lists the one key block `blocks[..., row]` (-1: none), its
     landmark column masked. `blocks` is int `[B|1, H|1, nQ]`."""
     listed = blocks >= 0
     return BlockLayout(listed.to(torch.int32), torch.where(listed, blocks, -1).unsqueeze(-1).to(torch.int32),
-                       q_len=length, k_len=length, block_q=block_q, block_k=block_size,
+                       q_len=length, k_len=length if k_len is None else k_len, block_q=block_q, block_k=block_size,
                        tile_mask_ids=torch.where(listed, 0, -1).unsqueeze(-1).to(torch.int32),
                        tile_masks=_regular_columns(block_size, block_q, blocks.device), allow_empty_rows=True)
 
 
-@functools.lru_cache(maxsize=1024)
-def _offset_layout(length: int, block_size: int, offset: int, device) -> BlockLayout:
+@functools.lru_cache(maxsize=64)
+def _offsets_layout(length: int, block_size: int, device) -> BlockLayout:
+    """Queries repeated once per block offset 1..nb-1 along the query axis (`[(nb-1) L]`, L a multiple of
+    `block_size`): in copy o, query block I lists key block I - o, so one call gives every query's LSE
+    over each earlier block."""
     n = _cdiv(length, block_size)
-    return _one_block_per_row((torch.arange(n, device=device) - offset).view(1, 1, n), length, block_size,
-                              block_size)
+    blocks = torch.arange(n, device=device).view(1, -1) - torch.arange(1, n, device=device).view(-1, 1)
+    return _one_block_per_row(blocks.reshape(1, 1, -1), (n - 1) * length, block_size, block_size, k_len=length)
 
 
 # ---------------------------------------------------------------------- attention
@@ -155,13 +159,18 @@ def grouped_softmax_attention(q: Tensor, k: Tensor, v: Tensor, *, block_size: in
         raise ValueError(f"the bias fold needs head dim + blocks <= {MAX_HEAD_DIM}, got "
                          f"{dim} + {n}; use landmark_retrieval for long inputs")
     query_block = torch.arange(length, device=q.device) // block_size
-    # LSE of each query over the regular tokens of the block `offset` blocks back
-    lse_back = [torch.zeros(batch, heads, length, device=q.device)]
-    for offset in range(1, n):
-        _, lse = blockattn.attention(q, k, v, _offset_layout(length, block_size, offset, q.device), scale=scale,
-                                     backend=backend, return_lse=True)
-        lse_back.append(lse)
-    lse_back = torch.stack(lse_back, -1)  # [B, H, L, offset]
+    # LSE of each query over the regular tokens of the block `offset` blocks back, from one call whose
+    # query axis holds a copy of the (block-padded) queries per offset: O(L nb D) transient memory,
+    # the price of the exact all-blocks training form (retrieval reads only k blocks)
+    padded = n * block_size
+    lse_back = torch.zeros(batch, heads, length, 1, device=q.device)
+    if n > 1:
+        q_pad = torch.nn.functional.pad(q, (0, 0, 0, padded - length)).repeat(1, 1, n - 1, 1)
+        k_pad, v_pad = (torch.nn.functional.pad(t, (0, 0, 0, padded - length)) for t in (k, v))
+        _, lse = blockattn.attention(q_pad, k_pad, v_pad, _offsets_layout(padded, block_size, q.device),
+                                     scale=scale, backend=backend, return_lse=True)
+        lse = lse.view(batch, heads, n - 1, padded)[..., :length].permute(0, 1, 3, 2)
+        lse_back = torch.cat([lse_back, lse], -1)  # [B, H, L, offset]
     offsets = (query_block.view(-1, 1) - torch.arange(n, device=q.device).view(1, -1))  # [L, nb]
     earlier = offsets > 0
     lse_block = torch.gather(lse_back, 3, offsets.clamp(0, n - 1).expand(batch, heads, length, n))
