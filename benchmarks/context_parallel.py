@@ -102,16 +102,33 @@ def head_tail_shard(x, rank, world):
     return torch.cat([chunks[rank], chunks[2 * world - 1 - rank]], dim=2)
 
 
-def worker(rank, world, port, args, out_dir):
-    torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def synthetic_cases(args):
     gen = torch.Generator().manual_seed(0)
     shape = (1, args.heads, args.length, args.dim)
     q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
-    per_token = 2 * args.heads * args.dim * 4
-    rows = []
-    ring_time = None
-    for name, layout in build_layouts(args.length, args.window, args.density, args.block, args.layouts).items():
+    layouts = build_layouts(args.length, args.window, args.density, args.block, args.layouts)
+    return {name: (layout, q, k, v) for name, layout in layouts.items()}
+
+
+def xattention_case(args):
+    """The XAttention layout of one SmolLM2 layer on real text, with that layer's own q, k, v."""
+    from blockattn import methods, models
+    from blockattn.bench.capture import capture_qkv, real_text_ids
+
+    model, tokenizer = models.load("smollm2-135m")
+    ids = real_text_ids(tokenizer, args.xattention_length)
+    q, k, v = capture_qkv(model, ids, layers=[args.xattention_layer])[args.xattention_layer]
+    layout = methods.get("xattention").select(q, k, causal=True)
+    return {f"xattn-L{args.xattention_layer}": (layout, q.float(), k.float(), v.float())}
+
+
+def worker(rank, world, port, args, cases_path, out_dir):
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    rows, ring_times = [], {}
+    for name, (layout, q, k, v) in torch.load(cases_path, weights_only=False).items():
+        length, heads, dim = q.shape[2], k.shape[1], k.shape[3]
+        per_token = 2 * heads * dim * k.element_size()
         plan = bd.make_plan(layout, world)
         qs, ks, vs = (bd.shard(t, layout, plan=plan) for t in (q, k, v))
         bd.attention(qs, ks, vs, layout, plan=plan)  # builds the rank's sub-layout once (cached)
@@ -123,14 +140,17 @@ def worker(rank, world, port, args, out_dir):
         t_gather, out_gather = timed(lambda: gather(qs, ks, vs), args.reps)
         err = torch.tensor([float((out - out_gather).abs().max())])
         dist.all_reduce(err, op=dist.ReduceOp.MAX)
-        if ring_time is None and args.ring:
+        key = tuple(q.shape) + tuple(k.shape)
+        if key not in ring_times and args.ring:
             ring = torch_ring(dist.group.WORLD)
-            qr, kr, vr = (head_tail_shard(t, rank, world) for t in (q, k, v))
-            ring_time, _ = timed(lambda: ring(qr, kr, vr), args.reps)
+            group_size = q.shape[1] // k.shape[1]  # the CPU SDPA kernel has no GQA: repeat K/V heads
+            qr, kr, vr = (head_tail_shard(t, rank, world) for t in
+                          (q, k.repeat_interleave(group_size, 1), v.repeat_interleave(group_size, 1)))
+            ring_times[key], _ = timed(lambda: ring(qr, kr, vr), args.reps)
         tiles = plan.tiles.double()
-        rows.append(dict(layout=name, world=world, balance=plan.balance, ours_s=t_ours, gather_s=t_gather,
-                         ring_s=ring_time, ours_recv=float(recv), gather_recv=gathered_tokens * per_token,
-                         ring_recv=(world - 1) * (args.length // world) * per_token,
+        rows.append(dict(layout=name, length=length, world=world, balance=plan.balance, ours_s=t_ours,
+                         gather_s=t_gather, ring_s=ring_times.get(key), ours_recv=float(recv),
+                         gather_recv=gathered_tokens * per_token, ring_recv=(world - 1) * (length // world) * per_token,
                          tiles_max_mean=float(tiles.max() / tiles.mean()), tiles=plan.tiles.tolist(),
                          max_err_vs_gather=float(err)))
     if rank == 0:
@@ -165,6 +185,37 @@ def projection(args, bandwidth):
                   f"{ours / bandwidth * 1e3:8.2f} {ring / bandwidth * 1e3:8.2f} {float(tiles.max() / tiles.mean()):14.3f}")
 
 
+def hf_worker(rank, world, port, args, out_dir):
+    """A real model's prefill sharded over `world` ranks against the same model in one process."""
+    from blockattn import models
+    from blockattn.distributed import hf as cp_hf
+
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model, _ = models.load(args.hf, attn_implementation="blockattn")
+    L = args.hf_length
+    ids = torch.randint(0, model.config.vocab_size, (1, L), generator=torch.Generator().manual_seed(0))
+    layout = patterns.causal(L, block_q=args.block, block_k=args.block)
+    with torch.no_grad():
+        start = time.perf_counter()
+        # every rank runs the one-process answer at the same time (the same work, not a second result)
+        reference = model(ids, use_cache=False).logits
+        t_single = time.perf_counter() - start
+        reference = reference[:, bd.make_plan(layout, world).token_index(rank)]
+        dist.barrier()
+        start = time.perf_counter()
+        with cp_hf.sharded(model, layout):
+            local = model(bd.shard(ids, layout, dim=1), position_ids=bd.shard(torch.arange(L)[None], layout, dim=1),
+                          use_cache=False).logits
+        t_sharded = time.perf_counter() - start
+    stats = torch.tensor([float((local - reference).abs().max()), float(reference.abs().max()), t_single, t_sharded],
+                         dtype=torch.float64)
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        torch.save(stats.tolist(), os.path.join(out_dir, "hf.pt"))
+    dist.destroy_process_group()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--length", type=int, default=32768)
@@ -178,28 +229,50 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--no-ring", dest="ring", action="store_false")
+    parser.add_argument("--xattention", action="store_true", help="add an XAttention layout from SmolLM2")
+    parser.add_argument("--xattention-length", type=int, default=8192)
+    parser.add_argument("--xattention-layer", type=int, default=15)
     parser.add_argument("--project-length", type=int, default=131072)
     parser.add_argument("--project-block", type=int, default=128)
     parser.add_argument("--project-ranks", type=int, nargs="+", default=[8, 64, 512])
     parser.add_argument("--bandwidth-gbs", type=float, default=50.0, help="per-rank link, GB/s (projection)")
     parser.add_argument("--no-run", dest="run", action="store_false", help="projection only")
+    parser.add_argument("--hf", default=None, help="also a real model's sharded prefill, e.g. smollm2-135m")
+    parser.add_argument("--hf-length", type=int, default=8192)
+    parser.add_argument("--hf-ranks", type=int, default=2)
     args = parser.parse_args()
 
+    if args.hf:
+        with tempfile.TemporaryDirectory() as out_dir:
+            mp.start_processes(hf_worker, args=(args.hf_ranks, free_port(), args, out_dir), nprocs=args.hf_ranks,
+                               start_method="spawn")
+            diff, scale, t_single, t_sharded = torch.load(os.path.join(out_dir, "hf.pt"))
+        print(f"{args.hf} prefill of {args.hf_length} tokens on {args.hf_ranks} ranks (causal, head-tail shards, "
+              f"position ids per shard): max |logits - one process| = {diff:.3e}, relative to max |logits| "
+              f"{diff / scale:.2e}; one process {t_single:.1f} s, sharded {t_sharded:.1f} s (each rank "
+              f"{args.threads} thread(s); the one-process runs overlap on the same cores)")
+
     if args.run:
-        print(f"L={args.length}, {args.heads} heads (MHA) x {args.dim}, fp32, block {args.block}, window "
-              f"{args.window}, random density {args.density}; gloo on 127.0.0.1, {args.threads} thread(s) per "
-              f"rank, forward, median of {args.reps}")
-        print(f"{'layout':8} {'P':>2} {'split':>15} {'ours MB':>8} {'gather MB':>9} {'ring MB':>8} {'ours s':>7} "
-              f"{'gather s':>8} {'ring s':>7} {'ours/ring':>9} {'tiles max/mean':>14} {'err':>8}")
+        cases = synthetic_cases(args)
+        if args.xattention:
+            cases.update(xattention_case(args))
+        print(f"synthetic: L={args.length}, {args.heads} heads (MHA) x {args.dim}, fp32, block {args.block}, window "
+              f"{args.window}, random density {args.density}; xattn: SmolLM2 layer {args.xattention_layer} q/k/v "
+              f"(9 q / 3 kv heads x 64) on {args.xattention_length} tokens of text, XAttention's default layout; "
+              f"gloo on 127.0.0.1, {args.threads} thread(s) per rank, forward, median of {args.reps}")
+        print(f"{'layout':10} {'L':>6} {'P':>2} {'split':>15} {'ours MB':>8} {'gather MB':>9} {'ring MB':>8} "
+              f"{'ours s':>7} {'gather s':>8} {'ring s':>7} {'ours/ring':>9} {'tiles max/mean':>14} {'err':>8}")
         for world in args.ranks:
             with tempfile.TemporaryDirectory() as out_dir:
-                mp.start_processes(worker, args=(world, free_port(), args, out_dir), nprocs=world,
+                cases_path = os.path.join(out_dir, "cases.pt")
+                torch.save(cases, cases_path)
+                mp.start_processes(worker, args=(world, free_port(), args, cases_path, out_dir), nprocs=world,
                                    start_method="spawn")
                 rows = torch.load(os.path.join(out_dir, "rows.pt"))
             for r in rows:
                 ring = f"{r['ring_s']:7.3f}" if r["ring_s"] is not None else "      -"
                 ratio = f"{r['ours_s'] / r['ring_s']:9.2f}" if r["ring_s"] else "        -"
-                print(f"{r['layout']:8} {r['world']:2d} {r['balance']:>15} {r['ours_recv'] / 1e6:8.2f} "
+                print(f"{r['layout']:10} {r['length']:6d} {r['world']:2d} {r['balance']:>15} {r['ours_recv'] / 1e6:8.2f} "
                       f"{r['gather_recv'] / 1e6:9.2f} {r['ring_recv'] / 1e6:8.2f} {r['ours_s']:7.3f} "
                       f"{r['gather_s']:8.3f} {ring} {ratio} {r['tiles_max_mean']:14.3f} {r['max_err_vs_gather']:8.1e}")
     projection(args, args.bandwidth_gbs * 1e9)
