@@ -9,8 +9,11 @@ from blockattn.linear.titans import TitansMAC, TitansMAG, TitansMAL
                                   lambda: TitansMAG(8, heads=2, window=4, chunk_size=4),
                                   lambda: TitansMAL(8, heads=2, window=4, chunk_size=4),
                                   lambda: TitansMAG(8, heads=2, window=4, chunk_size=4, persistent=0, residual_norm=True),
-                                  lambda: TitansMAL(8, heads=2, window=4, chunk_size=4, residual_norm=True)],
-                         ids=["mac", "mag", "mal", "mag-no-persistent-residual", "mal-residual"])
+                                  lambda: TitansMAL(8, heads=2, window=4, chunk_size=4, residual_norm=True),
+                                  lambda: TitansMAC(8, heads=2, segment=4, persistent=2, paper_qkv=True),
+                                  lambda: TitansMAG(8, heads=2, window=4, chunk_size=4, paper_qkv=True)],
+                         ids=["mac", "mag", "mal", "mag-no-persistent-residual", "mal-residual", "mac-paper-qkv",
+                              "mag-paper-qkv"])
 def test_causal_and_trainable(make):
     torch.manual_seed(0)
     module = make()

@@ -11,7 +11,9 @@ Paper: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (20
 - MAL (memory as layer): the memory layer runs first on x̃ = [persistent ‖ x] and sliding-window
   attention on its output (§4.3).
 The persistent rows are dropped from the output. `residual_norm=True` gives the memory a residual
-and LayerNorm (see `titans/naive.py`).
+and LayerNorm (see `titans/naive.py`); `paper_qkv=True` gives the memory branch §4.4's SiLU q, k, v
+with a causal depthwise convolution (width 4) after each projection (in MAC, the convolution
+restarts at every segment's attention output).
 All attention goes through the engine (`blockattn.attention` on a layout).
 """
 from __future__ import annotations
@@ -32,8 +34,9 @@ class NeuralMemory(MemoryMixer):
     """Titans' long-term memory as a mixer (θ, η, α gates from x; learned initial memory per head)."""
 
     def __init__(self, d_model: int, *, heads: int = 1, chunk_size: int = 16, expansion: int = 2,
-                 residual_norm: bool = False):
-        super().__init__(d_model, Titans(expansion, residual_norm).parts, heads=heads, chunk_size=chunk_size)
+                 residual_norm: bool = False, paper_qkv: bool = False):
+        super().__init__(d_model, Titans(expansion, residual_norm).parts, heads=heads, chunk_size=chunk_size,
+                         silu=paper_qkv, short_conv=4 if paper_qkv else 0)
 
 
 class _SlidingAttention(nn.Module):
@@ -65,12 +68,12 @@ def _persistent(count: int, d_model: int) -> nn.Parameter:
 
 class TitansMAG(nn.Module):
     def __init__(self, d_model: int, *, heads: int = 1, window: int = 64, chunk_size: int = 16, expansion: int = 2,
-                 persistent: int = 4, residual_norm: bool = False):
+                 persistent: int = 4, residual_norm: bool = False, paper_qkv: bool = False):
         super().__init__()
         self.persistent = _persistent(persistent, d_model)
         self.attention = _SlidingAttention(d_model, heads, window, sink=persistent)
         self.memory = NeuralMemory(d_model, heads=heads, chunk_size=chunk_size, expansion=expansion,
-                                   residual_norm=residual_norm)
+                                   residual_norm=residual_norm, paper_qkv=paper_qkv)
         self.norm_attention, self.norm_memory = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
 
     def forward(self, x):
@@ -82,11 +85,11 @@ class TitansMAG(nn.Module):
 
 class TitansMAL(nn.Module):
     def __init__(self, d_model: int, *, heads: int = 1, window: int = 64, chunk_size: int = 16, expansion: int = 2,
-                 persistent: int = 4, residual_norm: bool = False):
+                 persistent: int = 4, residual_norm: bool = False, paper_qkv: bool = False):
         super().__init__()
         self.persistent = _persistent(persistent, d_model)
         self.memory = NeuralMemory(d_model, heads=heads, chunk_size=chunk_size, expansion=expansion,
-                                   residual_norm=residual_norm)
+                                   residual_norm=residual_norm, paper_qkv=paper_qkv)
         self.attention = _SlidingAttention(d_model, heads, window)
 
     def forward(self, x):
@@ -99,13 +102,13 @@ class TitansMAC(nn.Module):
     """Memory as context; `segment` tokens per attention segment (= the memory's chunk size)."""
 
     def __init__(self, d_model: int, *, heads: int = 1, segment: int = 16, persistent: int = 4, expansion: int = 2,
-                 residual_norm: bool = False):
+                 residual_norm: bool = False, paper_qkv: bool = False):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by heads ({heads})")
         self.heads, self.segment, self.persistent_count = heads, segment, persistent
         self.memory = NeuralMemory(d_model, heads=heads, chunk_size=segment, expansion=expansion,
-                                   residual_norm=residual_norm)
+                                   residual_norm=residual_norm, paper_qkv=paper_qkv)
         self.persistent = _persistent(persistent, d_model)
         # only the projections are used: the segment mask below replaces the window
         self.attention = _SlidingAttention(d_model, heads, window=2 * segment + persistent)
@@ -140,11 +143,11 @@ class TitansMAC(nn.Module):
         heads, dh = self.heads, mem.head_dim
         segments = x.view(batch, count, seg, d_model)
         # h for every segment needs the memory state before it, so the segments run in order.
-        queries = F.normalize(mem.qkv(x)[..., :d_model].view(batch, count, seg, heads, dh), dim=-1)
+        queries = mem.project(x)[0].view(batch, heads, count, seg, dh)
         state, outs = None, []
         for i in range(count):
             seg_x = segments[:, i]
-            q_mem = queries[:, i].permute(0, 2, 1, 3).reshape(batch * heads, seg, dh)
+            q_mem = queries[:, :, i].reshape(batch * heads, seg, dh)
             accum = (mem.init.expand(batch, heads, -1).reshape(batch * heads, -1) if state is None else state.accum)
             h = self._read(accum, q_mem).view(batch, heads, seg, dh).transpose(1, 2).reshape(batch, seg, d_model)
             context = torch.cat([self.persistent.expand(batch, p, d_model), h, seg_x], dim=1)
@@ -159,8 +162,7 @@ class TitansMAC(nn.Module):
         """Update the memory with the segment's attention output and read it back, M_t(y)."""
         mem = self.memory
         batch, seg, d_model = y.shape
-        q, k, v = mem.qkv(y).view(batch, seg, 3, self.heads, mem.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k, v = mem.project(y)
         gates = mem.gates(y).view(batch, seg, -1, self.heads).permute(2, 0, 3, 1)
         out, state = memory_chunk(q, k, v, parts=mem.parts, init=mem.init if state is None else None,
                                   lr=mem.lr_max * torch.sigmoid(gates[0]), decay=torch.sigmoid(gates[1]).clamp(min=1e-4),
