@@ -45,6 +45,28 @@ def test_s2_matches_dkernel(q_len, k_len, heads, stride, local, block, kv_heads,
         assert torch.equal(mask.any(0), causal)  # union over heads = full causal context
 
 
+@pytest.mark.parametrize("length,heads,stride,local,block,kv_heads,dense,block_q", [
+    (160, 4, 3, 2, 16, None, 0, 16), (130, 4, 4, 1, 8, 2, 1, 8), (130, 4, 4, 1, 8, None, 0, 16)])  # last: token path
+def test_s2_bidirectional_matches_dkernel_relative_rule(length, heads, stride, local, block, kv_heads, dense, block_q):
+    """DKernel, causal=False: left = max(0, qb - kb - local + 1), right = max(0, kb - qb - local + 1),
+    block kept iff (left + right) % stride == 0 (all sparse heads alike); dense heads keep everything."""
+    layout = patterns.s2_attention(length, heads=heads, vertical_stride=stride, local_blocks=local,
+                                   kv_heads=kv_heads, dense_heads=dense, causal=False, block_q=block_q,
+                                   block_k=block)
+    mask = layout.to_token_mask()[0]
+    n = -(-length // block)
+    blocks = torch.zeros(n, n, dtype=torch.bool)
+    for qb in range(n):
+        for kb in range(n):
+            blocks[qb, kb] = (max(0, qb - kb - local + 1) + max(0, kb - qb - local + 1)) % stride == 0
+    sparse = blocks.repeat_interleave(block, 0).repeat_interleave(block, 1)[:length, :length]
+    group = heads // (kv_heads or heads)
+    for h in range(heads):
+        is_dense = h // group >= (kv_heads or heads) - dense
+        assert torch.equal(mask[h], torch.ones_like(sparse) if is_dense else sparse)
+    assert not layout.is_causal()
+
+
 def test_s2_head_order_is_dkernels():
     """kb + h == 0 (mod vs): head 1 reads blocks 3, 7, ... (not 1, 5, ...) at stride 4; offset 1 shifts by one."""
     rows = patterns.s2_attention(16, heads=4, vertical_stride=4, local_blocks=1, block_q=1, block_k=1).to_dense()
@@ -63,6 +85,10 @@ def test_s2_errors():
         patterns.s2_attention(128, heads=4, kv_heads=2, dense_heads=3)
     with pytest.raises(ValueError, match="head_offset"):
         patterns.s2_attention(128, heads=4, head_offset=0.5)
+    with pytest.raises(ValueError, match="q_len == k_len"):
+        patterns.s2_attention(64, 128, heads=4, causal=False)
+    with pytest.raises(TypeError, match="causal"):
+        patterns.s2_attention(64, heads=4, causal=1)
 
 
 def test_engine_over_s2_layout_matches_dense():

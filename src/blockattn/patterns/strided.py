@@ -10,7 +10,13 @@ group needs shrinks too), and the last `dense_heads` KV heads read every block. 
 DKernel's rule; `head_offset=1` is the Phi-3-small port of the same kernel, which ships trained
 checkpoints. With at least `vertical_stride` sparse heads the shards' union is the full causal
 context, which is the paper's point: no head sees everything, the heads together do; with fewer
-heads, `step` spreads them out and some shards are read by no head (as in DKernel).
+heads, `step` spreads them out and some shards are read by no head (as in DKernel). DKernel's
+`homo_head` (one pattern for all heads) is `kv_heads=1`.
+
+`causal=False` is DKernel's bidirectional mode (`vert_position_type="relative"`): every head reads
+the key blocks whose distance beyond the local band, `max(0, qb − kb − local + 1) +
+max(0, kb − qb − local + 1)`, is a multiple of `vertical_stride` (the same for every sparse head),
+with `local_blocks` blocks on each side counting the query's own.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ __all__ = ["s2_attention"]
 
 def s2_attention(q_len: int, k_len: int | None = None, *, heads: int, vertical_stride: int = 8,
                  local_blocks: int = 16, kv_heads: int | None = None, dense_heads: int = 0, head_offset: int = 0,
-                 block_q: int = 64, block_k: int = 64) -> BlockLayout:
+                 causal: bool = True, block_q: int = 64, block_k: int = 64) -> BlockLayout:
     """Per-head strided shards plus local blocks, causal (bottom-right aligned when `q_len < k_len`).
 
     Args:
@@ -36,6 +42,7 @@ def s2_attention(q_len: int, k_len: int | None = None, *, heads: int, vertical_s
         kv_heads: KV heads (GQA; default `heads`); query head h uses KV head `h // (heads // kv_heads)`.
         dense_heads: the last `dense_heads` KV heads attend to the full causal context.
         head_offset: 0 (DKernel) or 1 (Phi-3-small); any int is accepted.
+        causal: False for the bidirectional mode (see the module docstring; needs `q_len == k_len`).
     The shard granularity is `block_k`.
     """
     q_len, k_len = _lengths(q_len, k_len)
@@ -49,6 +56,11 @@ def s2_attention(q_len: int, k_len: int | None = None, *, heads: int, vertical_s
         raise ValueError(f"dense_heads must be an int in [0, kv_heads={kv_heads}], got {dense_heads!r}")
     if isinstance(head_offset, bool) or not isinstance(head_offset, int):
         raise ValueError(f"head_offset must be an int (0: DKernel, 1: Phi-3-small), got {head_offset!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not causal:
+        return _bidirectional(q_len, k_len, heads, vertical_stride, local_blocks, kv_heads, dense_heads,
+                              block_q, block_k)
     offset = k_len - q_len
     n_q, n_k = _cdiv(q_len, block_q), _cdiv(k_len, block_k)
     # DKernel's step counts query heads, its shard index runs over KV heads
@@ -77,4 +89,23 @@ def s2_attention(q_len: int, k_len: int | None = None, *, heads: int, vertical_s
         near = (pos // block_k) - k_block < local_blocks
         return (k_idx <= pos) & (near | ((k_block + head_shift[h]) % vertical_stride == 0) | dense[h])
 
+    return tile_layout(q_len, k_len, block_q, block_k, candidates, allowed)
+
+
+def _bidirectional(q_len, k_len, heads, vertical_stride, local_blocks, kv_heads, dense_heads, block_q, block_k):
+    if q_len != k_len:
+        raise ValueError(f"causal=False needs q_len == k_len, got {q_len} and {k_len}")
+    dense = (torch.arange(heads) // (heads // kv_heads)) >= kv_heads - dense_heads
+
+    def allowed(h, q_idx, k_idx):
+        qb, kb = q_idx // block_k, k_idx // block_k  # the query's block in key-block units
+        beyond = (qb - kb - local_blocks + 1).clamp(min=0) + (kb - qb - local_blocks + 1).clamp(min=0)
+        return (beyond % vertical_stride == 0) | dense[h]
+
+    n_q, n_k = _cdiv(q_len, block_q), _cdiv(k_len, block_k)
+    if block_q == block_k:  # a block-level rule: no token masks needed
+        qb, kb = torch.arange(n_q).view(1, -1, 1), torch.arange(n_k).view(1, 1, -1)
+        return BlockLayout.from_dense(allowed(torch.arange(heads).view(-1, 1, 1), qb * block_k, kb * block_k)[None],
+                                      q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k)
+    candidates = torch.ones(heads, n_q, n_k, dtype=torch.bool)
     return tile_layout(q_len, k_len, block_q, block_k, candidates, allowed)
