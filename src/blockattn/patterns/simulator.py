@@ -53,17 +53,30 @@ class Simulation:
                 f"  upper-bound speedup over dense: {self.speedup_upper_bound:.2f}x")
 
 
-def simulate(grid, *, window, dilation=1, stride=1, causal=False, tile_shape, kv_tile_shape=None) -> Simulation:
+def simulate(grid, *, window, dilation=1, stride=1, causal=False, tile_shape, kv_tile_shape=None,
+             order: str = "tiled") -> Simulation:
     """Predict the tiles `patterns.neighborhood(grid, ..., tile_shape=tile_shape, kv_tile_shape=kv_tile_shape)`
     computes. Grids the tiles do not divide are padded (padding tiles count in the total, like the
     extra work a kernel does on them); `kv_tile_shape` defaults to `tile_shape`.
+
+    `order="row_major"` is GNA's single-dimensional tiling baseline: tiles of `prod(tile_shape)`
+    consecutive row-major tokens. That count is not separable over axes, so it is read off the
+    row-major layout (`neighborhood(grid, ..., block_q=prod(tile_shape), block_k=prod(kv_tile_shape))`).
     """
+    if order not in ("tiled", "row_major"):
+        raise ValueError(f"order must be 'tiled' or 'row_major', got {order!r}")
     grid, window, dilation, stride, causal = _check_na_args(grid, window, dilation, stride, causal)
     tile_shape = check_tile_shape("tile_shape", tile_shape, grid, divide=False)
     if tile_shape is None:
         raise ValueError("tile_shape must be given (the simulator models the tiled token order)")
     kv_tile_shape = check_tile_shape("kv_tile_shape", tile_shape if kv_tile_shape is None else kv_tile_shape, grid,
                                      divide=False)
+    if order == "row_major":
+        from blockattn.patterns.neighborhood import neighborhood
+        layout = neighborhood(grid, window=window, dilation=dilation, stride=stride, causal=causal,
+                              block_q=math.prod(tile_shape), block_k=math.prod(kv_tile_shape))
+        return Simulation(grid, tile_shape, kv_tile_shape, int(layout.kv_counts.sum()),
+                          layout.num_q_blocks * layout.num_k_blocks, layout.token_density())
     visited, total, pairs = 1, 1, 1.0
     for n, k, d, s, c, tq, tk in zip(grid, window, dilation, stride, causal, tile_shape, kv_tile_shape):
         lo, hi = neighborhood_ranges(n, k, d, s, c)
