@@ -1,0 +1,121 @@
+"""SeerAttention gate: the AttnGate against a plain per-head transcription, the block-max ground truth
+against a brute-force pool of the dense probabilities, the nz_ratio rule, selection, training and files."""
+import math
+
+import pytest
+import torch
+
+import blockattn
+from blockattn.modules.seer_gate import (SeerAttentionGate, _rope, block_max_ground_truth, gate_loss, invert_rope,
+                                         load_gates, save_gates, select_blocks, topk_for_density)
+
+
+def test_parameter_count_for_smollm2_shapes():
+    gate = SeerAttentionGate(9, 3, 64)
+    assert gate.project_queries and sum(p.numel() for p in gate.parameters()) == 147_456
+
+
+def test_gate_equals_per_head_transcription():
+    torch.manual_seed(0)
+    gate = SeerAttentionGate(4, 2, 8, block_size=4, gate_dim=16).double()
+    q, k = torch.randn(1, 4, 18, 8, dtype=torch.float64), torch.randn(1, 2, 18, 8, dtype=torch.float64)
+    logits = gate(q, k)
+    n = 5
+    for h in range(4):
+        qs, ks = [], []
+        for b in range(n):
+            rows = slice(4 * b, min(18, 4 * b + 4))  # the last block holds 2 valid tokens
+            qs.append(q[0, h, rows].mean(0) @ gate.q_weight[h])
+            kb = k[0, h // 2, rows]
+            ks.append(torch.cat([kb.amax(0), kb.amin(0), kb.mean(0)]) @ gate.k_weight[h // 2])
+        starts = torch.arange(n) * 4
+        qh, kh = (_rope(torch.stack(x)[None, None], starts, 1e4)[0, 0] for x in (qs, ks))
+        want = (qh @ kh.T / 4).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        torch.testing.assert_close(logits[0, h], want)
+
+
+def test_ground_truth_is_the_row_normalised_block_max_of_probabilities():
+    q, k = torch.randn(2, 4, 37, 8), torch.randn(2, 2, 37, 8)
+    target = block_max_ground_truth(q, k, block_size=8)
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / math.sqrt(8)
+    P = torch.softmax(scores.masked_fill(torch.ones(37, 37, dtype=torch.bool).triu(1), float("-inf")), -1)
+    n = 5
+    brute = torch.zeros(2, 4, n, n)
+    for i in range(n):
+        for j in range(i + 1):
+            brute[:, :, i, j] = P[:, :, 8 * i:8 * i + 8, 8 * j:8 * j + 8].amax((-1, -2))
+    torch.testing.assert_close(target, brute / brute.sum(-1, keepdim=True))
+    torch.testing.assert_close(target.sum(-1), torch.ones(2, 4, n))
+    assert bool((target.triu(1) == 0).all())
+
+
+def test_topk_rule_and_density():
+    assert topk_for_density(0.5, 32) == math.floor((1 - math.sqrt(0.5)) * 32) == 9
+    assert topk_for_density(0.01, 8) == 1
+    for rho in (0.1, 0.25, 0.5):
+        future = torch.ones(256, 256, dtype=torch.bool).triu(1)
+        logits = torch.randn(1, 1, 256, 256).masked_fill(future, float("-inf"))
+        layout = select_blocks(logits, length=256 * 4, block_size=4, density=rho, last_block_dense=False)
+        assert abs(layout.density("causal") - rho) < 0.03
+
+
+def test_density_one_is_dense_and_diagonal_is_always_kept():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    gate = SeerAttentionGate(2, 2, 8, block_size=8, gate_dim=8)
+    layout = gate.select(q, k, density=1.0, allow_untrained=True)
+    full = blockattn.attention(q, k, v, blockattn.BlockLayout.from_dense(torch.ones(5, 5, dtype=torch.bool), q_len=40,
+                               k_len=40, block_q=8, block_k=8, causal=True))
+    torch.testing.assert_close(blockattn.attention(q, k, v, layout), full)
+    sparse = gate.select(q, k, threshold=0.99, last_block_dense=False, allow_untrained=True)
+    assert bool(sparse.to_dense()[0, :, torch.arange(5), torch.arange(5)].all())
+
+
+def test_inverse_rope_round_trip():
+    x = torch.randn(1, 2, 10, 16, dtype=torch.float64)
+    inv = 1e4 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    angles = torch.arange(10, dtype=torch.float64).view(-1, 1) * inv
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    y = x * cos + torch.cat([-x[..., 8:], x[..., :8]], -1) * sin
+    torch.testing.assert_close(invert_rope(y, cos, sin), x)
+
+
+def test_training_lowers_the_distillation_loss():
+    torch.manual_seed(2)
+    q = torch.randn(2, 2, 64, 8)
+    k = q[:, :, torch.randperm(64)] + 0.1 * torch.randn(2, 2, 64, 8)  # structured attention to learn
+    target = block_max_ground_truth(q, k, block_size=8)
+    gate = SeerAttentionGate(2, 2, 8, block_size=8, gate_dim=16)
+    optimiser = torch.optim.AdamW(gate.parameters(), lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(60):
+        loss = gate_loss(gate(q, k), target)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_files_and_bad_input(tmp_path):
+    gate = SeerAttentionGate(2, 1, 8, block_size=8, gate_dim=8)
+    q, k = torch.randn(1, 2, 16, 8), torch.randn(1, 1, 16, 8)
+    with pytest.raises(ValueError, match="not been trained"):
+        gate.select(q, k, density=0.5)
+    gate.trained_steps += 1
+    path = save_gates([gate, gate], str(tmp_path / "gates.pt"), model="smollm2-135m")
+    loaded = load_gates(path, model="smollm2-135m", block_size=8)
+    assert len(loaded) == 2 and loaded[0].trained and torch.equal(loaded[1].k_weight, gate.k_weight)
+    with pytest.raises(ValueError, match="model"):
+        load_gates(path, model="gemma3-270m")
+    with pytest.raises(ValueError, match="block_size"):
+        load_gates(path, model="smollm2-135m", block_size=64)
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="density"):
+            gate.select(q, k, density=bad)
+    with pytest.raises(ValueError, match="exactly one"):
+        gate.select(q, k)
+    with pytest.raises(ValueError, match="expected q_nope"):
+        gate(q, q)
+    with pytest.raises(ValueError, match="k_pool"):
+        SeerAttentionGate(2, 1, 8, k_pool=("median",))
