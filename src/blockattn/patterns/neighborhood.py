@@ -14,7 +14,8 @@ Rule, per grid axis of size n with window K, dilation d, stride s:
 - causal: the leader is the last query of the stride group; a query sees keys `j <= i` with
   `leader - j < K`.
 A key is kept when every axis keeps it. `stride=1, dilation=1` is plain neighborhood attention;
-`stride=window` is blocked attention.
+`stride=window` is blocked attention. `window=1` (a token sees itself only) is accepted here;
+NATTEN requires a window of at least 2.
 
 Token order: row-major (default), or GNA's tiled order when `tile_shape` is given. That is NATTEN's
 token permute (`natten/token_permute`): each axis is padded to a multiple of `tile * dilation`,
