@@ -1,9 +1,12 @@
 """Builds the optional compiled CPU kernel (blockattn.ops.cpu._kernel) against the installed torch.
 
+The kernel is x86 code (AVX2/FMA, AVX-512 selected at run time); on other machines it is not built.
 If the compiler or OpenMP is missing the build is skipped with a warning: the package still
 installs and imports, the portable `torch` backend takes over, and `blockattn.backends()` says why.
 """
+import glob
 import os
+import platform
 import sys
 
 from setuptools import setup
@@ -28,13 +31,17 @@ try:
                 print(f"WARNING: blockattn CPU kernel not built ({error}); the torch backend will be used",
                       file=sys.stderr)
 
-    source = os.path.join("src", "blockattn", "ops", "cpu", "kernel.cpp")
-    if os.path.exists(source):
+    kernel_dir = os.path.join("src", "blockattn", "ops", "cpu")
+    source = os.path.join(kernel_dir, "kernel.cpp")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        print(f"NOTE: blockattn's CPU kernel is x86 code; not built on {platform.machine()} "
+              "(the torch backend will be used)", file=sys.stderr)
+    elif os.path.exists(source):
         ext_modules.append(CppExtension(
             "blockattn.ops.cpu._kernel",
             [source],
-            extra_compile_args=["-O3", "-mavx2", "-mfma", "-fopenmp"]
-            if os.uname().machine == "x86_64" else ["-O3", "-fopenmp"],
+            depends=glob.glob(os.path.join(kernel_dir, "*.h")),
+            extra_compile_args=["-O3", "-mavx2", "-mfma", "-fopenmp"],
             # links to libgomp.so.1, which resolves to the copy torch has already loaded: one OpenMP runtime
             extra_link_args=["-fopenmp"],
         ))

@@ -132,3 +132,25 @@ def test_non_contiguous_inputs(isa):
     blocks[..., 0] = True
     layout = blockattn.BlockLayout.from_dense(blocks, q_len=70, k_len=70, block_q=32, block_k=16, causal=True)
     check_backend(Case(q, k[:, :2], v[:, :2], layout, "strided"), "cpu", fwd_tol=1e-5, grad_tol=1e-4)
+
+
+def test_isa_switch_errors_are_clear(monkeypatch):
+    from blockattn.ops import cpu
+    current = cpu.isa()
+    q = torch.randn(1, 1, 64, 16)
+    layout = blockattn.patterns.causal(64)
+    monkeypatch.setenv("BLOCKATTN_CPU_ISA", "sse")
+    with pytest.raises(ValueError, match=r"BLOCKATTN_CPU_ISA='sse' is not a CPU path; expected one of"):
+        blockattn.attention(q, q, q, layout)
+    monkeypatch.setenv("BLOCKATTN_CPU_ISA", "avx2")
+    try:
+        assert cpu.paths()["fp32"] == "avx2" and cpu.paths()["bf16"].startswith("avx2")
+    finally:
+        cpu._kernel.set_isa(current)
+
+
+def test_info_names_the_cpu_and_the_path_per_dtype(capsys):
+    from blockattn.cli import main
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu: " in out and "fp32: avx" in out and "bf16: " in out

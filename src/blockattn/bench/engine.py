@@ -3,7 +3,6 @@ FlexAttention timed in the same run."""
 from __future__ import annotations
 
 import dataclasses
-import platform
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,14 @@ class Row:
     density: float
     gflops: float
     peak_mib: float
+    dtype: str = "fp32"
+    gemm_gflops: float | None = None
     note: str = ""
+
+    @property
+    def vs_gemm(self) -> float | None:
+        """This row's GFLOP/s as a fraction of a large GEMM of the same dtype timed in the same run."""
+        return None if not self.gemm_gflops else self.gflops / self.gemm_gflops
 
     @property
     def vs_sdpa(self) -> float:
@@ -53,18 +59,22 @@ def _step(fn, backward: bool, inputs, grad):
 
 
 def run_engine_benchmark(lengths, families, backends, *, heads=8, dim=64, backward=False, repeats=3,
-                         flex=True, max_portable_len=4096, progress=True):
-    """Yields one Row per (family, length, backend)."""
+                         flex=True, max_portable_len=4096, progress=True, dtypes=("fp32",),
+                         gemm_size=4096):
+    """Yields one Row per (dtype, family, length, backend); each dtype's GEMM peak is timed first."""
     from tqdm import tqdm
 
+    from blockattn.bench.machine import DTYPES, gemm_gflops
     from blockattn.ops.flex import compiled_flex_attention
 
-    jobs = [(f, L) for L in lengths for f in families]
-    for family, length in tqdm(jobs, desc="bench", disable=not progress):
+    peaks = {name: gemm_gflops(DTYPES[name], size=gemm_size) for name in dtypes}
+    jobs = [(d, f, L) for d in dtypes for L in lengths for f in families]
+    for dtype_name, family, length in tqdm(jobs, desc="bench", disable=not progress):
+        dtype = DTYPES[dtype_name]
         layout = FAMILIES[family](length, heads)
         torch.manual_seed(0)
-        inputs = [torch.randn(1, heads, length, dim, requires_grad=backward) for _ in range(3)]
-        grad = torch.randn(1, heads, length, dim)
+        inputs = [torch.randn(1, heads, length, dim, dtype=dtype, requires_grad=backward) for _ in range(3)]
+        grad = torch.randn(1, heads, length, dim, dtype=dtype)
         causal_sdpa = layout.causal
         sdpa = _step(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal_sdpa), backward,
                      inputs, grad)
@@ -96,24 +106,26 @@ def run_engine_benchmark(lengths, families, backends, *, heads=8, dim=64, backwa
             ms = time_call(call, repeats=repeats)
             _, peak = peak_rss_growth(call)
             yield Row(family, length, backend, "fwd+bwd" if backward else "fwd", ms, sdpa_ms, flex_ms, compile_s,
-                      layout.density(), flops / ms / 1e6, peak / 2**20)
+                      layout.density(), flops / ms / 1e6, peak / 2**20, dtype_name, peaks[dtype_name])
 
 
 def format_table(rows) -> str:
-    header = ("| layout | L | backend | mode | ms | vs SDPA | vs Flex | SDPA ms | Flex ms (compile s) | density "
-              "| GFLOP/s | peak MiB |")
-    lines = [header, "|" + "---|" * 12]
+    header = ("| dtype | layout | L | backend | mode | ms | vs SDPA | vs Flex | SDPA ms | Flex ms (compile s) | density "
+              "| GFLOP/s | of GEMM peak (GEMM GFLOP/s) | peak MiB |")
+    lines = [header, "|" + "---|" * 14]
     for r in rows:
         flex = "-" if r.flex_ms is None else f"{r.flex_ms:.1f} ({r.flex_compile_s:.1f})"
         vs_flex = "-" if r.vs_flex is None else f"{r.vs_flex:.2f}"
-        lines.append(f"| {r.family} | {r.length} | {r.backend} | {r.mode} | {r.ms:.1f} | {r.vs_sdpa:.2f} | {vs_flex} "
-                     f"| {r.sdpa_ms:.1f} | {flex} | {r.density:.3f} | {r.gflops:.1f} | {r.peak_mib:.0f} |")
+        vs_gemm = "-" if r.vs_gemm is None else f"{r.vs_gemm:.2f} ({r.gemm_gflops:.0f})"
+        lines.append(f"| {r.dtype} | {r.family} | {r.length} | {r.backend} | {r.mode} | {r.ms:.1f} | {r.vs_sdpa:.2f} "
+                     f"| {vs_flex} | {r.sdpa_ms:.1f} | {flex} | {r.density:.3f} | {r.gflops:.1f} | {vs_gemm} "
+                     f"| {r.peak_mib:.0f} |")
     return "\n".join(lines)
 
 
 def machine_line() -> str:
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"fp32, B=1, H=8, D=64, block 64")
+    from blockattn.bench.machine import cpu_description
+    return f"{cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}, B=1, H=8, D=64, block 64"
 
 
 def plot_rows(rows, path: str) -> str:

@@ -14,7 +14,12 @@ def add_arguments(parser):
     parser.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention baseline")
     parser.add_argument("--max-portable-len", type=int, default=4096,
                         help="skip the portable torch backend above this length (it is the slow fallback)")
-    parser.add_argument("--record", default="BENCHMARKS.md", help="markdown file to write the table into ('' = none)")
+    parser.add_argument("--dtype", nargs="+", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="dtypes to time (default: those this CPU has arithmetic units for, e.g. fp32 bf16 "
+                             "with AVX512-BF16); each gets a large GEMM of its dtype as the machine's peak")
+    parser.add_argument("--gemm-size", type=int, default=4096, help="size of the square GEMM timed as the peak")
+    parser.add_argument("--record", default="", metavar="FILE",
+                        help="also write the table into this markdown file (e.g. BENCHMARKS.md); default: print only")
     parser.add_argument("--plot", default="docs/bench/engine.png", help="PNG of time vs length ('' = none)")
 
 
@@ -22,9 +27,12 @@ def run(args):
     from blockattn.bench.engine import format_table, machine_line, plot_rows, run_engine_benchmark
     from blockattn.bench.timing import record_markdown
 
+    from blockattn.bench.machine import native_dtypes
+
     rows = list(run_engine_benchmark(args.lengths, args.families, args.backends, backward=args.backward,
                                      repeats=args.repeats, flex=not args.no_flex,
-                                     max_portable_len=args.max_portable_len))
+                                     max_portable_len=args.max_portable_len, dtypes=args.dtype or native_dtypes(),
+                                     gemm_size=args.gemm_size))
     table = format_table(rows)
     print(machine_line())
     print(table)
@@ -38,7 +46,8 @@ def run(args):
         section = "bench-engine-" + ("fwd-bwd" if args.backward else "fwd")
         body = (f"### Engine, {'forward+backward' if args.backward else 'forward'} ({machine_line()})\n\n"
                 f"Command: `{command.strip()}`. Ratios are backend time / baseline time in the same run "
-                f"(< 1 means faster); min of {args.repeats} runs; peak MiB is sampled RSS growth during one call.\n\n"
+                f"(< 1 means faster); 'of GEMM peak' is the row's GFLOP/s over a {args.gemm_size}^3 GEMM of its dtype; "
+                f"min of {args.repeats} runs; peak MiB is sampled RSS growth during one call.\n\n"
                 f"{table}\n")
         if args.plot:
             body += f"\n![engine timings]({args.plot})\n"

@@ -32,9 +32,10 @@ def module(name: str):
 
 def status(name: str, device: torch.device | None = None) -> str:
     try:
-        return module(name).available(device)
+        backend = module(name)
     except Exception as error:  # a backend that cannot even be imported is unavailable, not fatal
         return f"unavailable: {type(error).__name__}: {error}"
+    return backend.available(device)  # a misconfigured switch (BLOCKATTN_CPU_ISA) raises: never silent
 
 
 def can_run(name: str, q, k, v, layout) -> str:

@@ -24,8 +24,21 @@ except ImportError as error:  # not built: the portable backend takes over
     _kernel = None
     _IMPORT_ERROR = error
 
-if _kernel is not None and os.environ.get("BLOCKATTN_CPU_ISA"):
-    _kernel.set_isa(os.environ["BLOCKATTN_CPU_ISA"])
+ISAS = ("avx512", "avx2")
+
+
+def _apply_isa_switch() -> None:
+    """BLOCKATTN_CPU_ISA (documented switch) forces a forward path; an unknown value, or one this CPU
+    cannot run, is an error at the first use of the backend rather than a silent fallback."""
+    wanted = os.environ.get("BLOCKATTN_CPU_ISA")
+    if not wanted or _kernel is None or wanted == _kernel.isa():
+        return
+    if wanted not in ISAS:
+        raise ValueError(f"BLOCKATTN_CPU_ISA={wanted!r} is not a CPU path; expected one of {list(ISAS)}")
+    try:
+        _kernel.set_isa(wanted)
+    except RuntimeError as error:
+        raise ValueError(f"BLOCKATTN_CPU_ISA={wanted!r} cannot run on this CPU: {error}") from None
 
 
 def isa() -> str | None:
@@ -33,7 +46,18 @@ def isa() -> str | None:
     return _kernel.isa() if _kernel is not None else None
 
 
+def paths() -> dict[str, str]:
+    """Per input dtype, the path the cpu backend computes it on (for `blockattn info`)."""
+    if _kernel is None:
+        return {}
+    _apply_isa_switch()
+    fp32 = isa()
+    return {"fp32": fp32, "bf16": f"{fp32} (converted to fp32 around the kernel)",
+            "fp16": f"{fp32} (converted to fp32 around the kernel)", "fp64": "not taken: auto runs it on torch"}
+
+
 def available(device=None) -> str:
+    _apply_isa_switch()
     if _kernel is None:
         return f"unavailable: compiled kernel not built or not importable ({_IMPORT_ERROR}); reinstall with ./setup.sh"
     if device is not None and device.type != "cpu":
@@ -84,13 +108,15 @@ def _forward(q, k, v, layout, scale):
 
 def _backward(q, k, v, lse, grad_out, delta, layout, scale):
     q_counts, q_indices, q_mask_ids = layout.transpose()
-    if q_mask_ids is None:
-        q_mask_ids = torch.empty(0, dtype=torch.int32)
+    empty = torch.empty(0, dtype=torch.int32)
     rule = _rule(layout)
-    dk, dv = _new_buffer(k), _new_buffer(v)
-    dq = _kernel.backward(q, k, v, grad_out.float().contiguous(), lse, delta, q_counts.contiguous(),
-                          q_indices.contiguous(), q_mask_ids, _tile_masks(layout), rule["block_q"],
-                          rule["block_k"], rule["causal"], rule["left"], rule["right"], scale, dk, dv)
+    dq, dk, dv = _new_buffer(q), _new_buffer(k), _new_buffer(v)
+    _kernel.backward(q, k, v, grad_out.float().contiguous(), lse, delta, q_counts.contiguous(),
+                     q_indices.contiguous(), empty if q_mask_ids is None else q_mask_ids,
+                     layout.kv_counts.contiguous(), layout.kv_indices.contiguous(),
+                     empty if layout.tile_mask_ids is None else layout.tile_mask_ids.contiguous(),
+                     _tile_masks(layout), rule["block_q"], rule["block_k"], rule["causal"], rule["left"],
+                     rule["right"], scale, dq, dk, dv)
     return dq, dk, dv
 
 

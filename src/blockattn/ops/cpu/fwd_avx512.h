@@ -1,6 +1,6 @@
 // AVX-512 forward pass of the CPU kernel, selected at run time on CPUs that have AVX-512 F/BW/VL/DQ
-// (kernel.cpp keeps the AVX2 + MKL path for the others). Included by kernel.cpp inside its anonymous
-// namespace, after Problem / TileRule / run_dynamic.
+// (kernel.cpp keeps the AVX2 + MKL path for the others). Compiled for AVX-512 through target pragmas,
+// so the module itself stays buildable and loadable on AVX2-only CPUs.
 //
 // Layout of the work: one work item is a (batch, head, query block); its queries are processed in
 // chunks of up to 64 (four 16-float vectors), transposed so that every per-query quantity (running
@@ -14,12 +14,15 @@
 // prefetched while the current one is computed (worth ~25% on a 10%-random layout at L=16384).
 #pragma once
 
+#include "common.h"
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 #pragma GCC diagnostic push
 // GCC 12 warns inside its own AVX-512 intrinsics (their _mm512_undefined_ps pass-through operands)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+namespace blockattn_cpu {
 namespace avx512 {
 
 constexpr int kLanes = 16;
@@ -305,6 +308,7 @@ __attribute__((noinline)) void forward_item(const Problem& p, const float* Q, co
 }
 
 }  // namespace avx512
+}  // namespace blockattn_cpu
 
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
