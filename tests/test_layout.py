@@ -205,3 +205,103 @@ def test_derived_kernel_inputs_are_computed_once_per_layout():
     assert layout.transpose()[1] is layout.transpose()[1]
     moved = layout.expand(3, 2)
     assert moved.kv_counts.shape == (3, 2, 4) and torch.equal(moved.to_dense()[1], layout.to_dense()[0])
+
+
+# ------------------------------------------------------------------ is_causal, from_tile_masks, cat
+def naive_is_causal(layout):
+    """[Lq, Lk] loop: no allowed pair (i, j) with j after i's aligned position."""
+    mask = layout.to_token_mask()
+    offset = layout.k_len - layout.q_len
+    j = torch.arange(layout.k_len).view(1, -1)
+    i = torch.arange(layout.q_len).view(-1, 1) + offset
+    return not bool((mask & (j > i)).any())
+
+
+@pytest.mark.parametrize("q_len,k_len", [(100, 100), (40, 130), (130, 90)])
+def test_is_causal_equals_the_token_rule(q_len, k_len):
+    g = torch.Generator().manual_seed(q_len + k_len)
+    for trial in range(12):
+        token = torch.rand(2, 3, q_len, k_len, generator=g) < 0.3
+        i = torch.arange(q_len).view(-1, 1) + k_len - q_len
+        j = torch.arange(k_len).view(1, -1)
+        if trial % 2:
+            token &= j <= i  # causal by construction, except ...
+            if trial % 4 == 1:  # ... one future pair somewhere
+                r = int(torch.randint(0, q_len, (1,), generator=g))
+                if int(i[r]) + 1 < k_len:
+                    token[1, 2, r, int(i[r]) + 1] = True
+        layout = BlockLayout.from_token_mask(token, block_q=16, block_k=32, allow_empty_rows=True)
+        assert layout.is_causal() == naive_is_causal(layout)
+    band = blockattn.patterns.sliding_window(q_len, k_len, window=(5, 0), causal=False, block_q=16, block_k=16) \
+        if q_len <= k_len else None
+    if band is not None:
+        assert band.is_causal() and not blockattn.patterns.full(q_len, k_len).is_causal()
+        assert not blockattn.patterns.sliding_window(q_len, k_len, window=(5, 1), causal=False).is_causal()
+
+
+def test_from_tile_masks_equals_naive_and_drops_empty_and_full_masks():
+    g = torch.Generator().manual_seed(7)
+    q_len, k_len, bq, bk = 70, 90, 16, 32
+    n_q, n_k = 5, 3
+    token = torch.zeros(2, 3, q_len, k_len, dtype=torch.bool)
+    tiles, masks = [], []
+    for b in range(2):
+        for h in range(3):
+            for qb in range(n_q):
+                for kb in range(n_k):
+                    kind = int(torch.randint(0, 4, (1,), generator=g))  # 0 absent, 1 random, 2 all, 3 none
+                    if kind == 0:
+                        continue
+                    m = torch.rand(bq, bk, generator=g) < 0.5 if kind == 1 else torch.full((bq, bk), kind == 2)
+                    tiles.append((b, h, qb, kb))
+                    masks.append(m)
+                    rows, cols = slice(qb * bq, min(q_len, (qb + 1) * bq)), slice(kb * bk, min(k_len, (kb + 1) * bk))
+                    token[b, h, rows, cols] = m[:rows.stop - rows.start, :cols.stop - cols.start]
+    b, h, qb, kb = (torch.tensor(x) for x in zip(*tiles))
+    layout = BlockLayout.from_tile_masks((b, h, qb, kb), torch.stack(masks), q_len=q_len, k_len=k_len,
+                                         block_q=bq, block_k=bk, allow_empty_rows=True)
+    assert torch.equal(layout.to_token_mask(), token)
+    expected_blocks = torch.zeros(2, 3, n_q, n_k, dtype=torch.bool)
+    for b_, h_, q_, k_ in tiles:
+        expected_blocks[b_, h_, q_, k_] = bool(token[b_, h_, q_ * bq:(q_ + 1) * bq, k_ * bk:(k_ + 1) * bk].any())
+    assert torch.equal(layout.to_dense(), expected_blocks)  # empty masks dropped
+    # full in-range masks carry no mask; identical masks are stored once
+    stored = layout.tile_masks.flatten(1)
+    assert len(torch.unique(stored, dim=0)) == len(stored)
+    assert not stored.all(1).any() and stored.any(1).all()
+    shared = BlockLayout.from_tile_masks((b, h, qb, kb), torch.stack(masks[:1]), mask_ids=torch.zeros_like(b),
+                                         q_len=q_len, k_len=k_len, block_q=bq, block_k=bk, causal=True,
+                                         allow_empty_rows=True)
+    i = torch.arange(q_len).view(-1, 1) + k_len - q_len
+    listed = torch.zeros(2, 3, q_len, k_len, dtype=torch.bool)
+    for b_, h_, q_, k_ in tiles:
+        listed[b_, h_, q_ * bq:(q_ + 1) * bq, k_ * bk:(k_ + 1) * bk] = masks[0][:min(bq, q_len - q_ * bq),
+                                                                                 :min(bk, k_len - k_ * bk)]
+    assert torch.equal(shared.to_token_mask(), listed & (torch.arange(k_len).view(1, -1) <= i))
+    with pytest.raises(ValueError, match="masks"):
+        BlockLayout.from_tile_masks((b, h, qb, kb), torch.stack(masks)[:3], q_len=q_len, k_len=k_len,
+                                    block_q=bq, block_k=bk)
+    with pytest.raises(TypeError, match="tiles"):
+        BlockLayout.from_tile_masks([b, h], None, q_len=q_len, k_len=k_len)
+
+
+def test_cat_equals_stacked_token_masks():
+    causal = blockattn.patterns.causal(100, block_q=16, block_k=16)
+    window = blockattn.patterns.sliding_window(100, window=20, block_q=16, block_k=16)
+    token = torch.rand(1, 2, 100, 100) < 0.2
+    token[..., torch.arange(100), torch.arange(100)] = True
+    masked = BlockLayout.from_token_mask(token, block_q=16, block_k=16)
+    for layouts in ([causal, causal.expand(1, 2)], [causal, window, masked], [masked, masked]):
+        for dim in (0, 1):
+            joined = BlockLayout.cat(layouts, dim)
+            size = max(l.kv_counts.shape[1 - dim] for l in layouts)
+            expected = torch.cat([l.to_token_mask().expand(*((-1, size) if dim == 0 else (size, -1)), -1, -1)
+                                  for l in layouts], dim)
+            assert torch.equal(joined.to_token_mask(), expected)
+    assert BlockLayout.cat([causal, causal], 1).causal  # one rule: kept analytic
+    with pytest.raises(ValueError, match="q_len"):
+        BlockLayout.cat([causal, blockattn.patterns.causal(90, block_q=16, block_k=16)], 1)
+    with pytest.raises(ValueError, match="dim"):
+        BlockLayout.cat([causal], 2)
+    with pytest.raises(TypeError, match="BlockLayout"):
+        BlockLayout.cat([causal, "x"], 0)

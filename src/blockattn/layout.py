@@ -321,20 +321,14 @@ class BlockLayout:
             partial = block_any[:, :, qb] & ~block_full[:, :, qb]
             if partial.any():
                 partial_tiles.append((qb, partial.nonzero(), tiles[partial]))
-        counts, indices = _block_lists(block_any)
-        tile_mask_ids = tile_masks = None
-        if partial_tiles:
-            masks = torch.cat([t[2] for t in partial_tiles])
-            tile_masks, inverse = torch.unique(masks.view(masks.shape[0], -1), dim=0, return_inverse=True)
-            tile_masks = tile_masks.view(-1, block_q, block_k)
-            ids_dense = torch.full((batch, heads, n_q, n_k), -1, dtype=torch.int32, device=device)
-            at = 0
-            for qb, where, tiles in partial_tiles:
-                ids_dense[where[:, 0], where[:, 1], qb, where[:, 2]] = inverse[at:at + len(tiles)].to(torch.int32)
-                at += len(tiles)
-            tile_mask_ids = torch.gather(ids_dense, 3, indices.clamp(min=0).long())
-        return cls(counts, indices, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
-                   tile_mask_ids=tile_mask_ids, tile_masks=tile_masks, allow_empty_rows=allow_empty_rows)
+        where = torch.cat([t[1] for t in partial_tiles]) if partial_tiles else \
+            torch.zeros(0, 3, dtype=torch.long, device=device)
+        q_blocks = torch.cat([torch.full((len(t[1]),), t[0], device=device) for t in partial_tiles]) \
+            if partial_tiles else torch.zeros(0, dtype=torch.long, device=device)
+        masks = torch.cat([t[2] for t in partial_tiles]) if partial_tiles else None
+        return cls.from_tile_masks((where[:, 0], where[:, 1], q_blocks, where[:, 2]), masks, q_len=q_len,
+                                   k_len=k_len, block_q=block_q, block_k=block_k, full=block_any & block_full,
+                                   allow_empty_rows=allow_empty_rows)
 
     # ------------------------------------------------------------------ token-level views
     def tile_token_masks(self, b: Tensor, h: Tensor, q_block: Tensor, k_block: Tensor) -> Tensor:
@@ -644,8 +638,7 @@ class BlockLayout:
         partial = keep & (ids >= 0)
         if bool(partial.any()):
             used, inverse = torch.unique(ids[partial], return_inverse=True)
-            tile_masks, merged = torch.unique(masks[used].flatten(1), dim=0, return_inverse=True)
-            tile_masks = tile_masks.view(-1, block_q, block_k)
+            tile_masks, merged = _unique_masks(masks[used])
             ids_dense = torch.full(dense.shape, -1, dtype=torch.int32, device=device)
             ids_dense[tb[partial], th[partial], tq[partial], tk[partial]] = merged[inverse].to(torch.int32)
             tile_mask_ids = torch.gather(ids_dense, 3, indices.clamp(min=0).long())
@@ -771,25 +764,22 @@ def _slot_of(kv_indices: Tensor, kv_counts: Tensor, b: Tensor, h: Tensor, q_bloc
     return (lists == k_block.view(-1, 1)).int().argmax(dim=1)
 
 
+def _unique_masks(masks: Tensor) -> tuple[Tensor, Tensor]:
+    """(the distinct masks of `[M, bq, bk]`, each mask's index among them). Masks are compared as
+    packed 64-bit words: sorting M x bq*bk/64 words instead of M x bq*bk bools."""
+    flat = masks.reshape(len(masks), -1)
+    if flat.shape[1] % 64:
+        flat = torch.nn.functional.pad(flat, (0, 64 - flat.shape[1] % 64))
+    shifts = torch.arange(8, dtype=torch.uint8, device=masks.device)
+    words = (flat.view(len(flat), -1, 8).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8).view(torch.int64)
+    unique, inverse = torch.unique(words, dim=0, return_inverse=True)
+    first = torch.full((len(unique),), len(words), dtype=torch.long, device=masks.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(words), device=masks.device), "amin")
+    return masks[first], inverse
+
+
 def _layout_from_tile_masks(template: BlockLayout, tiles, masks: Tensor, *, allow_empty_rows: bool) -> BlockLayout:
-    """A layout with the given block lists whose tiles carry `masks` ([T, bq, bk], True = allowed):
-    empty tiles are dropped, full (in-bounds) tiles carry no mask, the rest get explicit masks."""
-    tb, th, tq, tk = tiles
-    bounds = _tile_bounds(tq, tk, template.q_len, template.k_len, template.block_q, template.block_k)
-    keep = masks.flatten(1).any(1)
-    full = (masks | ~bounds).flatten(1).all(1)
-    dense = torch.zeros(template.batch, template.heads, template.num_q_blocks, template.num_k_blocks,
-                        dtype=torch.bool, device=masks.device)
-    dense[tb[keep], th[keep], tq[keep], tk[keep]] = True
-    counts, indices = _block_lists(dense)
-    partial = keep & ~full
-    tile_mask_ids = tile_masks = None
-    if partial.any():
-        unique, inverse = torch.unique(masks[partial].flatten(1), dim=0, return_inverse=True)
-        tile_masks = unique.view(-1, template.block_q, template.block_k)
-        ids_dense = torch.full(dense.shape, -1, dtype=torch.int32, device=masks.device)
-        ids_dense[tb[partial], th[partial], tq[partial], tk[partial]] = inverse.to(torch.int32)
-        tile_mask_ids = torch.gather(ids_dense, 3, indices.clamp(min=0).long())
-    return BlockLayout(counts, indices, q_len=template.q_len, k_len=template.k_len, block_q=template.block_q,
-                       block_k=template.block_k, tile_mask_ids=tile_mask_ids, tile_masks=tile_masks,
-                       allow_empty_rows=allow_empty_rows)
+    """A layout of `template`'s shape whose tiles carry `masks` ([T, bq, bk], True = allowed)."""
+    return BlockLayout.from_tile_masks(tiles, masks, q_len=template.q_len, k_len=template.k_len,
+                                       block_q=template.block_q, block_k=template.block_k, batch=template.batch,
+                                       heads=template.heads, allow_empty_rows=allow_empty_rows)

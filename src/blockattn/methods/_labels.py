@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from blockattn.layout import BlockLayout, _analytic_block_support, _block_lists
+from blockattn.layout import BlockLayout, _analytic_block_support
 
 _TILES_AT_ONCE = 2048
 
@@ -75,23 +75,6 @@ def label_layout(q_labels: Tensor, k_labels: Tensor, allowed: Tensor, *, block_q
         if diagonal:
             tile |= (cols.unsqueeze(1) == aligned) & (rows < q_len).unsqueeze(2)
         masks[sl] = tile
-    return _from_tile_masks(full, (b, h, qb, kb), masks, q_len=q_len, k_len=k_len, block_q=block_q,
-                            block_k=block_k, allow_empty_rows=allow_empty_rows)
-
-
-def _from_tile_masks(full: Tensor, tiles, masks: Tensor, *, q_len, k_len, block_q, block_k,
-                     allow_empty_rows) -> BlockLayout:
-    """Layout listing the `full` tiles (no mask) and the given partial tiles whose mask is not empty."""
-    tb, th, tq, tk = tiles
-    keep = masks.flatten(1).any(1)
-    dense = full.clone()
-    dense[tb[keep], th[keep], tq[keep], tk[keep]] = True
-    counts, indices = _block_lists(dense)
-    tile_mask_ids = tile_masks = None
-    if keep.any():
-        tile_masks = masks[keep].contiguous()
-        ids_dense = torch.full(dense.shape, -1, dtype=torch.int32, device=dense.device)
-        ids_dense[tb[keep], th[keep], tq[keep], tk[keep]] = torch.arange(int(keep.sum()), dtype=torch.int32, device=dense.device)
-        tile_mask_ids = torch.gather(ids_dense, 3, indices.clamp(min=0).long())
-    return BlockLayout(counts, indices, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
-                       tile_mask_ids=tile_mask_ids, tile_masks=tile_masks, allow_empty_rows=allow_empty_rows)
+    # the masks hold causality already; the flag lets is_causal() and the kernels know it without them
+    return BlockLayout.from_tile_masks((b, h, qb, kb), masks, full=full, q_len=q_len, k_len=k_len, block_q=block_q,
+                                       block_k=block_k, causal=causal, allow_empty_rows=allow_empty_rows)

@@ -14,6 +14,10 @@ tests/methods/test_biformer.py; side by side with the official routing (rayleizh
 `TopkRouting` in ops/bra_legacy.py, run outside the repository on CPU with window-mean q/k over all
 heads' channels), `route` picked the same regions in 20 of 20 random (14, 14)-grid trials
 (n_win=7, topk=4, 4 heads). Defaults n_win=7, topk=4 are BiFormer-T's window count and its stage-2 top-k.
+
+Causality (`causal=True`): routing is region-granular. A region's query is the mean over its
+tokens, so in prefill the later tokens of a region can change the regions its earlier tokens are
+routed to (never letting them see a later key).
 """
 from __future__ import annotations
 

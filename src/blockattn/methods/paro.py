@@ -22,6 +22,11 @@ Check done: permutation choice, selection and the token mask equal a float64 loo
 of this rule in tests/methods/test_paro.py, and on a synthetic input local along T the chosen order
 is more block-diagonal than the identity. Not run side by side with the official code
 (thu-nics/PAROAttention), which calibrates offline on CUDA.
+
+Causality (`causal=True`): the block mask is block-granular (a query block's mean query scores
+the keys) and the permutation is chosen from sampled blocks of the whole prompt, so in prefill
+later tokens can change earlier tokens' key sets (never letting them see a later key); with a
+1-D sequence the permutation is the identity and only the first effect remains.
 """
 from __future__ import annotations
 

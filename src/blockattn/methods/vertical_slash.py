@@ -16,6 +16,11 @@ to record its inputs; head dim 128, random inputs, L = 1024/2048/1500, sizes 100
 1000/6096): the same columns and diagonals for every head. The official code scales the estimate
 by 1/sqrt(128) whatever the head dim; this class uses the attention's 1/sqrt(D). Its index
 conversion (a CUDA kernel) was not run.
+
+Causality: the estimate uses the prompt's last `last_q` queries, so in prefill any token can
+change the columns and diagonals every earlier query keeps (never letting it see a later key), as
+in MInference; logits before a position therefore depend on the whole prompt unless the sizes keep
+everything (the defaults do below 6096 tokens).
 """
 from __future__ import annotations
 

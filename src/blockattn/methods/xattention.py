@@ -18,6 +18,10 @@ block 128, stride 8): the official selection is a superset of ours, one extra bl
 most, because its cumulative sum lags one block behind its ranking when the first block falls
 inside the diagonal window; modelling that lag reproduced the official blocks exactly in all six
 cases. This class keeps the paper's rule (the fewest blocks reaching the threshold).
+
+Causality: the selection is block-granular. A query block's scores sum over all its queries, so in
+prefill the later tokens of a query block can change the key blocks its earlier tokens attend to
+(never letting them see a later key), as in the official code.
 """
 from __future__ import annotations
 
