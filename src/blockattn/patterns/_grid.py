@@ -62,7 +62,8 @@ def check_tile_shape(name: str, tile_shape, grid: tuple[int, ...], *, divide: bo
 
 
 # ---------------------------------------------------------------------- token order
-def padded_grid(grid: Sequence[int], tile_shape: Sequence[int], dilation: Sequence[int] | None = None) -> tuple[int, ...]:
+def padded_grid(grid: Sequence[int], tile_shape: Sequence[int],
+                dilation: Sequence[int] | None = None) -> tuple[int, ...]:
     """NATTEN's padded grid for the tiled order: each axis rounded up to a multiple of `tile * dilation`."""
     dilation = dilation or (1,) * len(grid)
     return tuple(-(-n // (t * d)) * t * d for n, t, d in zip(grid, tile_shape, dilation))

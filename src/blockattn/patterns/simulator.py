@@ -1,13 +1,14 @@
 """GNA's analytical simulator: how many tiles a neighborhood-attention problem computes, before running it.
 
 Hassani et al., "Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed
-of Light" (arXiv 2504.16922), Sec. "simulator": with tokens in tiled order (NATTEN's token permute: padded to whole tiles,
-each dilation group tiled separately, separate Q and KV tile shapes), a query tile and a key tile
-are both boxes of one dilation group, and neighborhood attention is an AND over axes, so a (query
-tile, key tile) pair is visited iff it is visited on every axis. The number of visited tiles is therefore the product over
-axes of one-dimensional counts, computed exactly from the per-axis window rule without building any
-layout. The upper-bound speedup over dense attention with the same tiles is `total / visited`: what
-a kernel that skips unvisited tiles and pays nothing else (no masking, no per-tile overhead) gets.
+of Light" (arXiv 2504.16922), Sec. "simulator": with tokens in tiled order (NATTEN's token
+permute: padded to whole tiles, each dilation group tiled separately, separate Q and KV tile
+shapes), a query tile and a key tile are both boxes of one dilation group, and neighborhood
+attention is an AND over axes, so a (query tile, key tile) pair is visited iff it is visited on
+every axis. The number of visited tiles is therefore the product over axes of one-dimensional
+counts, computed exactly from the per-axis window rule without building any layout. The
+upper-bound speedup over dense attention with the same tiles is `total / visited`: what a kernel
+that skips unvisited tiles and pays nothing else (no masking, no per-tile overhead) gets.
 """
 from __future__ import annotations
 

@@ -76,8 +76,8 @@ def titans_step(q: Tensor, k: Tensor, v: Tensor, state: MemoryState, *, lr=0.1, 
             raise ValueError(f"{name} must be a tensor [B, H, D] for one decode step")
     lr, momentum, decay = (g.unsqueeze(-1) if isinstance(g, Tensor) else g for g in (lr, momentum, forget_to_decay(forget)))
     out, new_state = memory_naive(q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2),
-                                  parts=Titans(expansion, residual_norm).parts, lr=lr, decay=decay, momentum=momentum, chunk_size=chunk_size,
-                                  initial_state=state, output_state=True)
+                                  parts=Titans(expansion, residual_norm).parts, lr=lr, decay=decay, momentum=momentum,
+                                  chunk_size=chunk_size, initial_state=state, output_state=True)
     return out.squeeze(2), new_state
 
 
