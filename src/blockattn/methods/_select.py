@@ -1,6 +1,6 @@
 """Selection rules shared by block-selection methods: cumulative-threshold and top-k over block scores,
-and mapping key heads to the query heads they serve (GQA); stacking per-batch layouts and building
-layouts from per-query-block key columns (stripes)."""
+and mapping key heads to the query heads they serve (GQA); building layouts from per-query-block
+key columns (stripes)."""
 from __future__ import annotations
 
 import torch
@@ -47,42 +47,6 @@ def top_k(scores: Tensor, k: int, *, allowed: Tensor, forced: Tensor | None = No
     chosen = keyed.topk(k, dim=-1).indices
     mask = torch.zeros_like(allowed).scatter(-1, chosen, True)
     return mask & allowed
-
-
-def stack_layouts(layouts: list, dim: int) -> "BlockLayout":
-    """Concatenate layouts with the same lengths, tiles and token rule along batch (`dim=0`) or heads
-    (`dim=1`); block lists are padded to the longest and explicit tile masks keep their ids."""
-    from blockattn.layout import BlockLayout
-    first = layouts[0]
-    for layout in layouts:
-        if (layout.q_len, layout.k_len, layout.block_q, layout.block_k, layout.causal, layout.window) != \
-                (first.q_len, first.k_len, first.block_q, first.block_k, first.causal, first.window):
-            raise ValueError("stack_layouts needs layouts with the same lengths, tiles, causal flag and window")
-    if len(layouts) == 1:
-        return first
-    other = 1 - dim
-    size = max(l.kv_counts.shape[other] for l in layouts)
-    width = max(l.max_blocks for l in layouts)
-    counts, indices, ids, masks, at = [], [], [], [], 0
-    for l in layouts:
-        shape = list(l.kv_indices.shape)
-        shape[other] = size
-        counts.append(l.kv_counts.expand(shape[:3]))
-        pad = width - l.max_blocks
-        indices.append(torch.nn.functional.pad(l.kv_indices.expand(shape), (0, pad), value=-1))
-        if l.tile_masks is not None:
-            ids.append(torch.nn.functional.pad(torch.where(l.tile_mask_ids >= 0, l.tile_mask_ids + at, -1)
-                                               .expand(shape), (0, pad), value=-1))
-            masks.append(l.tile_masks)
-            at += l.tile_masks.shape[0]
-        else:
-            ids.append(torch.full(shape[:3] + [width], -1, dtype=torch.int32, device=first.device))
-    any_masks = bool(masks)
-    return BlockLayout(torch.cat(counts, dim), torch.cat(indices, dim), q_len=first.q_len, k_len=first.k_len,
-                       block_q=first.block_q, block_k=first.block_k, causal=first.causal, window=first.window,
-                       tile_mask_ids=torch.cat(ids, dim) if any_masks else None,
-                       tile_masks=torch.cat(masks) if any_masks else None,
-                       allow_empty_rows=any(l.allow_empty_rows for l in layouts))
 
 
 def pack_bits(bits: Tensor) -> Tensor:

@@ -78,7 +78,8 @@ def random_blocks(q_len: int, k_len: int | None = None, *, density: float, causa
 
 
 def per_head(layouts: list[BlockLayout]) -> BlockLayout:
-    """Stack single-head layouts (same lengths, blocks and token rule) into one layout with a head each."""
+    """Stack single-head layouts (same lengths and blocks) into one layout with a head each; layouts
+    with different token rules keep them through tile masks (`BlockLayout.cat`)."""
     if not layouts:
         raise ValueError("per_head needs at least one layout")
     first = layouts[0]
@@ -88,12 +89,4 @@ def per_head(layouts: list[BlockLayout]) -> BlockLayout:
         if (layout.q_len, layout.k_len, layout.block_q, layout.block_k, layout.batch, layout.heads) != \
                 (first.q_len, first.k_len, first.block_q, first.block_k, 1, 1):
             raise ValueError(f"layouts[{i}] must be a single-head layout with the lengths and blocks of layouts[0]")
-        if (layout.causal, layout.window) != (first.causal, first.window) or layout.tile_masks is not None:
-            # different token rules: express the stack through explicit tile masks
-            masks = torch.cat([l.to_token_mask() for l in layouts], dim=1)
-            return BlockLayout.from_token_mask(masks, block_q=first.block_q, block_k=first.block_k,
-                                       allow_empty_rows=any(l.allow_empty_rows for l in layouts))
-    blocks = torch.cat([layout.to_dense() for layout in layouts], dim=1)
-    return BlockLayout.from_dense(blocks, q_len=first.q_len, k_len=first.k_len, block_q=first.block_q,
-                                  block_k=first.block_k, causal=first.causal, window=first.window,
-                                  allow_empty_rows=any(l.allow_empty_rows for l in layouts))
+    return BlockLayout.cat(layouts, dim=1)
