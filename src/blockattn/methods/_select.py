@@ -140,3 +140,38 @@ def row_gate_layout(gates: Tensor, *, group: int, k_len: int, tile: int, causal:
     group_of_tile = torch.arange(n_k, device=gates.device) // (group // tile)
     words = words.index_select(3, group_of_tile)                        # [B, H, nQ, nK, W]
     return stripe_layout(words, axis="rows", q_len=q_len, k_len=k_len, block_q=tile, block_k=tile, causal=causal)
+
+
+def row_words_layout(words: Tensor, *, q_len: int, k_len: int, block_q: int, block_k: int, causal: bool,
+                     allow_empty_rows: bool = True) -> "BlockLayout":
+    """Layout of an arbitrary token mask given row by row as packed key bits: `words` int64
+    `[B, H, Lq, nK, W]` holds, for query token i and key tile t, the tile's kept keys
+    (`pack_bits` of its `block_k` columns). A tile is listed when one of its rows keeps a key (and the
+    causal rule leaves it a pair); it carries one explicit mask unless every in-range row keeps every
+    in-range key. O(Lq x nK) words: no `[Lq, Lk]` tensor."""
+    from blockattn.layout import BlockLayout, _analytic_block_support, _block_lists
+    device = words.device
+    batch, heads, _, n_k, width = words.shape
+    n_q = -(-q_len // block_q)
+    words = torch.nn.functional.pad(words, (0, 0, 0, 0, 0, n_q * block_q - q_len))
+    tiles = words.view(batch, heads, n_q, block_q, n_k, width).transpose(3, 4)    # [B, H, nQ, nK, bq, W]
+    in_keys = (torch.arange(n_k, device=device).view(-1, 1) * block_k + torch.arange(block_k, device=device)) < k_len
+    key_words = pack_bits(in_keys).view(1, 1, 1, n_k, 1, width)
+    in_rows = (torch.arange(n_q * block_q, device=device) < q_len).view(1, 1, n_q, 1, block_q)
+    listed = ((tiles & key_words) != 0).any(-1).any(-1)
+    full = (((tiles & key_words) == key_words).all(-1) | ~in_rows).all(-1)
+    if causal:
+        listed &= _analytic_block_support(q_len, k_len, block_q, block_k, True, None, device)
+    counts, indices = _block_lists(listed)
+    slots = indices.clamp(min=0).long()
+    valid = torch.arange(indices.shape[-1], device=device) < counts.unsqueeze(-1)
+    partial = valid & ~torch.gather(full, 3, slots)
+    tile_mask_ids = tile_masks = None
+    if bool(partial.any()):
+        b, h, qb, slot = partial.nonzero(as_tuple=True)
+        tile_masks = unpack_bits(tiles[b, h, qb, slots[b, h, qb, slot]], block_k)     # [T, bq, bk]
+        tile_mask_ids = torch.full(indices.shape, -1, dtype=torch.int32, device=device)
+        tile_mask_ids[b, h, qb, slot] = torch.arange(len(b), dtype=torch.int32, device=device)
+    return BlockLayout(counts, indices, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
+                       causal=causal, tile_mask_ids=tile_mask_ids, tile_masks=tile_masks,
+                       allow_empty_rows=allow_empty_rows)
