@@ -4,10 +4,13 @@
 Rule: the last `last_q` queries attend (causally, softmax over all keys) to every key. Summing
 their probabilities per key column gives vertical scores, and per diagonal (offset = query - key)
 gives slash scores. The first 30 key columns and the 100 nearest diagonals are forced (ranked first;
-nearest first among the diagonals, where the official code leaves that order to `topk`), then the top `vertical_size` columns and top `slash_size` diagonals are kept. As in the official
-kernel's index conversion, each query block of `block_size` rows then computes the kept columns
-plus, for every kept diagonal, the `block_size` keys that diagonal crosses inside the block; this
-per-block key set (stripes) is expressed with explicit column tile masks, causal on top.
+nearest first among the diagonals, where the official code leaves that order to `topk`), then the top `vertical_size` columns and top `slash_size` diagonals are kept. Each query block of
+`block_size` rows then computes the kept columns plus the keys the official index conversion
+(`convert_vertical_slash_indexes`, csrc/vertical_slash_index.cu) gives it for the kept diagonals:
+walking them from the farthest, each diagonal is the `block_size` keys it crosses in the block, and a
+range grows by whole `block_size` steps while the next diagonal ends within one step of it (a
+superset of the exact crossings: the kernel computes whole key blocks). These per-block key sets
+(stripes) are expressed with explicit column tile masks, causal on top.
 
 Checks done: the token mask equals a float64 loop implementation of this rule in
 tests/methods/test_vertical_slash.py. Side by side with the official estimate (`Minference_prefill`
@@ -15,7 +18,8 @@ as shipped in mit-han-lab/x-attention, run on CPU outside the repo with its spar
 to record its inputs; head dim 128, random inputs, L = 1024/2048/1500, sizes 100/300, 200/1000,
 1000/6096): the same columns and diagonals for every head. The official code scales the estimate
 by 1/sqrt(128) whatever the head dim; this class uses the attention's 1/sqrt(D). Its index
-conversion (a CUDA kernel) was not run.
+conversion (a CUDA kernel) was not run; tests/methods/test_vertical_slash.py compares `slash_ranges`
+with a line-by-line Python transcription of it on dense, clustered and isolated diagonal sets.
 
 Causality: the estimate uses the prompt's last `last_q` queries, so in prefill any token can
 change the columns and diagonals every earlier query keeps (never letting it see a later key), as
@@ -92,17 +96,79 @@ class VerticalSlash(Method):
 
     def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
         columns, diagonals = self.lines(q, k)
-        batch, heads, length = columns.shape
-        block = self.block_size
-        n_q = -(-length // block)
-        # a diagonal o crosses query block [s, s+block) at keys [s-o, s+block-1-o]: key j is covered
-        # when some kept o lies in [s-j, s+block-1-j]; count kept offsets with a prefix sum
-        prefix = torch.nn.functional.pad(diagonals.int().cumsum(-1), (1, 0))  # prefix[o] = kept offsets < o
-        starts = torch.arange(n_q, device=q.device).view(-1, 1) * block
-        j = torch.arange(length, device=q.device).view(1, -1)
-        lo = (starts - j).clamp(0, length)
-        hi = (starts + block - j).clamp(0, length)
-        count = prefix.gather(-1, hi.reshape(1, 1, -1).expand(batch, heads, -1)) - \
-            prefix.gather(-1, lo.reshape(1, 1, -1).expand(batch, heads, -1))
-        kept = (count.view(batch, heads, n_q, length) > 0) | columns[:, :, None]
-        return column_layout(kept, q_len=length, block_q=block, block_k=block, causal=True)
+        kept = slash_ranges(diagonals, self.block_size) | columns[:, :, None]
+        return column_layout(kept, q_len=q.shape[2], block_q=self.block_size, block_k=self.block_size, causal=True)
+
+
+def _ceil_div(x: Tensor, d: int) -> Tensor:
+    return -torch.div(-x, d, rounding_mode="floor")
+
+
+def slash_ranges(diagonals: Tensor, block: int) -> Tensor:
+    """bool `[B, H, nQ, L]`: the keys MInference's index conversion (`convert_vertical_slash_indexes`,
+    csrc/vertical_slash_index.cu) gives each query block of `block` rows for the kept diagonals
+    (`diagonals` bool `[B, H, L]` by offset = query - key; causality is applied later).
+
+    The kernel walks the diagonals from the farthest, each one the `block` keys it crosses in the
+    block's last row span, `[end - o - block, end - o)` with `end` the block's end (clamped at 0). A
+    range grows by whole `block` steps while the next diagonal's end lies within one step of it, and
+    starts anew past that. Within a run anchored at diagonal a, diagonal j continues it iff
+    ceil((o_a - o_j) / block) grows by at most one from the previous diagonal's, which depends on the
+    anchor only through o_a mod block: so every run's end (`next break`) is found for all anchors at
+    once, per residue, and each block follows its chain of runs (at most L / block + 1 of them).
+    """
+    batch, heads, length = diagonals.shape
+    device = diagonals.device
+    n_q = -(-length // block)
+    count = int(diagonals.sum(-1).max())
+    # kept offsets, farthest first (every row keeps the same number: the top `slash_size`)
+    offsets = torch.where(diagonals, torch.arange(length, device=device), -1).sort(-1, descending=True).values
+    offsets = offsets[..., :count]                                                  # [B, H, n]
+    n = count
+    phase = torch.arange(block, device=device).view(1, 1, -1, 1)
+    units = _ceil_div(phase - offsets.unsqueeze(2), block)                          # [B, H, block, n]
+    jump = torch.zeros_like(units, dtype=torch.bool)
+    jump[..., 1:] = (units[..., 1:] - units[..., :-1]) >= 2
+    position = torch.arange(n, device=device).expand_as(units)
+    first_jump = torch.where(jump, position, n).flip(-1).cummin(-1).values.flip(-1)  # first break at or after j
+    first_jump = torch.cat([first_jump, torch.full_like(first_jump[..., :1], n)], -1)  # [B, H, block, n + 1]
+
+    residues = offsets % block
+    # per anchor element i: the first break after it (looked up at i + 1 in its residue's row)
+    after = first_jump.permute(0, 1, 3, 2)[:, :, 1:]                               # [B, H, n, block]
+    anchor_break = after.gather(3, residues.unsqueeze(-1)).squeeze(-1)              # [B, H, n]
+    padded = torch.cat([offsets, offsets[..., -1:]], -1)
+    last = padded.gather(-1, anchor_break - 1)                                      # the run's last diagonal
+    anchor_steps = _ceil_div(offsets - last, block)                                 # whole steps it grew
+
+    ends = (torch.arange(n_q, device=device) + 1) * block                           # [nQ]
+    first = (offsets.unsqueeze(-2) >= ends.view(-1, 1)).sum(-1)                     # [B, H, nQ] first valid
+    o_first = padded.gather(-1, first.clamp(max=n))
+    clamped = o_first >= (ends - block)  # its range would start before key 0: the kernel clamps it to [0, block)
+    # clamped: a virtual anchor at offset end - block (residue 0), continued by the offsets below it
+    virtual = ends - block
+    below = (offsets.unsqueeze(-2) >= virtual.view(-1, 1)).sum(-1)                  # first offset < end - block
+    v_break = first_jump[:, :, 0].gather(-1, below.clamp(max=n))
+    v_last = padded.gather(-1, (v_break - 1).clamp(min=0))
+    v_steps = torch.where(v_break > below, _ceil_div(virtual - v_last, block), 0)
+    anchor = torch.where(clamped, virtual.expand_as(first), o_first)
+    steps = torch.where(clamped, v_steps, anchor_steps.gather(-1, first.clamp(max=n - 1)))
+    frontier = torch.where(clamped, v_break, anchor_break.gather(-1, first.clamp(max=n - 1)))
+
+    diff = torch.zeros(batch, heads, n_q, length + 1, dtype=torch.int32, device=device)
+    one = torch.ones((), dtype=torch.int32, device=device)
+    active = torch.ones_like(first, dtype=torch.bool)
+    while True:
+        lo = (ends - anchor - block).clamp(0, length)
+        hi = (ends - anchor + block * steps).clamp(0, length)
+        live = active & (hi > lo)
+        diff.scatter_add_(-1, lo.unsqueeze(-1), live.int().unsqueeze(-1))
+        diff.scatter_add_(-1, hi.unsqueeze(-1), -live.int().unsqueeze(-1))
+        active = frontier < n
+        if not bool(active.any()):
+            break
+        at = frontier.clamp(max=n - 1)
+        anchor = offsets.gather(-1, at)
+        steps = anchor_steps.gather(-1, at)
+        frontier = torch.where(active, anchor_break.gather(-1, at), n)
+    return diff.cumsum(-1)[..., :length] > 0
