@@ -1,15 +1,19 @@
 import json
 import os
 
-HELP = "train a trainable selector's small experiment here (landmark, dma); table, JSON and a PNG"
+HELP = "train a trainable selector's experiment here (landmark, dma, seer); table, JSON and a PNG"
 
-NAMES = ("landmark", "dma")
+NAMES = ("landmark", "dma", "seer")
 TINY = {"landmark": dict(steps=3, batch=4, eval_sequences=20),
-        "dma": dict(steps=3, batch=8, train_examples=100, test_examples=50, seq_len=32, vocab=64, num_kv_pairs=2)}
+        "dma": dict(steps=3, batch=8, train_examples=100, test_examples=50, seq_len=32, vocab=64, num_kv_pairs=2),
+        "seer": dict(steps=3, length=256, train_windows=1, eval_windows=1)}
 
 
 def add_arguments(parser):
-    parser.add_argument("name", choices=NAMES, help="landmark: block retrieval task; dma: MQAR vs dense and window")
+    parser.add_argument("name", choices=NAMES, help="landmark: block retrieval task; dma: MQAR vs dense and window; "
+                                                    "seer: gates distilled on a real model's attention")
+    parser.add_argument("--model", default="smollm2-135m", help="seer: the model whose attention the gates learn")
+    parser.add_argument("--layer", type=int, default=15, help="seer: the layer captured")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the experiment's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the experiment's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -44,6 +48,38 @@ def _dma_table(results) -> str:
     rows.append(f"\nshare of the DMA model's unmasked attention mass kept (rows i >= w): DMA mask "
                 f"{recall['dma']:.3f}, random {recall['random']:.3f}, last-w window {recall['window']:.3f}")
     return "\n".join(rows)
+
+
+def _seer_table(result) -> str:
+    rows = ["| density | selector | attention recall | output rel. error | block KL | measured density |",
+            "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        rows.append(f"| {r['density']} | {r['selector']} | {r['recall']:.3f} | {r['output_error']:.3f} | "
+                    f"{r['block_kl']:.4f} | {r['measured_density']:.3f} |")
+    rows.append(f"\n{result['model']} layer {result['layer']}, L = {result['length']}, {result['train_windows']} "
+                f"training / {result['eval_windows']} held-out windows; capture {result['capture_seconds']:.0f} s, "
+                f"{result['steps']} gate steps in {result['train_seconds']:.0f} s")
+    return "\n".join(rows)
+
+
+def _plot_seer(result, path):
+    from blockattn.plots import plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(result["losses"])
+    left.set_xlabel("step")
+    left.set_ylabel("distillation loss (10 x KL)")
+    for selector in dict.fromkeys(r["selector"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["selector"] == selector]
+        right.plot([r["density"] for r in rows], [r["recall"] for r in rows], marker="o", label=selector)
+    right.set_xlabel("target density")
+    right.set_ylabel("attention recall (held out)")
+    right.legend(fontsize=8)
+    fig.suptitle(f"blockattn train seer: {result['model']} layer {result['layer']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _plot(name, results, path):
@@ -83,6 +119,8 @@ def run(args):
     _positive("steps", args.steps)
     _positive("batch", args.batch)
     _positive("threads", args.threads)
+    if args.name == "seer" and args.batch is not None:
+        raise SystemExit("--batch does not apply to seer (one captured window per step)")
     torch.set_num_threads(args.threads)
     options = dict(TINY[args.name]) if args.tiny else {}
     options.update({k: v for k, v in (("steps", args.steps), ("batch", args.batch)) if v is not None})
@@ -100,6 +138,18 @@ def run(args):
                 bar.update(1)
             results = train(progress=progress, **options)
         table = _landmark_table(results)
+    elif args.name == "seer":
+        from blockattn.modules.seer_gate import save_gates
+        from blockattn.modules.seer_train import run as train_seer
+        with tqdm(desc="seer gate", unit="step") as bar:
+            def progress(step, total, loss):
+                bar.total = total
+                bar.set_postfix(loss=f"{loss:.3f}")
+                bar.update(1)
+            results = train_seer(model_name=args.model, layer=args.layer, progress=progress, **options)
+        gate = results.pop("gate")
+        print(f"gates: {save_gates([gate], os.path.join(args.out, 'seer_gates.pt'), model=args.model)}")
+        table = _seer_table(results)
     else:
         from blockattn.modules.dma_train import MODELS, train
         results = []
@@ -114,4 +164,5 @@ def run(args):
     with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(table)
-    print(f"plot: {_plot(args.name, results, os.path.join(args.out, f'{args.name}.png'))}")
+    plot = _plot_seer if args.name == "seer" else lambda r, p: _plot(args.name, r, p)
+    print(f"plot: {plot(results, os.path.join(args.out, f'{args.name}.png'))}")
