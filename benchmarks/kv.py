@@ -105,8 +105,11 @@ def main():
                 for p in args.policies for r in args.ratios]
     configs += [(f"tidaldecode:top_k={k}", kv.get("tidaldecode", top_k=k)) for k in args.tidal]
     if args.moa_plan:
-        configs += [(f"moa plan:ratio={r}", kv.get("moa", plan=args.moa_plan, ratio=r)) for r in args.ratios]
-        configs += [(f"uniform window (moa, no plan):ratio={r}", kv.get("moa", ratio=r)) for r in args.ratios]
+        # max_new=0: both keep their span of the prompt itself, so they hold the same bytes
+        configs += [(f"moa plan:ratio={r}", kv.get("moa", plan=args.moa_plan, ratio=r, max_new=0))
+                    for r in args.ratios]
+        configs += [(f"uniform window (moa, no plan):ratio={r}", kv.get("moa", ratio=r, max_new=0))
+                    for r in args.ratios]
     if args.act:
         configs.append(("act (end to end)", "act"))
     rows = {label: {"ok": 0, "runs": 0, "bytes": [], "tps": [], "error": None} for label, _ in configs}

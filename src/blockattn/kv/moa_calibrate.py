@@ -165,20 +165,28 @@ def choose(loss: torch.Tensor, cost: torch.Tensor, budget: int) -> list[int]:
 
 
 def calibrate(model, tokenizer, *, lengths=(1024, 2048), extend: int = 8192, samples: int = 2,
-              densities=(0.5, 0.3, 0.1), block: int = 64, seed: int = 0) -> dict:
+              densities=(0.5, 0.3, 0.1), block: int = 64, seed: int = 0, influence: dict | None = None) -> dict:
+    """A plan `{"spans": {density: [layer][kv_head] -> (α, β)}, ...}`; densities no grid config can reach
+    are listed under "infeasible". `influence` (from a previous run's "influence" entry) skips profiling."""
     config = model.config
     layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
-    influence = {n: profile(model, tokenizer, n, samples, seed=seed) for n in lengths}
+    if influence is None:
+        influence = {n: profile(model, tokenizer, n, samples, seed=seed) for n in lengths}
     configs = grid(list(lengths), extend)
     loss, kept, nb = config_tables(influence, configs, block)
-    spans = {}
+    spans, infeasible = {}, {}
     for density in densities:
-        chosen = choose(loss, kept, int(density * nb * layers * kv_heads))
+        try:
+            chosen = choose(loss, kept, int(density * nb * layers * kv_heads))
+        except ValueError as error:
+            infeasible[f"{density:.3g}"] = f"{error}; the sparsest grid config keeps {int(kept.min())}/{nb} blocks"
+            continue
         spans[f"{density:.3g}"] = [[list(configs[chosen[l * kv_heads + h]]) for h in range(kv_heads)]
                                    for l in range(layers)]
     return {"method": "moa", "lengths": list(lengths), "extend": extend, "samples": samples, "block": block,
-            "spans": spans, "deviations": "per KV head; one budget at the longest length; no per-layer "
-                                          "config limit; no Pareto/validation step (see moa_calibrate.py)"}
+            "spans": spans, "infeasible": infeasible, "influence": influence,
+            "deviations": "per KV head; one budget at the longest length; no per-layer config limit; no "
+                          "Pareto/validation step (see moa_calibrate.py)"}
 
 
 def main(argv=None):
@@ -188,15 +196,20 @@ def main(argv=None):
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.3, 0.1])
+    parser.add_argument("--influence", default=None, help="reuse the profile saved by a previous run (.pt)")
     args = parser.parse_args(argv)
     import blockattn
     start = time.perf_counter()
     model, tokenizer = blockattn.models.load(args.model)
-    plan = calibrate(model, tokenizer, lengths=args.lengths, samples=args.samples, densities=args.densities)
+    influence = torch.load(args.influence) if args.influence else None
+    plan = calibrate(model, tokenizer, lengths=args.lengths, samples=args.samples, densities=args.densities,
+                     influence=influence)
+    torch.save(plan.pop("influence"), args.out + ".influence.pt")
     plan["model"] = args.model
     with open(args.out, "w") as f:
         json.dump(plan, f)
-    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
+    print(f"wrote {args.out} (densities {sorted(plan['spans'])}; infeasible: {plan['infeasible'] or 'none'}) "
+          f"in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
