@@ -560,7 +560,8 @@ class BlockLayout:
     def from_tile_masks(cls, tiles, masks: Tensor | None = None, *, q_len: int, k_len: int, block_q: int = 64,
                         block_k: int = 64, mask_ids: Tensor | None = None, full: Tensor | None = None,
                         batch: int | None = None, heads: int | None = None, causal: bool = False,
-                        window: tuple[int, int] | None = None, allow_empty_rows: bool = False) -> BlockLayout:
+                        window: tuple[int, int] | None = None, allow_empty_rows: bool = False,
+                        trusted: bool = False) -> BlockLayout:
         """Layout listing tiles with explicit token masks, built in O(tiles) (no token mask).
 
         Args:
@@ -571,6 +572,9 @@ class BlockLayout:
             full: bool `[B|1, H|1, nQ, nK]`, further tiles listed whole (no mask).
             batch, heads: the layout's B|1 and H|1 (default: from `full`, else 1 + the largest b / h).
             causal, window: analytic rules applied on top of every tile, as in the constructor.
+            trusted: the caller guarantees that the masks are pairwise different and that each tile's
+                mask is partial (some in-range pair allowed, some not): skips those checks (internal
+                builders that classified packed bits already).
 
         A tile whose mask allows no in-range pair is dropped, one whose mask allows every in-range
         pair carries no mask, and identical masks are stored once. The analytic rules drop the
@@ -609,24 +613,24 @@ class BlockLayout:
             raise ValueError(f"mask_ids must hold one id per tile ({len(tb)}), got {len(ids)}")
         keep = torch.ones(len(tb), dtype=torch.bool, device=device)
         has = ids >= 0
-        if masks is not None and bool(has.any()):
-            # the in-range part of a tile depends only on whether it is the last block of each axis:
-            # classify each (mask, edge case) pair once
-            edge = (tq == n_q - 1).long() * 2 + (tk == n_k - 1).long()
+        if masks is not None and not trusted and bool(has.any()):
+            # interior tiles are settled per mask; a tile in the last row or column of blocks, where part
+            # of the mask lies past the lengths, is looked at on its own
+            flat = masks.reshape(len(masks), -1)
+            empty, whole = ~flat.any(1), flat.all(1)
+            at = ids.clamp(min=0)
+            empty, whole = empty[at], whole[at]
             rows, cols = q_len - (n_q - 1) * block_q, k_len - (n_k - 1) * block_k
-            bounds = torch.ones(4, block_q, block_k, dtype=torch.bool, device=device)
-            bounds[2:, rows:] = False
-            bounds[1::2, :, cols:] = False
-            pairs, which = torch.unique(ids[has] * 4 + edge[has], return_inverse=True)
-            empty = torch.empty(len(pairs), dtype=torch.bool, device=device)
-            whole = torch.empty_like(empty)
-            for at in range(0, len(pairs), _TILE_CHUNK):
-                sl = slice(at, at + _TILE_CHUNK)
-                inside = masks[pairs[sl] // 4] & bounds[pairs[sl] % 4]
-                empty[sl] = ~inside.flatten(1).any(1)
-                whole[sl] = (inside | ~bounds[pairs[sl] % 4]).flatten(1).all(1)
-            keep[has] = ~empty[which]
-            ids[has] = torch.where(whole[which], -1, ids[has])
+            edge = has & (((tq == n_q - 1) & (rows < block_q)) | ((tk == n_k - 1) & (cols < block_k)))
+            edge_tiles = edge.nonzero().flatten()
+            for start in range(0, len(edge_tiles), _TILE_CHUNK):
+                t = edge_tiles[start:start + _TILE_CHUNK]
+                bounds = _tile_bounds(tq[t], tk[t], q_len, k_len, block_q, block_k)
+                inside = masks[ids[t]] & bounds
+                empty[t] = ~inside.flatten(1).any(1)
+                whole[t] = (inside | ~bounds).flatten(1).all(1)
+            keep = ~(has & empty)
+            ids = torch.where(has & whole, -1, ids)
         dense = torch.zeros(batch, heads, n_q, n_k, dtype=torch.bool, device=device)
         if full is not None:
             dense |= full
@@ -638,7 +642,8 @@ class BlockLayout:
         partial = keep & (ids >= 0)
         if bool(partial.any()):
             used, inverse = torch.unique(ids[partial], return_inverse=True)
-            tile_masks, merged = _unique_masks(masks[used])
+            tile_masks, merged = (masks[used].contiguous(), torch.arange(len(used), device=device)) if trusted \
+                else _unique_masks(masks[used])
             ids_dense = torch.full(dense.shape, -1, dtype=torch.int32, device=device)
             ids_dense[tb[partial], th[partial], tq[partial], tk[partial]] = merged[inverse].to(torch.int32)
             tile_mask_ids = torch.gather(ids_dense, 3, indices.clamp(min=0).long())

@@ -84,7 +84,6 @@ def stripe_layout(words: Tensor, *, axis: str, q_len: int, k_len: int, block_q: 
     identical masks are stored once. Built from block lists and packed words, O(tiles): no token mask.
     Every row is assumed to keep a key (the rules using it force the query's own block), so the
     constructor's per-row check over every tile mask is skipped."""
-    from blockattn.layout import BlockLayout, _analytic_block_support, _block_lists
     device = words.device
     n_q, n_k = -(-q_len // block_q), -(-k_len // block_k)
     size, count, length = (block_q, n_q, q_len) if axis == "rows" else (block_k, n_k, k_len)
@@ -93,23 +92,13 @@ def stripe_layout(words: Tensor, *, axis: str, q_len: int, k_len: int, block_q: 
     range_words = range_words.view(count, 1, -1) if axis == "rows" else range_words.view(1, count, -1)
     listed = ((words & range_words) != 0).any(-1)
     full = ((words & range_words) == range_words).all(-1)
-    if causal:
-        listed &= _analytic_block_support(q_len, k_len, block_q, block_k, True, None, device)
-    counts, indices = _block_lists(listed)
-    slots = indices.clamp(min=0).long()
-    valid = torch.arange(indices.shape[-1], device=device) < counts.unsqueeze(-1)
-    partial = valid & ~torch.gather(full, 3, slots)
-    tile_mask_ids = tile_masks = None
-    if bool(partial.any()):
-        slot_words = torch.gather(words, 3, slots.unsqueeze(-1).expand(-1, -1, -1, -1, words.shape[-1]))
-        unique, inverse = _unique_words(slot_words[partial])
+    def to_masks(unique):
         bits = unpack_bits(unique, size)
-        tile_masks = (bits.unsqueeze(-1).expand(-1, block_q, block_k) if axis == "rows"
-                      else bits.unsqueeze(1).expand(-1, block_q, block_k)).contiguous()
-        tile_mask_ids = torch.full(indices.shape, -1, dtype=torch.int32, device=device)
-        tile_mask_ids[partial] = inverse.to(torch.int32)
-    return BlockLayout(counts, indices, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
-                       causal=causal, tile_mask_ids=tile_mask_ids, tile_masks=tile_masks, allow_empty_rows=True)
+        return bits.unsqueeze(-1).expand(-1, block_q, block_k) if axis == "rows" else \
+            bits.unsqueeze(1).expand(-1, block_q, block_k)
+
+    return _packed_layout(listed, full, words, to_masks, q_len=q_len, k_len=k_len, block_q=block_q,
+                          block_k=block_k, causal=causal, allow_empty_rows=True)
 
 
 def column_layout(columns: Tensor, *, q_len: int, block_q: int, block_k: int, causal: bool = True) -> "BlockLayout":
@@ -149,7 +138,6 @@ def row_words_layout(words: Tensor, *, q_len: int, k_len: int, block_q: int, blo
     (`pack_bits` of its `block_k` columns). A tile is listed when one of its rows keeps a key (and the
     causal rule leaves it a pair); it carries one explicit mask unless every in-range row keeps every
     in-range key. O(Lq x nK) words: no `[Lq, Lk]` tensor."""
-    from blockattn.layout import BlockLayout, _analytic_block_support, _block_lists
     device = words.device
     batch, heads, _, n_k, width = words.shape
     n_q = -(-q_len // block_q)
@@ -160,18 +148,27 @@ def row_words_layout(words: Tensor, *, q_len: int, k_len: int, block_q: int, blo
     in_rows = (torch.arange(n_q * block_q, device=device) < q_len).view(1, 1, n_q, 1, block_q)
     listed = ((tiles & key_words) != 0).any(-1).any(-1)
     full = (((tiles & key_words) == key_words).all(-1) | ~in_rows).all(-1)
+    return _packed_layout(listed, full, tiles, lambda unique: unpack_bits(unique, block_k), q_len=q_len,
+                          k_len=k_len, block_q=block_q, block_k=block_k, causal=causal,
+                          allow_empty_rows=allow_empty_rows)
+
+
+def _packed_layout(listed: Tensor, full: Tensor, tile_words: Tensor, to_masks, *, q_len: int, k_len: int,
+                   block_q: int, block_k: int, causal: bool, allow_empty_rows: bool) -> "BlockLayout":
+    """Layout of the `listed` tiles (bool `[B, H, nQ, nK]`), `full` ones whole, the others masked by
+    their packed bits `tile_words [B, H, nQ, nK, ...]` (int64); `to_masks(words [U, ...])` unpacks
+    distinct words into bool `[U, block_q, block_k]`. Masks are deduplicated on the packed words, and a
+    partial tile's bits are neither all clear nor all set in range, so the layout trusts them."""
+    from blockattn.layout import BlockLayout, _analytic_block_support
     if causal:
-        listed &= _analytic_block_support(q_len, k_len, block_q, block_k, True, None, device)
-    counts, indices = _block_lists(listed)
-    slots = indices.clamp(min=0).long()
-    valid = torch.arange(indices.shape[-1], device=device) < counts.unsqueeze(-1)
-    partial = valid & ~torch.gather(full, 3, slots)
-    tile_mask_ids = tile_masks = None
-    if bool(partial.any()):
-        b, h, qb, slot = partial.nonzero(as_tuple=True)
-        tile_masks = unpack_bits(tiles[b, h, qb, slots[b, h, qb, slot]], block_k)     # [T, bq, bk]
-        tile_mask_ids = torch.full(indices.shape, -1, dtype=torch.int32, device=device)
-        tile_mask_ids[b, h, qb, slot] = torch.arange(len(b), dtype=torch.int32, device=device)
-    return BlockLayout(counts, indices, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k,
-                       causal=causal, tile_mask_ids=tile_mask_ids, tile_masks=tile_masks,
-                       allow_empty_rows=allow_empty_rows)
+        listed = listed & _analytic_block_support(q_len, k_len, block_q, block_k, True, None, listed.device)
+    partial = listed & ~full
+    tiles = partial.nonzero(as_tuple=True)
+    words = tile_words[tiles]
+    masks = inverse = None
+    if len(words):
+        unique, inverse = _unique_words(words.reshape(len(words), -1))
+        masks = to_masks(unique.view(-1, *words.shape[1:]))
+    return BlockLayout.from_tile_masks(tiles, masks, mask_ids=inverse, full=listed & full, q_len=q_len, k_len=k_len,
+                                       block_q=block_q, block_k=block_k, causal=causal,
+                                       allow_empty_rows=allow_empty_rows, trusted=True)
