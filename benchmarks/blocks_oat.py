@@ -9,7 +9,7 @@ and position (which is nearest). Models: OAT with the learned Gaussian-cosine ta
 Reported: teacher-forced next-fixation accuracy and greedy whole-scanpath exact match on 1000
 fresh scenes.
 
-    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/blocks_oat.py [--steps 450]
+    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/blocks_oat.py [--steps 600]
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def padded(paths, n):
 def train(table, data, steps, batch, seed):
     torch.manual_seed(seed)
     model = ObjectAttentionTransformer(APP, 64, 4, table=table, ca_dk=64, dropout=0.0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     appearance, coords, target, paths = data
     n = coords.shape[1]
@@ -96,7 +96,7 @@ def evaluate(model, data):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=450)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

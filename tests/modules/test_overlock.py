@@ -127,6 +127,8 @@ def test_overlock_errors():
         contmix_aggregate(torch.randn(1, 1, 4, 4, 25), torch.randn(1, 1, 4, 4, 2), 5)
     with pytest.raises(ValueError, match="rpb"):
         contmix_aggregate(torch.randn(1, 1, 4, 4, 9), torch.randn(1, 1, 4, 4, 2), 3, torch.zeros(1, 3, 3))
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        contmix_aggregate(None, torch.randn(1, 1, 4, 4, 2), 3)
     block = DynamicConvBlock(16, 8)
     with pytest.raises(ValueError, match=r"\[B, C=8, H, W\]"):
         block(torch.randn(1, 16, 8, 8), torch.randn(1, 4, 8, 8), torch.randn(1, 8, 8, 8))

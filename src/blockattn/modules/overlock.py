@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 import blockattn
 from blockattn.layout import BlockLayout
-from blockattn.modules._block_checks import check_image, check_positive_int, check_same_device_dtype
+from blockattn.modules._block_checks import check_image, check_positive_int, check_same_device_dtype, check_tensor
 from blockattn.patterns import neighborhood, neighborhood_ranges
 
 __all__ = ["contmix_aggregate", "ContMix", "ContMixBlock", "DynamicConvBlock"]
@@ -73,6 +73,8 @@ def contmix_aggregate(logits: Tensor, values: Tensor, kernel_size: int, rpb: Ten
     Returns `[B, G, H, W, c]`: `sum_t softmax_t(logits + rpb) * values[window(p)[t]]`.
     """
     check_positive_int("kernel_size", kernel_size)
+    check_tensor("logits", logits, 5, "[B, G, H, W, k*k]")
+    check_tensor("values", values, 5, "[B, G, H, W, c]")
     b, g, h, w, taps = logits.shape
     k = kernel_size
     if taps != k * k or values.shape[:4] != (b, g, h, w):
