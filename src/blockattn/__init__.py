@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # transformers is an optional extra and slow to import: load these on first use
-    if name in ("hf", "models"):
+    # loaded on first use: hf and models import transformers (an optional extra, slow to import), linear
+    # and modules are whole families of operators and layers most users of the engine never touch
+    if name in ("hf", "models", "linear", "modules"):
         import importlib
         return importlib.import_module(f"blockattn.{name}")
     raise AttributeError(f"module 'blockattn' has no attribute {name!r}")

@@ -22,8 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.run(args) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, TypeError) as error:
+        # a bad value on the command line (a misspelt method or model name, a bad parameter): one line
+        # naming what was wrong and what is known, as argparse does for its own errors, not a traceback
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"blockattn {args.verb}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

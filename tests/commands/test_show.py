@@ -25,11 +25,11 @@ def test_show_large_layout_skips_token_zoom(tmp_path):
 def test_show_errors(tmp_path, capsys):
     out = str(tmp_path / "x.png")
     assert cli.main(["show", "nonsense", "-o", out]) == 2
-    assert "unknown pattern" in capsys.readouterr().out
+    assert "unknown pattern" in capsys.readouterr().err
     assert cli.main(["show", "neighborhood", "grid=(8,8)", "window=9", "-o", out]) == 2
-    assert "window" in capsys.readouterr().out
+    assert "window" in capsys.readouterr().err
     assert cli.main(["show", "neighborhood", "oops", "-o", out]) == 2
-    assert "key=value" in capsys.readouterr().out
+    assert "key=value" in capsys.readouterr().err
 
 
 def test_parse_params_and_listing():

@@ -13,7 +13,7 @@ def test_simulate_prints_prediction(capsys):
 
 def test_simulate_bad_tile(capsys):
     assert cli.main(["simulate", "--grid", "32", "32", "--window", "9", "--tile", "0", "8"]) == 2
-    assert "tile_shape" in capsys.readouterr().out
+    assert "tile_shape" in capsys.readouterr().err
 
 
 def test_simulate_pads_a_tile_that_does_not_divide_the_grid(capsys):

@@ -20,7 +20,8 @@ def add_arguments(parser):
     parser.add_argument("--gemm-size", type=int, default=4096, help="size of the square GEMM timed as the peak")
     parser.add_argument("--record", default="", metavar="FILE",
                         help="also write the table into this markdown file (e.g. BENCHMARKS.md); default: print only")
-    parser.add_argument("--plot", default="docs/bench/engine.png", help="PNG of time vs length ('' = none)")
+    parser.add_argument("--plot", default="", metavar="PNG", help="also draw time vs length into this PNG; "
+                        "default: print only")
 
 
 def run(args):

@@ -1,6 +1,7 @@
 """`blockattn compare --lengths 4096 -o compare` -> compare_recall.png, compare_speed.png and a table."""
-HELP = ("measure every registered block-selection method on q/k/v captured from SmolLM2 (or random q/k/v): "
-        "recall-vs-density and speed-vs-quality Pareto plots and a table")
+HELP = ("layer-level quality of the selection methods, no generation: on q/k/v captured from SmolLM2 layers "
+        "(or random), each method's attention-mass recall, output error vs dense, density and selection time; "
+        "Pareto plots and a table. For end-to-end task accuracy and prefill speed on a model, see `eval`")
 
 
 def add_arguments(parser):
@@ -27,9 +28,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def plot(rows, prefix: str) -> list[str]:
     """Recall vs density and speedup vs recall, one marker per (method, length), Pareto fronts drawn."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from blockattn.plots import figure, save
 
     paths = []
     for kind, x_of, x_label, y_of, y_label in (
@@ -37,7 +36,8 @@ def plot(rows, prefix: str) -> list[str]:
              lambda r: r.recall, "attention-mass recall"),
             ("speed", lambda r: -r.speedup, "speedup over dense attention (selection + sparse attention)",
              lambda r: r.recall, "attention-mass recall")):
-        fig, ax = plt.subplots(figsize=(7, 5))
+        fig, axes = figure(figsize=(7, 5))
+        ax = axes[0, 0]
         for length in sorted({r.length for r in rows}):
             group = [r for r in rows if r.length == length]
             points = [(x_of(r), y_of(r)) for r in group]
@@ -53,11 +53,7 @@ def plot(rows, prefix: str) -> list[str]:
             ax.axvline(1.0, color="grey", lw=0.8)
         ax.set_title("recall vs density" if kind == "recall" else "speed vs quality (dashed: Pareto front)")
         ax.legend()
-        fig.tight_layout()
-        path = f"{prefix}_{kind}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save(fig, f"{prefix}_{kind}.png"))
     return paths
 
 
@@ -73,11 +69,9 @@ def run(args):
     names = args.methods or [m for m in blockattn.methods.names() if m != "dense"]
     unknown = sorted(set(names) - set(blockattn.methods.names()))
     if unknown:
-        print(f"error: unknown methods {unknown}; known: {', '.join(blockattn.methods.names())}")
-        return 2
+        raise ValueError(f"unknown methods {unknown}; known: {', '.join(blockattn.methods.names())}")
     if any(length < 1 for length in args.lengths) or args.repeats < 1:
-        print("error: --lengths and --repeats must be positive")
-        return 2
+        raise ValueError("--lengths and --repeats must be positive")
     if not args.random:
         from blockattn.bench.capture import capture_qkv, load_smollm2, real_text_ids
         model, tokenizer = load_smollm2()
@@ -96,8 +90,7 @@ def run(args):
                 continue
             rows.append(measure_layers(name, captured, repeats=args.repeats))
     if not rows:
-        print("error: no method could be measured:\n" + "\n".join(skipped))
-        return 2
+        raise ValueError("no method could be measured: " + "; ".join(s.strip() for s in skipped))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     table = format_table(rows)
     source = "random q/k/v" if args.random else f"SmolLM2-135M q/k/v, layers {args.layers}, Python docs text"

@@ -4,7 +4,6 @@ HELP = "draw a pattern's layout: block matrix per head, plus the token mask when
 # pattern helpers that do not build a layout from plain parameters
 _NOT_DRAWABLE = {"neighborhood_ranges", "tiled_permutation", "to_tiled", "from_tiled", "frame_segment_ids",
                  "dual_rope_position_ids", "per_head", "segment_causal"}
-_TOKEN_ZOOM_LIMIT = 1 << 22  # draw the token mask up to 2048 x 2048 positions
 
 
 def drawable_patterns() -> list[str]:
@@ -39,52 +38,15 @@ def parse_params(items: list[str]) -> dict:
 def draw(layout, path: str, *, max_heads: int = 4, title: str | None = None) -> str:
     """Block matrix per head (black: full tile, grey: tile with a token-level mask), and below it
     the token mask of each head when `q_len * k_len` is small enough to look at."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from blockattn.plots import block_picture
-
-    heads = min(layout.heads, max_heads)
-    blocks = block_picture(layout)
-    zoom = layout.q_len * layout.k_len <= _TOKEN_ZOOM_LIMIT
-    rows = 2 if zoom else 1
-    fig, axes = plt.subplots(rows, heads, figsize=(max(3.3 * heads, 6.0), 3.4 * rows), squeeze=False)
-    tokens = layout.to_token_mask()[0] if zoom else None
-    for head in range(heads):
-        name = f"head {head}" if layout.heads > 1 else "all heads"
-        ax = axes[0, head]
-        ax.imshow(blocks[head].numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(f"{name}: blocks {layout.block_q}x{layout.block_k}", fontsize=8)
-        ax.set_xlabel("key block", fontsize=8)
-        ax.set_ylabel("query block", fontsize=8)
-        if zoom:
-            ax = axes[1, head]
-            ax.imshow(tokens[min(head, tokens.shape[0] - 1)].float().numpy(), cmap="Greys", vmin=0, vmax=1,
-                      interpolation="nearest")
-            ax.set_title(f"{name}: token mask", fontsize=8)
-            ax.set_xlabel("key", fontsize=8)
-            ax.set_ylabel("query", fontsize=8)
-    fig.suptitle(title or f"q_len={layout.q_len} k_len={layout.k_len}  tiles computed {layout.density():.3f}  "
-                 f"token pairs {layout.token_density():.3f}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    from blockattn.plots import plot_layout
+    return plot_layout(layout, path, max_heads=max_heads, title=title, token_masks=True)
 
 
 def run(args):
     from blockattn import patterns
 
     if args.pattern not in drawable_patterns():
-        print(f"error: unknown pattern {args.pattern!r}; expected one of {', '.join(drawable_patterns())}")
-        return 2
-    try:
-        params = parse_params(args.params)
-        layout = getattr(patterns, args.pattern)(**params)
-    except (ValueError, TypeError) as error:
-        print(f"error: {error}")
-        return 2
+        raise ValueError(f"unknown pattern {args.pattern!r}; expected one of {', '.join(drawable_patterns())}")
+    layout = getattr(patterns, args.pattern)(**parse_params(args.params))
     draw(layout, args.output, max_heads=args.max_heads, title=args.title)
     print(f"{args.pattern}: {layout!r}\nwrote {args.output}")

@@ -18,11 +18,7 @@ def _axis(values):
 def run(args):
     from blockattn.patterns.simulator import simulate
 
-    try:
-        result = simulate(tuple(args.grid), window=_axis(args.window), dilation=_axis(args.dilation),
-                          stride=_axis(args.stride), causal=_axis([bool(c) for c in args.causal]),
-                          tile_shape=tuple(args.tile), kv_tile_shape=None if args.kv_tile is None else tuple(args.kv_tile))
-    except ValueError as error:
-        print(f"error: {error}")
-        return 2
+    result = simulate(tuple(args.grid), window=_axis(args.window), dilation=_axis(args.dilation),
+                      stride=_axis(args.stride), causal=_axis([bool(c) for c in args.causal]),
+                      tile_shape=tuple(args.tile), kv_tile_shape=None if args.kv_tile is None else tuple(args.kv_tile))
     print(result.describe())
