@@ -1,7 +1,9 @@
 """`blockattn eval`: does the model still answer with a method, and is it faster? Passkey retrieval on
 SmolLM2 (or any local model) at several lengths and depths for dense and every registered method."""
-HELP = ("passkey retrieval on a real model (SmolLM2 by default) for dense and every registered method: "
-        "table, results.json, a needle heatmap PNG per method and a speed/quality Pareto PNG")
+HELP = ("end-to-end: does a model patched with each method still do the task, and is its prefill faster? "
+        "Passkey retrieval (and the other --tasks) on a real model (SmolLM2 by default) for dense and every "
+        "registered method: table, results.json, a needle heatmap PNG per method and a speed/quality Pareto "
+        "PNG. For layer-level recall and selection cost on captured q/k/v, see `compare`")
 
 TASKS = ("passkey", "multi_needle", "perplexity", "encoder")
 # the default run tries dense, then the LLM-prefill selectors and baselines, then every other method
