@@ -68,8 +68,8 @@ def main(argv=None):
         for length in args.lengths:
             ids = tasks.document_ids(tokenizer, length)
             reference = None
-            runs = ([] if args.no_sdpa else [("unpatched (SDPA)", None, {})]) + [("dense (structure only)", "dense", {})] + \
-                [(harness.label(n, p), n, p) for n, p in specs]
+            runs = ([] if args.no_sdpa else [("unpatched (SDPA)", None, {})]) + \
+                [("dense (structure only)", "dense", {})] + [(harness.label(n, p), n, p) for n, p in specs]
             for row_name, name, params in runs:
                 if name is None:
                     seconds, rss, logits = prefill(ids)
@@ -99,7 +99,8 @@ def main(argv=None):
         sdpa = next((r["seconds"] for r in same if r["row"].startswith("unpatched")), float("nan"))
         structure = next(r["seconds"] for r in same if r["row"].startswith("dense"))
         fmt = lambda v, f: format(v, f) if v == v else "-"  # noqa: E731
-        lines.append(f"| {row['length']} | {row['row']} | {row['seconds']:.2f} | {fmt(sdpa / row['seconds'], '.2f')}x"
+        vs_sdpa = fmt(sdpa / row["seconds"], ".2f") + "x" * (sdpa == sdpa)
+        lines.append(f"| {row['length']} | {row['row']} | {row['seconds']:.2f} | {vs_sdpa}"
                      f" | {structure / row['seconds']:.2f}x | {fmt(row.get('density_full', float('nan')), '.3f')} | "
                      f"{fmt(row.get('select_share', float('nan')), '.3f')} | {row['peak_rss_gib']:.2f} | "
                      f"{row['logit_diff']:.2e} |")

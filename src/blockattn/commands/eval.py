@@ -28,8 +28,8 @@ def add_arguments(parser):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="passkey seeds (one sample per seed)")
     parser.add_argument("--tasks", nargs="+", default=["passkey", "perplexity"], choices=TASKS,
                         help="passkey (length x depth heatmap), multi_needle (4 facts, each asked), perplexity "
-                             "(real text at the shortest length vs the unpatched model), encoder (MiniLM "
-                             "embedding cosine vs dense; loads minilm-l6). Default: passkey perplexity")
+                             "(the last 1024 tokens of real text at each length vs the unpatched model), encoder "
+                             "(MiniLM embedding cosine vs dense; loads minilm-l6). Default: passkey perplexity")
     parser.add_argument("--quick", action="store_true",
                         help=f"short run: lengths {QUICK['lengths']}, depths {QUICK['depths']}, "
                              f"methods {QUICK['methods']} (each overridable)")
