@@ -103,9 +103,9 @@ def test_files_and_bad_input(tmp_path):
     with pytest.raises(ValueError, match="not been trained"):
         gate.select(q, k, density=0.5)
     gate.trained_steps += 1
-    path = save_gates([gate, gate], str(tmp_path / "gates.pt"), model="smollm2-135m")
+    path = save_gates({3: gate, 7: gate}, str(tmp_path / "gates.pt"), model="smollm2-135m")
     loaded = load_gates(path, model="smollm2-135m", block_size=8)
-    assert len(loaded) == 2 and loaded[0].trained and torch.equal(loaded[1].k_weight, gate.k_weight)
+    assert sorted(loaded) == [3, 7] and loaded[3].trained and torch.equal(loaded[7].k_weight, gate.k_weight)
     with pytest.raises(ValueError, match="model"):
         load_gates(path, model="gemma3-270m")
     with pytest.raises(ValueError, match="block_size"):
@@ -119,3 +119,27 @@ def test_files_and_bad_input(tmp_path):
         gate(q, q)
     with pytest.raises(ValueError, match="k_pool"):
         SeerAttentionGate(2, 1, 8, k_pool=("median",))
+
+
+def test_seer_method_selects_with_the_layer_gate_from_post_rope_inputs(tmp_path):
+    from blockattn.methods.seer import SeerAttention
+    from blockattn.modules.seer_gate import _rope_tables
+    torch.manual_seed(3)
+    gate = SeerAttentionGate(4, 2, 8, block_size=8, gate_dim=16, rope_theta=1e4)
+    gate.trained_steps += 1
+    path = save_gates({2: gate}, str(tmp_path / "g.pt"), model="smollm2-135m")
+    q_nope, k_nope = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8)
+    cos, sin = _rope_tables(40, 8, 1e4, "cpu")
+    rot = lambda x: x * cos + torch.cat([-x[..., 4:], x[..., :4]], -1) * sin  # noqa: E731
+    method = SeerAttention(gates=path, density=0.5, block_size=8)
+    layout = method.select(rot(q_nope), rot(k_nope), layer=2)
+    want = gate.select(q_nope, k_nope, density=0.5)
+    assert torch.equal(layout.to_dense(), want.to_dense())
+    with pytest.raises(ValueError, match="layer"):
+        method.select(rot(q_nope), rot(k_nope), layer=0)
+    with pytest.raises(ValueError, match="gates=PATH"):
+        SeerAttention()
+    with pytest.raises(ValueError, match="block_size"):
+        SeerAttention(gates=path, block_size=64)
+    with pytest.raises(ValueError, match="density"):
+        SeerAttention(gates=path, density=1.5, block_size=8)

@@ -148,7 +148,7 @@ def run(args):
                 bar.update(1)
             results = train_seer(model_name=args.model, layer=args.layer, progress=progress, **options)
         gate = results.pop("gate")
-        print(f"gates: {save_gates([gate], os.path.join(args.out, 'seer_gates.pt'), model=args.model)}")
+        print(f"gates: {save_gates({args.layer: gate}, os.path.join(args.out, 'seer_gates.pt'), model=args.model)}")
         table = _seer_table(results)
     else:
         from blockattn.modules.dma_train import MODELS, train

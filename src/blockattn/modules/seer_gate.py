@@ -53,12 +53,19 @@ def _pool(x: Tensor, block: int, how: str) -> Tensor:
     return blocks.amax(3) if how == "max" else blocks.amin(3)
 
 
+def _rope_tables(positions, dim: int, theta: float, device) -> tuple[Tensor, Tensor]:
+    """Plain RoPE `(cos, sin)` `[n, dim]` at `positions` (an int n means 0..n-1), rotate-half layout."""
+    if isinstance(positions, int):
+        positions = torch.arange(positions, device=device)
+    inv = theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    angles = positions.to(device=device, dtype=torch.float32).view(-1, 1) * inv
+    return torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+
+
 def _rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     """RoPE (rotate-half, as Llama/SmolLM2) over the last dim of `[B, H, n, h]` at `positions [n]`."""
     dim = x.shape[-1]
-    inv = theta ** (-torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
-    angles = positions.to(torch.float32).view(-1, 1) * inv
-    cos, sin = (torch.cat([f(angles)] * 2, -1).to(x.dtype) for f in (torch.cos, torch.sin))
+    cos, sin = (t.to(x.dtype) for t in _rope_tables(positions, dim, theta, x.device))
     half = dim // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
@@ -145,15 +152,22 @@ class SeerAttentionGate(nn.Module):
                     k_pool=list(self.k_pool), rope_theta=self.rope_theta)
 
 
-def save_gates(gates: list[SeerAttentionGate], path: str, *, model: str) -> str:
-    """Write the per-layer gates with their configuration and the model they were trained for."""
-    torch.save({"model": model, "config": gates[0].config(), "layers": [g.state_dict() for g in gates]}, path)
+def save_gates(gates: dict[int, SeerAttentionGate], path: str, *, model: str) -> str:
+    """Write per-layer gates `{layer index: gate}` with their configuration and the model they were trained for."""
+    if not gates or not all(isinstance(g, SeerAttentionGate) for g in gates.values()):
+        raise ValueError("gates must be a non-empty {layer: SeerAttentionGate} mapping")
+    first = next(iter(gates.values()))
+    torch.save({"model": model, "config": first.config(),
+                "layers": {int(i): g.state_dict() for i, g in gates.items()}}, path)
     return path
 
 
-def load_gates(path: str, *, model: str, block_size: int | None = None) -> list[SeerAttentionGate]:
-    """Gates saved by `save_gates`; a file for another model or block size is a ValueError."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+def load_gates(path: str, *, model: str, block_size: int | None = None) -> dict[int, SeerAttentionGate]:
+    """`{layer: gate}` saved by `save_gates`; a file for another model or block size is a ValueError."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"gate file {path!r} does not exist") from None
     if not isinstance(saved, dict) or {"model", "config", "layers"} - set(saved):
         raise ValueError(f"{path} is not a SeerAttention gate file (saved by save_gates)")
     if saved["model"] != model:
@@ -162,11 +176,11 @@ def load_gates(path: str, *, model: str, block_size: int | None = None) -> list[
     if block_size is not None and config["block_size"] != block_size:
         raise ValueError(f"{path} holds gates for block_size {config['block_size']}, not {block_size}")
     config["q_pool"], config["k_pool"] = tuple(config["q_pool"]), tuple(config["k_pool"])
-    gates = []
-    for state in saved["layers"]:
+    gates = {}
+    for layer, state in saved["layers"].items():
         gate = SeerAttentionGate(**config)
         gate.load_state_dict(state)
-        gates.append(gate)
+        gates[int(layer)] = gate
     return gates
 
 
