@@ -22,9 +22,11 @@ import socket
 import statistics
 import tempfile
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.multiprocessing as mp
 
 import blockattn
@@ -79,8 +81,14 @@ def all_gather_baseline(layout, plan, rank, world):
 
     def run(q, k, v):
         kv = torch.nn.functional.pad(torch.stack([k, v]), (0, 0, 0, longest - k.shape[2])).contiguous()
-        pieces = [torch.empty_like(kv) for _ in range(world)]
-        dist.all_gather(pieces, kv)
+        if kv.requires_grad:
+            # differentiable: its backward sums every rank's dK/dV of a shard back onto the owner
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # deprecated in 2.13, still the autograd one
+                pieces = dist_nn.all_gather(kv)
+        else:
+            pieces = [torch.empty_like(kv) for _ in range(world)]
+            dist.all_gather(pieces, kv)
         full = torch.cat([p[..., :plan.local_len(r), :] for r, p in enumerate(pieces)], dim=3)[..., order, :]
         return blockattn.attention(q, full[0], full[1], rows)
     return run, (world - 1) * longest
@@ -122,6 +130,16 @@ def xattention_case(args):
     return {f"xattn-L{args.xattention_layer}": (layout, q.float(), k.float(), v.float())}
 
 
+def with_backward(fn, grad):
+    """Forward + backward of `fn(q, k, v)` with fresh leaves (the training step's attention part)."""
+    def run(q, k, v):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out = fn(q, k, v)
+        out.backward(grad)
+        return out.detach()
+    return run
+
+
 def worker(rank, world, port, args, cases_path, out_dir):
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -131,17 +149,21 @@ def worker(rank, world, port, args, cases_path, out_dir):
         per_token = 2 * heads * dim * k.element_size()
         plan = bd.make_plan(layout, world)
         qs, ks, vs = (bd.shard(t, layout, plan=plan) for t in (q, k, v))
-        bd.attention(qs, ks, vs, layout, plan=plan)  # builds the rank's sub-layout once (cached)
+        ours = lambda q_, k_, v_: bd.attention(q_, k_, v_, layout, plan=plan)
+        gather, gathered_tokens = all_gather_baseline(layout, plan, rank, world)
+        if args.backward:
+            grad = torch.randn(qs.shape, generator=torch.Generator().manual_seed(rank))
+            ours, gather = with_backward(ours, grad), with_backward(gather, grad)
+        ours(qs, ks, vs)  # builds the rank's sub-layout once (cached)
         with RecvCounter() as counter:
-            t_ours, out = timed(lambda: bd.attention(qs, ks, vs, layout, plan=plan), args.reps)
+            t_ours, out = timed(lambda: ours(qs, ks, vs), args.reps)
         recv = torch.tensor([counter.bytes // args.reps], dtype=torch.float64)
         dist.all_reduce(recv, op=dist.ReduceOp.MAX)
-        gather, gathered_tokens = all_gather_baseline(layout, plan, rank, world)
         t_gather, out_gather = timed(lambda: gather(qs, ks, vs), args.reps)
         err = torch.tensor([float((out - out_gather).abs().max())])
         dist.all_reduce(err, op=dist.ReduceOp.MAX)
         key = tuple(q.shape) + tuple(k.shape)
-        if key not in ring_times and args.ring:
+        if key not in ring_times and args.ring and not args.backward:
             ring = torch_ring(dist.group.WORLD)
             group_size = q.shape[1] // k.shape[1]  # the CPU SDPA kernel has no GQA: repeat K/V heads
             qr, kr, vr = (head_tail_shard(t, rank, world) for t in
@@ -150,7 +172,7 @@ def worker(rank, world, port, args, cases_path, out_dir):
         tiles = plan.tiles.double()
         rows.append(dict(layout=name, length=length, world=world, balance=plan.balance, ours_s=t_ours,
                          gather_s=t_gather, ring_s=ring_times.get(key), ours_recv=float(recv),
-                         gather_recv=gathered_tokens * per_token, ring_recv=(world - 1) * (length // world) * per_token,
+                         gather_recv=gathered_tokens * per_token * (2 if args.backward else 1), ring_recv=(world - 1) * (length // world) * per_token,
                          tiles_max_mean=float(tiles.max() / tiles.mean()), tiles=plan.tiles.tolist(),
                          max_err_vs_gather=float(err)))
     if rank == 0:
@@ -225,10 +247,12 @@ def main():
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--layouts", nargs="+", default=["causal", "sliding", "random"])
+    parser.add_argument("--layouts", nargs="*", default=["causal", "sliding", "random"])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--no-ring", dest="ring", action="store_false")
+    parser.add_argument("--backward", action="store_true",
+                        help="time forward + backward (ours and all-gather; the ring is forward only)")
     parser.add_argument("--xattention", action="store_true", help="add an XAttention layout from SmolLM2")
     parser.add_argument("--xattention-length", type=int, default=8192)
     parser.add_argument("--xattention-layer", type=int, default=15)
@@ -259,7 +283,9 @@ def main():
         print(f"synthetic: L={args.length}, {args.heads} heads (MHA) x {args.dim}, fp32, block {args.block}, window "
               f"{args.window}, random density {args.density}; xattn: SmolLM2 layer {args.xattention_layer} q/k/v "
               f"(9 q / 3 kv heads x 64) on {args.xattention_length} tokens of text, XAttention's default layout; "
-              f"gloo on 127.0.0.1, {args.threads} thread(s) per rank, forward, median of {args.reps}")
+              f"gloo on 127.0.0.1, {args.threads} thread(s) per rank, "
+              f"{'forward + backward' if args.backward else 'forward'}, median of {args.reps}; ours MB counts "
+              f"{'both directions received' if args.backward else 'K/V received'}")
         print(f"{'layout':10} {'L':>6} {'P':>2} {'split':>15} {'ours MB':>8} {'gather MB':>9} {'ring MB':>8} "
               f"{'ours s':>7} {'gather s':>8} {'ring s':>7} {'ours/ring':>9} {'tiles max/mean':>14} {'err':>8}")
         for world in args.ranks:
