@@ -141,3 +141,23 @@ def test_scoring_leaves_torch_matmul_settings_as_they_were():
     before = torch.backends.mkldnn.matmul.fp32_precision
     XAttention(stride=4, block_size=16).select(torch.randn(1, 2, 64, 8), torch.randn(1, 1, 64, 8))
     assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+def test_scoring_leaves_torch_precision_settings_as_they_were(monkeypatch):
+    settings = torch.backends.mkldnn.matmul
+    if not hasattr(settings, "fp32_precision"):
+        pytest.skip("this torch has no mkldnn fp32_precision switch")
+    seen = []
+    real = XAttention._block_scores
+
+    def spy(self, q, k):
+        seen.append(settings.fp32_precision)
+        return real(self, q, k)
+
+    monkeypatch.setattr(XAttention, "_block_scores", spy)
+    before = settings.fp32_precision
+    q, k = torch.randn(1, 2, 256, 16), torch.randn(1, 2, 256, 16)
+    XAttention(block_size=32).select(q, k)
+    XAttention(block_size=32, onednn_scoring=False).select(q, k)
+    assert settings.fp32_precision == before
+    assert seen[1] == before  # onednn_scoring=False never touches the switch

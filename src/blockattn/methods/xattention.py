@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 
 import torch
 from torch import Tensor
@@ -45,23 +46,31 @@ _BAND_ELEMENTS = 1 << 22
 _BAND_ROWS = 128
 
 
+_PRECISION_LOCK = threading.Lock()  # one scoring call at a time holds torch's switch
+
+
 @contextlib.contextmanager
-def _fast_fp32_matmul():
-    """Route fp32 GEMMs through oneDNN for the scoring: PyTorch sends them there (instead of MKL) when
-    its fp32 precision is "bf16"; on the AVX-512 CPU this project measures on that ran 3.2x faster
-    with fp32-level error (1e-6 relative; bf16-rounded inputs would give 2e-3), and the selection
-    tests against the float64 rule hold. The official code scores bf16 q/k on GPUs, so a CPU that
-    really rounds to bf16 here stays within the method's own precision. Restored on exit."""
+def _onednn_scoring(enabled: bool, device: torch.device):
+    """Route the scoring's fp32 CPU GEMMs through oneDNN: PyTorch sends them there (instead of MKL)
+    when `torch.backends.mkldnn.matmul.fp32_precision` is "bf16"; on the AVX-512 CPU this project
+    measures on that ran 3.2x faster. On CPUs with bf16 units it really rounds the products to
+    bf16-level precision (scores moved by ~3e-4 on a 0-16 scale, selections unchanged in our
+    tests); the official code scores bf16 q/k on GPUs, so that stays within the method's own
+    precision. torch's switch is process-wide: it is flipped only for the scoring GEMMs, under a
+    lock, and restored on exit; other threads' fp32 GEMMs in that window are affected too, so
+    pass `onednn_scoring=False` to keep torch's settings untouched."""
     settings = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    if settings is None or not hasattr(settings, "fp32_precision") or not torch.backends.mkldnn.is_available():
+    if not enabled or device.type != "cpu" or settings is None or not hasattr(settings, "fp32_precision") \
+            or not torch.backends.mkldnn.is_available():
         yield
         return
-    previous = settings.fp32_precision
-    settings.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        settings.fp32_precision = previous
+    with _PRECISION_LOCK:
+        previous = settings.fp32_precision
+        settings.fp32_precision = "bf16"
+        try:
+            yield
+        finally:
+            settings.fp32_precision = previous
 
 
 @register("xattention")
@@ -73,12 +82,16 @@ class XAttention(Method):
         stride: antidiagonal sampling stride S. Paper default 8.
         block_size: block size of the layout (queries and keys). Paper default 128.
         causal: causal attention (LLM prefill).
+        onednn_scoring: on CPU, run the scoring GEMMs through oneDNN at bf16-level precision by
+            switching torch's process-wide fp32 precision for their duration (see `_onednn_scoring`);
+            False scores in plain fp32 and touches no torch setting.
     """
 
     threshold: float | tuple = 0.9
     stride: int = 8
     block_size: int = 128
     causal: bool = True
+    onednn_scoring: bool = True
 
     queries_before_keys = True  # causal q_len > k_len: the first queries precede every key
 
@@ -93,11 +106,12 @@ class XAttention(Method):
         if self.block_size % self.stride:
             raise ValueError(f"block_size must be a positive multiple of stride={self.stride}, got {self.block_size!r}")
         _checks.bool_arg("causal", self.causal)
+        _checks.bool_arg("onednn_scoring", self.onednn_scoring)
 
     def block_scores(self, q: Tensor, k: Tensor) -> Tensor:
         """Antidiagonal block scores `[B, Hq, nQ, nK]` (each causal row sums to ~block_size/stride)."""
         check_qk(q, k)
-        with _fast_fp32_matmul():
+        with _onednn_scoring(self.onednn_scoring, q.device):
             return self._block_scores(q, k)
 
     def _block_scores(self, q: Tensor, k: Tensor) -> Tensor:
