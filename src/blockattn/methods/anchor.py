@@ -45,13 +45,13 @@ from blockattn.methods import register
 from blockattn import _checks
 from blockattn._checks import check_qk
 from blockattn.methods._select import column_layout
-from blockattn.methods.base import Method
+from blockattn.methods.base import PrefillMethod
 
 _ANCHOR_ROWS = 256  # query rows whose anchors are computed at once
 
 @register("anchor")
 @dataclasses.dataclass
-class AnchorAttention(Method):
+class AnchorAttention(PrefillMethod):
     """Args:
         theta: allowed gap between a stripe's compressed score and the anchor, in units of q.k/sqrt(d)
             (the official code scales it by log2(e) for its log2-domain scores). Paper: 12.
@@ -63,8 +63,6 @@ class AnchorAttention(Method):
     step: int = 16
     block_size: int = 128
 
-    causal_modes = (True,)
-    any_lengths = False
 
     def __post_init__(self):
         _checks.number_arg("theta", self.theta, low=0.0)

@@ -129,3 +129,11 @@ class Method:
 
     def params(self) -> dict:
         return dataclasses.asdict(self)
+
+
+class PrefillMethod(Method):
+    """A method whose rule is defined for causal LLM prefill only: causal, and q_len == k_len (its
+    estimate reads the whole prompt, as queries and keys at once)."""
+
+    causal_modes = (True,)
+    any_lengths = False

@@ -45,12 +45,12 @@ from blockattn.methods._labels import label_layout
 from blockattn import _checks
 from blockattn._checks import check_qk
 from blockattn.methods._select import expand_kv_heads, row_gate_layout
-from blockattn.methods.base import Method
+from blockattn.methods.base import PrefillMethod
 
 
 @register("longheads")
 @dataclasses.dataclass
-class LongHeads(Method):
+class LongHeads(PrefillMethod):
     """Args:
         window_size: chunk size in tokens. Paper: 256.
         atten_length: tokens (chunks x window_size) each query attends to. Paper: 4096.
@@ -63,8 +63,6 @@ class LongHeads(Method):
     begin_selective_length: int = 4096
     tile_size: int = 64
 
-    causal_modes = (True,)
-    any_lengths = False
     extra_context = ("v",)  # the official chunk summary uses the values (see the module docstring)
 
     def __post_init__(self):

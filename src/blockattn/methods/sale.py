@@ -50,7 +50,7 @@ from blockattn.methods import register
 from blockattn import _checks
 from blockattn._checks import check_qk
 from blockattn.methods._select import expand_kv_heads
-from blockattn.methods.base import Method
+from blockattn.methods.base import PrefillMethod
 
 _BAND_ROWS = 256  # query rows whose estimates are formed at once (memory O(rows x L))
 
@@ -65,7 +65,7 @@ def quantize_tokens(x: Tensor, bits: int) -> Tensor:
 
 @register("sale")
 @dataclasses.dataclass
-class SALE(Method):
+class SALE(PrefillMethod):
     """Args:
         bits: integer width of the estimate (paper: 4; 8 also supported).
         block_size: query block of the layout (official kernel: 64).
@@ -84,8 +84,6 @@ class SALE(Method):
     segment: int = 256
     dense_below: int = 1024
 
-    causal_modes = (True,)
-    any_lengths = False
 
     def __post_init__(self):
         _checks.choice_arg("bits", _checks.int_arg("bits", self.bits), (4, 8))

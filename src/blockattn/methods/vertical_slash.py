@@ -37,7 +37,7 @@ from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn._checks import check_qk
 from blockattn.methods._select import column_layout, expand_kv_heads
-from blockattn.methods.base import Method
+from blockattn.methods.base import PrefillMethod
 
 _FORCED_COLUMNS = 30    # the official kernel always keeps the first 30 keys (attention sinks)
 _FORCED_DIAGONALS = 100  # ... and the 100 nearest diagonals (local window)
@@ -45,7 +45,7 @@ _FORCED_DIAGONALS = 100  # ... and the 100 nearest diagonals (local window)
 
 @register("vertical_slash")
 @dataclasses.dataclass
-class VerticalSlash(Method):
+class VerticalSlash(PrefillMethod):
     """Args:
         vertical_size: key columns kept per head (MInference default 1000).
         slash_size: diagonals kept per head (MInference default 6096).
@@ -58,8 +58,6 @@ class VerticalSlash(Method):
     last_q: int = 64
     block_size: int = 64
 
-    causal_modes = (True,)
-    any_lengths = False
 
     def __post_init__(self):
         self.check_positive_ints("vertical_size", "slash_size", "last_q", "block_size")
