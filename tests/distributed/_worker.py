@@ -144,6 +144,31 @@ def check_hf(rank, world, group):
                 restored=model.config._attn_implementation)
 
 
+def check_head_parallel(rank, world, group):
+    """A dynamic method (MoBA, per-head top-k from q and k) head-parallel over the group equals one process."""
+    from blockattn import methods
+
+    gen = torch.Generator().manual_seed(7)
+    L, B, Hq, Hkv, D = 256, 1, 8, 4, 16
+    q, k, v = torch.randn(B, Hq, L, D, generator=gen), torch.randn(B, Hkv, L, D, generator=gen), \
+        torch.randn(B, Hkv, L, D, generator=gen)
+    grad_out = torch.randn(B, Hq, L, D, generator=gen)
+    method = methods.get("moba", block_size=32, top_k=2, tile_size=BLOCK)
+    qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
+    out_f, lse_f = blockattn.sparse_attention(qf, kf, vf, method, return_lse=True)
+    out_f.backward(grad_out)
+    sharding = patterns.causal(L, block_q=BLOCK, block_k=BLOCK)
+    tokens = bd.make_plan(sharding, world).token_index(rank)
+    qs, ks, vs = (bd.shard(t, sharding, group).requires_grad_() for t in (q, k, v))
+    out, lse = bd.head_parallel_attention(qs, ks, vs, method, sharding, group=group, return_lse=True)
+    out.backward(bd.shard(grad_out, sharding, group))
+    refused = _expect_error(lambda: bd.head_parallel_attention(qs, ks[:, :3], vs[:, :3], method, sharding,
+                                                               group=group))
+    return dict(out=_err(out, out_f[:, :, tokens]), lse=_err(lse, lse_f[:, :, tokens]),
+                dq=_err(qs.grad, qf.grad[:, :, tokens]), dk=_err(ks.grad, kf.grad[:, :, tokens]),
+                dv=_err(vs.grad, vf.grad[:, :, tokens]), refused=refused)
+
+
 def _expect_error(fn):
     try:
         fn()
@@ -221,7 +246,8 @@ def run(rank, world, port, out_dir):
                 except Exception:
                     mine[name] = {"error": traceback.format_exc()}
                 seconds[f"{size}:{name}"] = time.time()
-            for name, check in (("bad_inputs", check_bad_inputs), ("hf", check_hf)):
+            for name, check in (("bad_inputs", check_bad_inputs), ("head_parallel", check_head_parallel),
+                                ("hf", check_hf)):
                 if name == "hf" and size != 2:
                     continue
                 try:

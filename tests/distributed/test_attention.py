@@ -124,3 +124,12 @@ def test_hf_prefill_sharded_over_two_ranks_gives_the_same_logits(results):
             pytest.skip(f"transformers is not installed: {res['skip']}")
         assert res["rel"] <= 1e-5, (rank, res["rel"])
         assert res["restored"] != "blockattn_cp", res["restored"]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_head_parallel_dynamic_method_equals_single_process(results, world):
+    for rank, res in enumerate(_ranks(results, world, "head_parallel")):
+        assert res["out"] <= 1e-5 and res["lse"] <= 1e-5, (rank, res)
+        assert max(res["dq"], res["dk"], res["dv"]) <= 1e-4, (rank, res)
+        # 3 KV heads do not split over the group: refused on every rank (3 % 2 and 3 % 4)
+        assert res["refused"] is not None and "divisible by the group size" in res["refused"], res["refused"]

@@ -98,6 +98,35 @@ def _check_across(plan: Plan):
     return check
 
 
+def _validate(q, k, v, layout, plan, group, extra=None):
+    """Local checks, then the facts of every rank compared: the same error on every rank, or
+    (rank, world size, plan). `extra(world)` adds caller-specific local checks."""
+    rank, world = _group_facts(group)
+    facts, error, resolved = {"status": 1}, None, None
+    try:
+        resolved = _resolve_plan(layout, plan, world)
+        check_qkv_tensors(q, k, v)
+        if extra is not None:
+            extra(world)
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
+        if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+            raise ValueError(f"q and k must share batch and head dim, got {list(q.shape)} and {list(k.shape)}")
+        if q.shape[1] % k.shape[1]:
+            raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+        if layout.batch not in (1, q.shape[0]) or layout.heads not in (1, q.shape[1]):
+            raise ValueError(f"layout B|H=({layout.batch}, {layout.heads}) does not broadcast to "
+                             f"batch {q.shape[0]} and {q.shape[1]} query heads")
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        facts = dict(status=0, batch=q.shape[0], q_heads=q.shape[1], q_len=q.shape[2], k_heads=k.shape[1],
+                     k_len=k.shape[2], head_dim=q.shape[3], dtype=_DTYPES.index(q.dtype),
+                     layout=resolved.fingerprint, world=resolved.world_size, seq_len=resolved.seq_len, grad=grad)
+    except (TypeError, ValueError) as caught:
+        error = caught
+    _agree(facts, error, group, world, _check_across(resolved) if resolved is not None else None)
+    return rank, world, resolved
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, group=None, return_lse: bool = False,
               plan: Plan | None = None, scale: float | None = None, backend: str = "auto"):
     """Exact attention over `layout` with the sequence sharded across the ranks of `group`.
@@ -132,28 +161,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, group=Non
     >>> # out = attention(shard(q, lay), shard(k, lay), shard(v, lay), lay)
     >>> # torch.allclose(unshard(out, lay), blockattn.attention(q, k, v, lay), atol=1e-5)
     """
-    rank, world = _group_facts(group)
-    facts, error, resolved = {"status": 1}, None, None
-    try:
-        resolved = _resolve_plan(layout, plan, world)
-        check_qkv_tensors(q, k, v)
-        if k.shape != v.shape:
-            raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
-        if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-            raise ValueError(f"q and k must share batch and head dim, got {list(q.shape)} and {list(k.shape)}")
-        if q.shape[1] % k.shape[1]:
-            raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-        if layout.batch not in (1, q.shape[0]) or layout.heads not in (1, q.shape[1]):
-            raise ValueError(f"layout B|H=({layout.batch}, {layout.heads}) does not broadcast to "
-                             f"batch {q.shape[0]} and {q.shape[1]} query heads")
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        facts = dict(status=0, batch=q.shape[0], q_heads=q.shape[1], q_len=q.shape[2], k_heads=k.shape[1],
-                     k_len=k.shape[2], head_dim=q.shape[3], dtype=_DTYPES.index(q.dtype),
-                     layout=resolved.fingerprint, world=resolved.world_size, seq_len=resolved.seq_len, grad=grad)
-    except (TypeError, ValueError) as caught:
-        error = caught
-    _agree(facts, error, group, world, _check_across(resolved) if resolved is not None else None)
-
+    rank, world, resolved = _validate(q, k, v, layout, plan, group)
     rank_plan = resolved.rank_plan(rank, layout, q.device)
     kg, vg = GatherKV.apply(k, v, rank_plan, group)
     return _local_attention(q, kg, vg, rank_plan.sublayout, scale=scale, return_lse=return_lse, backend=backend)

@@ -35,7 +35,9 @@ BALANCES = ("auto", "contiguous", "tile-contiguous", "head-tail", "greedy")
 # of a sliding window is as balanced but doubles the halo, a greedy one moves every block)
 _LOAD_SLACK = 0.10
 
-_CACHE: "weakref.WeakKeyDictionary[BlockLayout, dict]" = weakref.WeakKeyDictionary()
+# id(layout) -> {(world, balance): Plan}; an entry leaves with its layout (keyed by identity, so it does
+# not depend on BlockLayout being hashable)
+_CACHE: dict = {}
 
 
 def make_plan(layout: BlockLayout, world_size: int, *, balance: str = "auto") -> Plan:
@@ -68,7 +70,10 @@ def make_plan(layout: BlockLayout, world_size: int, *, balance: str = "auto") ->
     if layout.num_q_blocks < world_size:
         raise ValueError(f"a layout of {layout.num_q_blocks} blocks (q_len={layout.q_len}, block={layout.block_q}) "
                          f"cannot be sharded over {world_size} ranks: every rank needs at least one block")
-    per_layout = _CACHE.setdefault(layout, {})
+    per_layout = _CACHE.get(id(layout))
+    if per_layout is None:
+        per_layout = _CACHE[id(layout)] = {}
+        weakref.finalize(layout, _CACHE.pop, id(layout), None)
     key = (world_size, balance)
     if key not in per_layout:
         per_layout[key] = Plan._build(layout, world_size, balance)
