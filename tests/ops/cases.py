@@ -125,3 +125,42 @@ def check_backend(case: Case, backend: str, *, fwd_tol: float, grad_tol: float, 
     for name, a, b in zip(("dq", "dk", "dv"), got, expected):
         err = relative_error(a, b)
         assert err <= grad_tol, f"{case.label}: {name} relative error {err:.2e} > {grad_tol:.0e}"
+
+
+def eager_attention(q, k, v, layout, scale=None):
+    """Masked attention in the inputs' own dtype through torch's SDPA with the layout's token mask (what
+    a model would run), or, where a row has no key (SDPA's softmax would give NaN), computed the plain
+    way (matmuls and softmax in that dtype): the baseline a half-precision kernel's error is held against."""
+    group = q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    mask = layout.to_token_mask()
+    if bool(mask.any(-1).all()):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key: zero output
+    return probs @ v
+
+
+def check_against_eager_error(case: Case, backend: str, *, factor: float = 2.0, floor: float = 1e-4) -> None:
+    """Half precision: the backend's error against the float64 reference, for the output and the q, k, v
+    gradients, is at most `factor` x the error of `eager_attention` in the same dtype on the same inputs
+    (`floor`, fp32-rounding level and 40x below a bf16 ulp, absorbs exact zeros that eager bf16 hits
+    exactly and an fp32 backward only to rounding, e.g. dq of a row with a single key)."""
+    from blockattn.ops.reference import reference_attention
+
+    grad = torch.randn(case.q.shape, dtype=torch.float64)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (case.q, case.k, case.v))
+    exact = reference_attention(q64, k64, v64, case.layout)
+    exact_grads = torch.autograd.grad(exact, (q64, k64, v64), grad)
+    results = {}
+    for name, fn in (("backend", lambda q, k, v: blockattn.attention(q, k, v, case.layout, backend=backend)),
+                     ("eager", lambda q, k, v: eager_attention(q, k, v, case.layout))):
+        q, k, v = (t.detach().clone().requires_grad_(True) for t in (case.q, case.k, case.v))
+        out = fn(q, k, v)
+        results[name] = [out, *torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))]
+    for i, what in enumerate(("out", "dq", "dk", "dv")):
+        mine = relative_error(results["backend"][i], (exact, *exact_grads)[i])
+        eager = relative_error(results["eager"][i], (exact, *exact_grads)[i])
+        assert mine <= factor * eager + floor, f"{case.label}: {what} error {mine:.2e} > {factor} x eager {eager:.2e}"

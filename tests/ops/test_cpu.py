@@ -154,3 +154,26 @@ def test_info_names_the_cpu_and_the_path_per_dtype(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "cpu: " in out and "fp32: avx" in out and "bf16: " in out
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_bf16_within_twice_the_error_of_eager_bf16(seed):
+    # on AVX512-BF16 CPUs this is the native bf16 forward (even head dims and blocks), elsewhere the
+    # fp32-converted path; every layout feature of the fp32 generator, outputs poisoned
+    from tests.ops.cases import check_against_eager_error
+    check_against_eager_error(random_case(7000 + seed, dtype=torch.bfloat16), "cpu")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fp16_within_twice_the_error_of_eager_fp16(seed):
+    from tests.ops.cases import check_against_eager_error
+    check_against_eager_error(random_case(7500 + seed, dtype=torch.float16), "cpu")
+
+
+def test_bf16_runs_natively_where_the_cpu_has_avx512_bf16():
+    from blockattn.ops import cpu
+    q = torch.randn(1, 2, 96, 16, dtype=torch.bfloat16)
+    layout = blockattn.patterns.causal(96, block_q=32, block_k=32)
+    native = cpu.isa() == "avx512" and cpu._kernel.has_avx512_bf16()
+    assert cpu._native_bf16(q, layout) == native
+    assert not cpu._native_bf16(q[..., :15], layout)  # odd head dim: pairs do not fit, converted path

@@ -1,7 +1,8 @@
 """Compiled C++ block-sparse attention for CPUs (built by setup.py against the installed torch).
 
-float32 runs in the kernel; bfloat16/float16 are converted to float32 around it (the kernel
-computes in float32, as FlashAttention does); float64 is not taken (`can_run` says so, and `auto`
+float32 runs in the kernel; bfloat16 runs natively on CPUs with AVX512-BF16 (forward: q/k/v stay
+bf16, both products on vdpbf16ps with fp32 accumulation, softmax in fp32; backward in fp32), and
+elsewhere bfloat16/float16 are converted to float32 around the kernel; float64 is not taken (`can_run` says so, and `auto`
 gives it to the portable torch backend, whose arithmetic is exact in float64).
 
 The forward pass uses AVX-512 micro-kernels where the CPU has AVX-512 (F/BW/VL/DQ) and the AVX2 + MKL
@@ -52,8 +53,10 @@ def paths() -> dict[str, str]:
         return {}
     _apply_isa_switch()
     fp32 = isa()
-    return {"fp32": fp32, "bf16": f"{fp32} (converted to fp32 around the kernel)",
-            "fp16": f"{fp32} (converted to fp32 around the kernel)", "fp64": "not taken: auto runs it on torch"}
+    converted = f"{fp32} (converted to fp32 around the kernel)"
+    native_bf16 = fp32 == "avx512" and _kernel.has_avx512_bf16()
+    bf16 = "avx512-bf16 forward (even head dim and block_k; backward in fp32)" if native_bf16 else converted
+    return {"fp32": fp32, "bf16": bf16, "fp16": converted, "fp64": "not taken: auto runs it on torch"}
 
 
 def available(device=None) -> str:
@@ -120,8 +123,43 @@ def _backward(q, k, v, lse, grad_out, delta, layout, scale):
     return dq, dk, dv
 
 
+def _native_bf16(q, layout) -> bool:
+    """bf16 runs on the AVX512-BF16 forward when the CPU has it (and the AVX-512 path is in use), with an
+    even head dim and key block (the dot products take pairs); otherwise it is converted to fp32."""
+    return (q.dtype == torch.bfloat16 and isa() == "avx512" and _kernel.has_avx512_bf16()
+            and q.shape[3] % 2 == 0 and layout.block_k % 2 == 0)
+
+
+def _key_pairs(v: torch.Tensor) -> torch.Tensor:
+    """`[B, H, Lk, D]` -> `[B, H, ceil(Lk/2), D, 2]`: values as pairs of consecutive keys (VNNI order)."""
+    if v.shape[2] % 2:
+        v = torch.nn.functional.pad(v, (0, 0, 0, 1))
+    return v.unflatten(2, (-1, 2)).transpose(-1, -2).contiguous()
+
+
+def _forward_bf16(q, k, v, layout, scale):
+    mask_ids = layout.tile_mask_ids.contiguous() if layout.tile_mask_ids is not None else \
+        torch.empty(0, dtype=torch.int32)
+    rule = _rule(layout)
+    out, lse = _new_buffer(q), _new_buffer(q, q.shape[:3])
+    _kernel.forward_bf16(q, k, _key_pairs(v), layout.kv_counts.contiguous(), layout.kv_indices.contiguous(),
+                         mask_ids, _tile_masks(layout), rule["block_q"], rule["block_k"], rule["causal"],
+                         rule["left"], rule["right"], scale, out, lse)
+    return out, lse
+
+
+def _backward_in_fp32(q, k, v, lse, grad_out, delta, layout, scale):
+    dq, dk, dv = _backward(q.float(), k.float(), v.float(), lse, grad_out, delta, layout, scale)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def run(q, k, v, layout: BlockLayout, *, scale):
     dtype = q.dtype
+    if _native_bf16(q, layout):
+        # q/k/v stay bf16 (saved as such for the backward, which runs in fp32); out is fp32 until returned
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        out, lse = LayoutAttention.apply(q, k, v, layout, scale, _forward_bf16, _backward_in_fp32)
+        return out.to(dtype), lse
     # the kernel reads plain contiguous float32; for float32 inputs these are no-op views
     q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
     out, lse = LayoutAttention.apply(q32, k32, v32, layout, scale, _forward, _backward)

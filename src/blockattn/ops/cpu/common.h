@@ -208,4 +208,14 @@ inline std::vector<int64_t> longest_first(const std::vector<int64_t>& cost) {
   return order;
 }
 
+// Work per (batch, head, query block) item: the number of key tiles its list holds.
+inline std::vector<int64_t> query_block_costs(const Problem& p, const int32_t* cnt) {
+  std::vector<int64_t> cost(p.B * p.Hq * p.nQ);
+  for (int64_t it = 0; it < static_cast<int64_t>(cost.size()); ++it) {
+    const int64_t qb = it % p.nQ, h = (it / p.nQ) % p.Hq, b = it / (p.nQ * p.Hq);
+    cost[it] = cnt[(p.lb(b) * p.layout_h + p.lh(h)) * p.nQ + qb];
+  }
+  return cost;
+}
+
 }  // namespace blockattn_cpu

@@ -12,12 +12,23 @@
 // Both GEMMs are register-blocked micro-kernels with broadcast operands taken straight from K and V, so
 // scattered key tiles need no gathering and no BLAS call is made; the next listed tile's K and V are
 // prefetched while the current one is computed (worth ~25% on a 10%-random layout at L=16384).
+//
+// bfloat16 inputs (CPUs with AVX512-BF16) run the same loop with both products on vdpbf16ps, which
+// multiplies pairs of bf16 and accumulates in fp32: Q is packed as pairs along d, K is read in place
+// (its rows hold the pairs), V comes packed once per call as pairs along keys ([Lk/2][D][2], VNNI order),
+// and the probabilities are rounded to bf16 pairs along keys before PV, as torch's CPU flash attention
+// does. Scores, softmax statistics and the output accumulator stay fp32.
 #pragma once
 
 #include "common.h"
 
+#include <cstring>
+#include <type_traits>
+
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+// avx512bf16 is enabled for the whole file so the bf16 tile functions inline into the shared chunk loop;
+// only those functions use its intrinsics, and they run only where the CPU reports AVX512-BF16.
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
 #pragma GCC diagnostic push
 // GCC 12 warns inside its own AVX-512 intrinsics (their _mm512_undefined_ps pass-through operands)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -104,7 +115,7 @@ constexpr int kPvRows = 4;  // head-dim rows per PV micro-tile
 
 // Prefetches part `i` of `n` of [p, p + bytes) into L1: spread over the micro-kernel calls of one tile,
 // the next tile's K and V arrive while this one is computed without a burst of prefetches that would stall.
-inline void prefetch_part(const float* p, int64_t bytes, int64_t i, int64_t n) {
+inline void prefetch_part(const void* p, int64_t bytes, int64_t i, int64_t n) {
   if (!p) return;
   const int64_t lines = (bytes + 63) / 64, begin = lines * i / n, end = lines * (i + 1) / n;
   const char* c = reinterpret_cast<const char*>(p);
@@ -112,8 +123,8 @@ inline void prefetch_part(const float* p, int64_t bytes, int64_t i, int64_t n) {
 }
 
 template <int NV>
-void qk_tile(const float* K, int64_t D, const float* Qt, float* St, int64_t cols, const float* next,
-             int64_t next_bytes) {
+void qk_tile_f32(const float* K, int64_t D, const float* Qt, float* St, int64_t cols, const float* next,
+                 int64_t next_bytes) {
   const int64_t calls = (cols + kQkRows - 1) / kQkRows;
   int64_t j = 0;
   for (; j + kQkRows <= cols; j += kQkRows) {
@@ -130,8 +141,8 @@ void qk_tile(const float* K, int64_t D, const float* Qt, float* St, int64_t cols
 }
 
 template <int NV>
-void pv_tile(const float* V, int64_t D, const float* Pt, int64_t cols, const __m512* corr, float* Ot,
-             const float* next, int64_t next_bytes) {
+void pv_tile_f32(const float* V, int64_t D, const float* Pt, int64_t cols, const __m512* corr, float* Ot,
+                 const float* next, int64_t next_bytes) {
   const int64_t calls = (D + kPvRows - 1) / kPvRows;
   int64_t d = 0;
   for (; d + kPvRows <= D; d += kPvRows) {
@@ -181,9 +192,10 @@ struct Workspace {
   std::vector<float> storage;
   float *Qt, *Ot, *St, *m, *l;
   int32_t *lo, *hi;
+  uint16_t* Pt;  // bf16 path: probabilities as key pairs [ceil(block_k / 2)][kChunk][2]
 
   void reserve(int64_t D, int64_t block_k) {
-    const int64_t need = 2 * D * kChunk + block_k * kChunk + 4 * kChunk + 16;
+    const int64_t need = 2 * D * kChunk + block_k * kChunk + 4 * kChunk + 16 + (block_k + 1) * kChunk / 2 + 16;
     if (static_cast<int64_t>(storage.size()) < need) storage.resize(need);
     float* base = storage.data();
     base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;  // 64-byte aligned
@@ -194,21 +206,171 @@ struct Workspace {
     l = m + kChunk;
     lo = reinterpret_cast<int32_t*>(l + kChunk);
     hi = lo + kChunk;
+    Pt = reinterpret_cast<uint16_t*>(hi + kChunk + 16);  // 64-byte aligned: kChunk and 16 are multiples of 16
   }
 };
 
-// One chunk of n <= NV*16 queries (rows q0 + c0 ...) of work item (b, h, qb) against its listed key tiles.
+// ---- fp32 tiles: Q pre-scaled and transposed, both products by rank-1 steps
+
 template <int NV>
-void chunk_forward(const Problem& p, const float* Qp, const float* Kh, const float* Vh, const int32_t* blocks,
+inline void pack_q(const float* Qp, int64_t D, int64_t n, float qscale, Workspace& w) {
+  for (int64_t d = 0; d < D; ++d) {
+    float* row = w.Qt + d * kChunk;
+    for (int64_t i = 0; i < n; ++i) row[i] = Qp[i * D + d] * qscale;
+    for (int64_t i = n; i < NV * kLanes; ++i) row[i] = 0.0f;
+  }
+}
+
+template <int NV>
+void qk_tile(const float* K, int64_t D, const Workspace& w, float* St, int64_t cols, float /*qscale: in Qt*/,
+             const float* next, int64_t next_bytes) {
+  qk_tile_f32<NV>(K, D, w.Qt, St, cols, next, next_bytes);
+}
+
+template <int NV>
+void pv_tile(const float* V, int64_t D, const float* Pt, int64_t cols, const __m512* corr, Workspace& w,
+             const float* next, int64_t next_bytes) {
+  pv_tile_f32<NV>(V, D, Pt, cols, corr, w.Ot, next, next_bytes);
+}
+
+// ---- bf16 tiles (raw bf16 bits as uint16_t): vdpbf16ps on pairs, fp32 accumulation
+
+inline __m512i bcast_pair(const uint16_t* p) {
+  int32_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  return _mm512_set1_epi32(bits);
+}
+
+// Qt2[pair][i][2] = (Q[i][2 pair], Q[i][2 pair + 1]), unscaled (the scale is applied to the fp32 scores,
+// so Q is not rounded a second time).
+template <int NV>
+inline void pack_q(const uint16_t* Qp, int64_t D, int64_t n, float /*qscale*/, Workspace& w) {
+  uint16_t* Qt2 = reinterpret_cast<uint16_t*>(w.Qt);
+  for (int64_t pair = 0; pair < D / 2; ++pair) {
+    uint16_t* row = Qt2 + pair * kChunk * 2;
+    for (int64_t i = 0; i < n; ++i) {
+      row[2 * i] = Qp[i * D + 2 * pair];
+      row[2 * i + 1] = Qp[i * D + 2 * pair + 1];
+    }
+    for (int64_t i = n; i < NV * kLanes; ++i) row[2 * i] = row[2 * i + 1] = 0;
+  }
+}
+
+template <int R, int NV>
+inline void qk_rows_bf16(const uint16_t* __restrict K, int64_t D, const uint16_t* __restrict Qt2, float qscale,
+                         float* __restrict St) {
+  __m512 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t pair = 0; pair < D / 2; ++pair) {
+    __m512bh b[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) b[c] = (__m512bh)_mm512_loadu_si512(Qt2 + pair * kChunk * 2 + c * 2 * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)bcast_pair(K + r * D + 2 * pair);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
+    }
+  }
+  const __m512 s = _mm512_set1_ps(qscale);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(St + r * kChunk + c * kLanes, _mm512_mul_ps(acc[r][c], s));
+}
+
+template <int NV>
+void qk_tile(const uint16_t* K, int64_t D, const Workspace& w, float* St, int64_t cols, float qscale,
+             const uint16_t* next, int64_t next_bytes) {
+  const uint16_t* Qt2 = reinterpret_cast<const uint16_t*>(w.Qt);
+  const int64_t calls = (cols + kQkRows - 1) / kQkRows;
+  int64_t j = 0;
+  for (; j + kQkRows <= cols; j += kQkRows) {
+    prefetch_part(next, next_bytes, j / kQkRows, calls);
+    qk_rows_bf16<kQkRows, NV>(K + j * D, D, Qt2, qscale, St + j * kChunk);
+  }
+  if (j < cols) prefetch_part(next, next_bytes, calls - 1, calls);
+  switch (cols - j) {
+    case 3: qk_rows_bf16<3, NV>(K + j * D, D, Qt2, qscale, St + j * kChunk); break;
+    case 2: qk_rows_bf16<2, NV>(K + j * D, D, Qt2, qscale, St + j * kChunk); break;
+    case 1: qk_rows_bf16<1, NV>(K + j * D, D, Qt2, qscale, St + j * kChunk); break;
+    default: break;
+  }
+}
+
+// Pt2[pair][i][2] = bf16(P[2 pair][i], P[2 pair + 1][i]); an odd last key pairs with 0.
+template <int NV>
+inline void pack_p(const float* St, int64_t cols, uint16_t* Pt2) {
+  // cvtne2ps gives [lo 0..15 | hi 0..15]; this permutation interleaves them into (lo i, hi i) pairs
+  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i order = _mm512_load_si512(kInterleave);
+  for (int64_t pair = 0; pair < (cols + 1) / 2; ++pair) {
+    const float* lo = St + 2 * pair * kChunk;
+    const bool has_hi = 2 * pair + 1 < cols;
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) {
+      const __m512 l = _mm512_loadu_ps(lo + c * kLanes);
+      const __m512 h = has_hi ? _mm512_loadu_ps(lo + kChunk + c * kLanes) : _mm512_setzero_ps();
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(h, l);
+      _mm512_storeu_si512(Pt2 + pair * kChunk * 2 + c * 2 * kLanes, _mm512_permutexvar_epi16(order, both));
+    }
+  }
+}
+
+template <int R, int NV>
+inline void pv_rows_bf16(const uint16_t* __restrict Vv, int64_t D, const uint16_t* __restrict Pt2, int64_t pairs,
+                         const __m512* corr, float* __restrict Ot) {
+  __m512 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(Ot + r * kChunk + c * kLanes), corr[c]);
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    __m512bh b[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) b[c] = (__m512bh)_mm512_loadu_si512(Pt2 + pair * kChunk * 2 + c * 2 * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)bcast_pair(Vv + (pair * D + r) * 2);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
+    }
+  }
+  store_rows<R, NV>(acc, Ot);
+}
+
+// Vv: this tile's values as key pairs [pairs][D][2]. Pt (fp32 probabilities) is first rounded to pairs.
+template <int NV>
+void pv_tile(const uint16_t* Vv, int64_t D, const float* Pt, int64_t cols, const __m512* corr, Workspace& w,
+             const uint16_t* next, int64_t next_bytes) {
+  pack_p<NV>(Pt, cols, w.Pt);
+  const int64_t pairs = (cols + 1) / 2, calls = (D + kPvRows - 1) / kPvRows;
+  int64_t d = 0;
+  for (; d + kPvRows <= D; d += kPvRows) {
+    prefetch_part(next, next_bytes, d / kPvRows, calls);
+    pv_rows_bf16<kPvRows, NV>(Vv + 2 * d, D, w.Pt, pairs, corr, w.Ot + d * kChunk);
+  }
+  if (d < D) prefetch_part(next, next_bytes, calls - 1, calls);
+  switch (D - d) {
+    case 3: pv_rows_bf16<3, NV>(Vv + 2 * d, D, w.Pt, pairs, corr, w.Ot + d * kChunk); break;
+    case 2: pv_rows_bf16<2, NV>(Vv + 2 * d, D, w.Pt, pairs, corr, w.Ot + d * kChunk); break;
+    case 1: pv_rows_bf16<1, NV>(Vv + 2 * d, D, w.Pt, pairs, corr, w.Ot + d * kChunk); break;
+    default: break;
+  }
+}
+
+// One chunk of n <= NV*16 queries (rows q0 + c0 ...) of work item (b, h, qb) against its listed key tiles.
+template <int NV, typename T>
+void chunk_forward(const Problem& p, const T* Qp, const T* Kh, const T* Vh, const int32_t* blocks,
                    const int32_t* mask_ids, int64_t count, int64_t qb, int64_t c0, int64_t n, Workspace& w,
                    float* Op, float* Lp) {
   const int64_t D = p.D;
   const float qscale = p.scale * 1.4426950408889634f;  // scores in log2 units: exp2 instead of exp
-  for (int64_t d = 0; d < D; ++d) {
-    float* row = w.Qt + d * kChunk;
-    for (int64_t i = 0; i < n; ++i) row[i] = Qp[(c0 + i) * D + d] * qscale;
-    for (int64_t i = n; i < NV * kLanes; ++i) row[i] = 0.0f;
-  }
+  pack_q<NV>(Qp + c0 * D, D, n, qscale, w);
   const __m512 neg_inf = _mm512_set1_ps(kNegInf), zero = _mm512_setzero_ps();
   __m512 m[NV], l[NV];
   for (int c = 0; c < NV; ++c) {
@@ -221,18 +383,18 @@ void chunk_forward(const Problem& p, const float* Qp, const float* Kh, const flo
   for (int64_t t = 0; t < count; ++t) {
     const int64_t kb = blocks[t], k0 = kb * p.block_k;
     const int64_t cols = std::min(p.block_k, p.Lk - k0);
-    const float* Kp = Kh + k0 * D;
-    const float* Vp = Vh + k0 * D;
+    const T* Kp = Kh + k0 * D;
+    const T* Vp = Vh + k0 * D;  // bf16: V in key pairs, and k0 even, so the pair block starts at k0 * D too
     float* St = w.St;
-    const float *Kn = nullptr, *Vn = nullptr;
+    const T *Kn = nullptr, *Vn = nullptr;
     int64_t next_bytes = 0;
     if (t + 1 < count) {  // the next tile's K and V are prefetched while this one is computed
       const int64_t nk0 = blocks[t + 1] * p.block_k;
       Kn = Kh + nk0 * D;
       Vn = Vh + nk0 * D;
-      next_bytes = std::min(p.block_k, p.Lk - nk0) * D * 4;
+      next_bytes = std::min(p.block_k, p.Lk - nk0) * D * static_cast<int64_t>(sizeof(T));
     }
-    qk_tile<NV>(Kp, D, w.Qt, St, cols, Kn, next_bytes);
+    qk_tile<NV>(Kp, D, w, St, cols, qscale, Kn, next_bytes);
     const TileRule rule = p.rule(qb, kb, mask_ids ? mask_ids[t] : -1);
     if (!rule.full()) mask_tile<NV>(rule, c0, n, St, w.lo, w.hi);
     __m512 mx[NV];
@@ -259,7 +421,7 @@ void chunk_forward(const Problem& p, const float* Qp, const float* Kh, const flo
       }
     }
     for (int c = 0; c < NV; ++c) l[c] = _mm512_fmadd_ps(l[c], corr[c], sum[c]);
-    pv_tile<NV>(Vp, D, St, cols, corr, w.Ot, Vn, next_bytes);
+    pv_tile<NV>(Vp, D, St, cols, corr, w, Vn, next_bytes);
   }
 
   for (int c = 0; c < NV; ++c) {
@@ -281,15 +443,19 @@ void chunk_forward(const Problem& p, const float* Qp, const float* Kh, const flo
   }
 }
 
-__attribute__((noinline)) void forward_item(const Problem& p, const float* Q, const float* K, const float* V,
+// V is the values as given for float, and packed as key pairs ([B, Hkv, Lk/2, D, 2]) for bf16.
+template <typename T>
+__attribute__((noinline)) void forward_item(const Problem& p, const T* Q, const T* K, const T* V,
                                             const int32_t* cnt, const int32_t* idx, const int32_t* mid, int64_t maxK,
                                             int64_t it, Workspace& w, float* O, float* LSE) {
   const int64_t qb = it % p.nQ, h = (it / p.nQ) % p.Hq, b = it / (p.nQ * p.Hq);
   const int64_t hk = h / (p.Hq / p.Hkv);
   const int64_t q0 = qb * p.block_q, rows = std::min(p.block_q, p.Lq - q0);
-  const float* Qp = Q + ((b * p.Hq + h) * p.Lq + q0) * p.D;
-  const float* Kh = K + (b * p.Hkv + hk) * p.Lk * p.D;
-  const float* Vh = V + (b * p.Hkv + hk) * p.Lk * p.D;
+  // bf16's packed V has an even number of key rows per head
+  const int64_t v_rows = std::is_same<T, float>::value ? p.Lk : (p.Lk + 1) / 2 * 2;
+  const T* Qp = Q + ((b * p.Hq + h) * p.Lq + q0) * p.D;
+  const T* Kh = K + (b * p.Hkv + hk) * p.Lk * p.D;
+  const T* Vh = V + (b * p.Hkv + hk) * v_rows * p.D;
   float* Op = O + ((b * p.Hq + h) * p.Lq + q0) * p.D;
   float* Lp = LSE + (b * p.Hq + h) * p.Lq + q0;
   const int64_t list = (p.lb(b) * p.layout_h + p.lh(h)) * p.nQ + qb;

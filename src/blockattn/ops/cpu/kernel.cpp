@@ -18,8 +18,27 @@ bool cpu_has_avx512() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
 
+bool cpu_has_avx512_bf16() {
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+}
+
 // The forward implementation in use: "avx512" where the CPU has it, else "avx2"; set_isa can force "avx2".
 bool g_use_avx512 = cpu_has_avx512();
+
+// Every (batch, head, query block) item, longest list first, on the AVX-512 forward.
+template <typename T>
+void avx512_forward(const Problem& p, const T* Q, const T* K, const T* V, const at::Tensor& counts,
+                    const at::Tensor& indices, const at::Tensor& mask_ids, float* O, float* LSE) {
+  const int32_t* cnt = counts.data_ptr<int32_t>();
+  const int32_t* idx = indices.data_ptr<int32_t>();
+  const int32_t* mid = mask_ids.numel() ? mask_ids.data_ptr<int32_t>() : nullptr;
+  const int64_t maxK = indices.size(3);
+  std::vector<avx512::Workspace> workspaces(at::get_num_threads());
+  run_dynamic(longest_first(query_block_costs(p, cnt)), [&](int64_t it, int64_t t) {
+    avx512::forward_item<T>(p, Q, K, V, cnt, idx, mid, maxK, it, workspaces[t], O, LSE);
+  });
+}
 
 }  // namespace
 
@@ -48,29 +67,18 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   const float* V = v.data_ptr<float>();
   float* O = out.data_ptr<float>();
   float* LSE = lse.data_ptr<float>();
+  if (g_use_avx512) {
+    avx512_forward<float>(p, Q, K, V, counts, indices, mask_ids, O, LSE);
+    return;
+  }
   const int32_t* cnt = counts.data_ptr<int32_t>();
   const int32_t* idx = indices.data_ptr<int32_t>();
   const int32_t* mid = mask_ids.numel() ? mask_ids.data_ptr<int32_t>() : nullptr;
   const int64_t maxK = indices.size(3), D = p.D, group = p.Hq / p.Hkv;
-
-  const int64_t items = p.B * p.Hq * p.nQ;
-  std::vector<int64_t> cost(items);
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t qb = it % p.nQ, h = (it / p.nQ) % p.Hq, b = it / (p.nQ * p.Hq);
-    cost[it] = cnt[(p.lb(b) * p.layout_h + p.lh(h)) * p.nQ + qb];
-  }
-  const int64_t threads = at::get_num_threads();
-  if (g_use_avx512) {
-    std::vector<avx512::Workspace> workspaces(threads);
-    run_dynamic(longest_first(cost), [&](int64_t it, int64_t t) {
-      avx512::forward_item(p, Q, K, V, cnt, idx, mid, maxK, it, workspaces[t], O, LSE);
-    });
-    return;
-  }
-  std::vector<std::vector<float>> scratch(threads);
+  std::vector<std::vector<float>> scratch(at::get_num_threads());
   const int64_t run = std::max<int64_t>(1, kRunWidth / p.block_k), ldS = run * p.block_k;
 
-  run_dynamic(longest_first(cost), [&](int64_t it, int64_t t) {
+  run_dynamic(longest_first(query_block_costs(p, cnt)), [&](int64_t it, int64_t t) {
     const int64_t qb = it % p.nQ, h = (it / p.nQ) % p.Hq, b = it / (p.nQ * p.Hq);
     const int64_t hk = h / group;
     const int64_t q0 = qb * p.block_q, rows = std::min(p.block_q, p.Lq - q0);
@@ -145,6 +153,32 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
     }
   });
 }
+
+// The bf16 forward on AVX512-BF16 (fwd_avx512.h): q [B,Hq,Lq,D] and k [B,Hkv,Lk,D] contiguous bf16,
+// v_pairs the values as key pairs [B,Hkv,ceil(Lk/2),D,2] bf16 (zero-padded), D and block_k even; out
+// [B,Hq,Lq,D] and lse [B,Hq,Lq] float32, every element written.
+void forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_pairs, const at::Tensor& counts,
+                  const at::Tensor& indices, const at::Tensor& mask_ids, const at::Tensor& tile_masks,
+                  int64_t block_q, int64_t block_k, bool causal, int64_t left, int64_t right, double scale,
+                  at::Tensor& out, at::Tensor& lse) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "this CPU lacks AVX512-BF16");
+  for (const at::Tensor* t : {&q, &k, &v_pairs})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous(), "bf16 forward expects contiguous bf16");
+  for (const at::Tensor* t : {&out, &lse})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "bf16 forward writes contiguous float32");
+  for (const at::Tensor* t : {&counts, &indices})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "cpu kernel expects contiguous int32 lists");
+  TORCH_CHECK(q.size(3) % 2 == 0 && block_k % 2 == 0, "bf16 forward needs an even head dim and block_k");
+  TORCH_CHECK(v_pairs.dim() == 5 && v_pairs.size(2) == (k.size(2) + 1) / 2 && v_pairs.size(4) == 2,
+              "v_pairs must be [B, Hkv, ceil(Lk/2), D, 2]");
+  const Problem p = make_problem(q, k, counts, block_q, block_k, causal, left, right, scale, tile_masks);
+  const auto* Q = reinterpret_cast<const uint16_t*>(q.data_ptr());
+  const auto* K = reinterpret_cast<const uint16_t*>(k.data_ptr());
+  const auto* V = reinterpret_cast<const uint16_t*>(v_pairs.data_ptr());
+  avx512_forward<uint16_t>(p, Q, K, V, counts, indices, mask_ids, out.data_ptr<float>(), lse.data_ptr<float>());
+}
+
+bool has_avx512_bf16() { return cpu_has_avx512_bf16(); }
 
 namespace {
 
@@ -264,14 +298,8 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
     const int32_t* cnt = counts.data_ptr<int32_t>();
     const int32_t* idx = indices.data_ptr<int32_t>();
     const int32_t* mid = mask_ids.numel() ? mask_ids.data_ptr<int32_t>() : nullptr;
-    const int64_t items = p.B * p.Hq * p.nQ;
-    std::vector<int64_t> cost(items);
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t qb = it % p.nQ, h = (it / p.nQ) % p.Hq, b = it / (p.nQ * p.Hq);
-      cost[it] = cnt[(p.lb(b) * p.layout_h + p.lh(h)) * p.nQ + qb];
-    }
     const int64_t run = std::max<int64_t>(1, kRunWidth / p.block_k), ld = run * p.block_k;
-    run_dynamic(longest_first(cost), [&](int64_t it, int64_t t) {
+    run_dynamic(longest_first(query_block_costs(p, cnt)), [&](int64_t it, int64_t t) {
       const int64_t qb = it % p.nQ, h = (it / p.nQ) % p.Hq, b = it / (p.nQ * p.Hq);
       const int64_t hk = h / group, q0 = qb * p.block_q, rows = std::min(p.block_q, p.Lq - q0);
       const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
@@ -309,6 +337,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace blockattn_cpu;
   m.def("forward", &forward, "block-sparse attention forward (float32)");
   m.def("backward", &backward, "block-sparse attention backward (float32)");
+  m.def("forward_bf16", &forward_bf16, "block-sparse attention forward, bf16 inputs on AVX512-BF16");
+  m.def("has_avx512_bf16", &has_avx512_bf16, "whether the CPU has AVX512-BF16 (and AVX-512)");
   m.def("isa", &isa, "forward implementation in use: 'avx512' or 'avx2'");
   m.def("set_isa", &set_isa, "force the forward implementation ('avx2', or 'avx512' where supported)");
 }
