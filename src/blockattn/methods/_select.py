@@ -63,8 +63,10 @@ def pack_bits(bits: Tensor) -> Tensor:
 
 def unpack_bits(words: Tensor, n: int) -> Tensor:
     """bool `[..., n]`: the inverse of `pack_bits`."""
-    shifts = torch.arange(64, dtype=torch.int64, device=words.device)
-    return ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(-2)[..., :n]
+    # through the little-endian bytes: the intermediate is one byte per bit, not eight
+    shifts = torch.arange(8, dtype=torch.uint8, device=words.device)
+    data = words.contiguous().view(torch.uint8)                                    # [..., 8 W]
+    return ((data.unsqueeze(-1) >> shifts) & 1).view(*words.shape[:-1], -1)[..., :n].bool()
 
 
 def _unique_words(words: Tensor) -> tuple[Tensor, Tensor]:

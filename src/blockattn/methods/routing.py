@@ -193,5 +193,6 @@ class RoutingTransformer(Method):
             one = torch.ones((), dtype=torch.int64, device=q.device)
             rows = torch.arange(q_len, device=q.device)
             words[:, :, rows, pos // tile, bit // 64] |= one << (bit % 64)
+        # every row keeps its own position when there is one (no per-row check over the masks then)
         return row_words_layout(words, q_len=q_len, k_len=k_len, block_q=tile, block_k=tile, causal=self.causal,
-                                allow_empty_rows=not own_position)
+                                allow_empty_rows=True)
