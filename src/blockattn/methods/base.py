@@ -73,15 +73,15 @@ class Method:
             known = ", ".join(_CONTEXT + tuple(self.extra_context))
             raise TypeError(f"{self.name}.select() got unknown context {unknown}; it takes {known}")
         _checks.check_qk(q, k)
+        q_len, k_len = q.shape[2], k.shape[2]
+        grid = self._check_grid(grid, q_len)  # first: a method that needs a grid says so before anything else
         causal = self.default_causal() if causal is None else _checks.bool_arg("causal", causal)
         self.check_causal(causal)
-        q_len, k_len = q.shape[2], k.shape[2]
         if not self.any_lengths and q_len != k_len:
             raise ValueError(f"{self.name} selects for prefill (self-attention): q_len ({q_len}) must equal "
                              f"k_len ({k_len})")
         if causal and q_len > k_len and not self.queries_before_keys:
             raise ValueError(f"q_len ({q_len}) must not exceed k_len ({k_len}) for causal {self.name}")
-        grid = self._check_grid(grid, q_len)
         layer = _checks.optional_int_arg("layer", layer, minimum=0)
         method = self
         if "causal" in self.field_names() and self.causal != causal:
