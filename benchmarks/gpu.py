@@ -58,16 +58,39 @@ def step(fn, backward, inputs, grad):
     return run
 
 
+def methods_on_device(device, dtypes, length=1024):
+    """Every LLM-prefill method selects on the device and its layout runs through the engine there,
+    against the float64 reference (SmolLM2's 9/3 heads, D=64): a device mismatch or a wrong layout shows
+    up here, one line per method."""
+    from blockattn import methods
+    from blockattn.ops.reference import reference_attention
+
+    for dtype in dtypes:
+        torch.manual_seed(0)
+        q = torch.randn(1, 9, length, 64, device=device, dtype=dtype)
+        k, v = (torch.randn(1, 3, length, 64, device=device, dtype=dtype) for _ in range(2))
+        for name in methods.names():
+            try:
+                layout = methods.get(name).select(q, k)
+                out = blockattn.attention(q, k, v, layout)
+                ref = reference_attention(q, k, v, layout)
+                err = ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+                print(f"# method {name} on {device.type} ({str(dtype)[6:]}): layout on {layout.device.type}, "
+                      f"density {layout.density():.3f}, rel. error vs float64 {err:.1e}", flush=True)
+            except Exception as error:
+                print(f"# method {name} on {device.type}: {type(error).__name__}: {str(error)[:150]}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (for the CPU interpreter)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float16"],
+                        choices=["bfloat16", "float16", "float32"], help="each gets the whole table")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
     heads, dim = (2, 32) if args.quick else (args.heads, args.dim)
     block = 64 if args.quick else 128
     lengths = [128, 256] if args.quick else [4096, 8192, 16384, 32768]
@@ -79,7 +102,7 @@ def main():
     configs += [(f"window-{window}", L, lambda L: patterns.sliding_window(L, window=window, block_q=block,
                                                                           block_k=block)) for L in sparse_lengths]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (Triton interpreter)"
-    print(f"# {name}, torch {torch.__version__}, {args.dtype}, B=1, H={heads}, D={dim}, block {block}")
+    print(f"# {name}, torch {torch.__version__}, {' '.join(args.dtype)}, B=1, H={heads}, D={dim}, block {block}")
 
     # correctness first: the full causal layout against SDPA, output and gradients, in both half dtypes
     L = lengths[0]
@@ -101,9 +124,12 @@ def main():
             print(f"# check vs SDPA at L={L}, {check_dtype}: error {type(error).__name__}: {str(error)[:200]}")
 
     from blockattn.ops.flex import compiled_flex_attention
-    print("| layout | L | mode | triton ms | SDPA ms | vs SDPA | Flex ms (compile s) | vs Flex | density | TFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for family, L, build in configs:
+    methods_on_device(device, dtypes=[getattr(torch, d) for d in args.dtype][:1])
+    print("| dtype | layout | L | mode | triton ms | SDPA ms | vs SDPA | Flex ms (compile s) | vs Flex | density | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = [(d, c) for d in args.dtype for c in configs]
+    for dtype_name, (family, L, build) in rows:
+        dtype = getattr(torch, dtype_name)
         for backward in (False, True):
             mode = "fwd+bwd" if backward else "fwd"
             try:
@@ -131,10 +157,10 @@ def main():
                     flex_text, vs_flex = f"{flex_ms:.2f} ({compile_s:.1f})", f"{ours / flex_ms:.2f}"
                 pairs = layout.token_density() * L * L * heads
                 flops = 4 * dim * pairs * (3.5 if backward else 1.0)
-                print(f"| {family} | {L} | {mode} | {ours:.2f} | {sdpa:.2f} | {ours / sdpa:.2f} | {flex_text} | "
+                print(f"| {dtype_name} | {family} | {L} | {mode} | {ours:.2f} | {sdpa:.2f} | {ours / sdpa:.2f} | {flex_text} | "
                       f"{vs_flex} | {layout.density():.3f} | {flops / ours / 1e9:.1f} |", flush=True)
             except Exception as error:  # keep the rest of the table
-                print(f"| {family} | {L} | {mode} | error: {type(error).__name__}: {str(error)[:120]} |", flush=True)
+                print(f"| {dtype_name} | {family} | {L} | {mode} | error: {type(error).__name__}: {str(error)[:120]} |", flush=True)
 
 
 if __name__ == "__main__":
