@@ -12,8 +12,9 @@
    length is the influence outside its layout (band + sink block); its cost the kept blocks at the
    longest profiled length. Per density ρ, an exact dynamic programme over the integer block budget
    minimises the summed (per-length normalised) loss with mean density ≤ ρ. Deviations from the official
-   MILP (gurobi): one budget (the longest profile length), no ≤ 2-configs-per-layer constraint, no
-   Pareto/validation step.
+   MILP (gurobi): one density budget, at `budget_length` (default the longest profiled length; MoA
+   constrains every profiled and extended length), no ≤ 2-configs-per-layer constraint, no Pareto or
+   validation step.
 """
 from __future__ import annotations
 
@@ -122,17 +123,19 @@ def influence_on(model, ids, start: int, block: int = 64) -> torch.Tensor:
     return torch.stack(layers)
 
 
-def config_tables(influence: dict[int, torch.Tensor], configs, block: int = 64):
-    """Per profiled length: loss `[L·Hkv, C]` (influence outside each config's layout, normalised by the
-    head-summed total at that length) and kept blocks of the last row `[C]`."""
-    losses, kept = [], None
+def config_tables(influence: dict[int, torch.Tensor], configs, block: int = 64, budget_length: int | None = None):
+    """Summed over profiled lengths, loss `[L·Hkv, C]` (influence outside each config's layout, normalised by
+    the head-summed total at that length); and each config's kept blocks of the last row at `budget_length`
+    (default: the longest profiled length) `[C]`, with that length's block count."""
+    losses = []
     for n, z in sorted(influence.items()):
         nb = z.shape[-1]
         flat = z.flatten(0, 1)                                   # [L·Hkv, nb, nb]
         total = flat.sum((1, 2))
         loss = torch.stack([total - (flat * block_layout(a, b, nb, block)).sum((1, 2)) for a, b in configs], 1)
         losses.append(loss / total.sum().clamp_min(1e-30))
-        kept = torch.tensor([int(block_layout(a, b, nb, block)[-1].sum()) for a, b in configs])
+    nb = -(-(budget_length or max(influence)) // block)
+    kept = torch.tensor([int(block_layout(a, b, nb, block)[-1].sum()) for a, b in configs])
     return sum(losses), kept, nb
 
 
@@ -165,7 +168,8 @@ def choose(loss: torch.Tensor, cost: torch.Tensor, budget: int) -> list[int]:
 
 
 def calibrate(model, tokenizer, *, lengths=(1024, 2048), extend: int = 8192, samples: int = 2,
-              densities=(0.5, 0.3, 0.1), block: int = 64, seed: int = 0, influence: dict | None = None) -> dict:
+              densities=(0.5, 0.3, 0.1), block: int = 64, seed: int = 0, influence: dict | None = None,
+              budget_length: int | None = None) -> dict:
     """A plan `{"spans": {density: [layer][kv_head] -> (α, β)}, ...}`; densities no grid config can reach
     are listed under "infeasible". `influence` (from a previous run's "influence" entry) skips profiling."""
     config = model.config
@@ -173,7 +177,7 @@ def calibrate(model, tokenizer, *, lengths=(1024, 2048), extend: int = 8192, sam
     if influence is None:
         influence = {n: profile(model, tokenizer, n, samples, seed=seed) for n in lengths}
     configs = grid(list(lengths), extend)
-    loss, kept, nb = config_tables(influence, configs, block)
+    loss, kept, nb = config_tables(influence, configs, block, budget_length)
     spans, infeasible = {}, {}
     for density in densities:
         try:
@@ -183,9 +187,10 @@ def calibrate(model, tokenizer, *, lengths=(1024, 2048), extend: int = 8192, sam
             continue
         spans[f"{density:.3g}"] = [[list(configs[chosen[l * kv_heads + h]]) for h in range(kv_heads)]
                                    for l in range(layers)]
-    return {"method": "moa", "lengths": list(lengths), "extend": extend, "samples": samples, "block": block,
+    return {"method": "moa", "lengths": list(lengths), "extend": extend, "budget_length": nb * block,
+            "samples": samples, "block": block,
             "spans": spans, "infeasible": infeasible, "influence": influence,
-            "deviations": "per KV head; one budget at the longest length; no per-layer config limit; no "
+            "deviations": "per KV head; one density budget (at budget_length); no per-layer config limit; no "
                           "Pareto/validation step (see moa_calibrate.py)"}
 
 
@@ -197,13 +202,15 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.3, 0.1])
     parser.add_argument("--influence", default=None, help="reuse the profile saved by a previous run (.pt)")
+    parser.add_argument("--budget-length", type=int, default=None,
+                        help="length at which the mean density must meet the budget (default: longest profiled)")
     args = parser.parse_args(argv)
     import blockattn
     start = time.perf_counter()
     model, tokenizer = blockattn.models.load(args.model)
     influence = torch.load(args.influence) if args.influence else None
     plan = calibrate(model, tokenizer, lengths=args.lengths, samples=args.samples, densities=args.densities,
-                     influence=influence)
+                     influence=influence, budget_length=args.budget_length)
     torch.save(plan.pop("influence"), args.out + ".influence.pt")
     plan["model"] = args.model
     with open(args.out, "w") as f:
