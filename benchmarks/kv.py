@@ -8,9 +8,9 @@ scored token by token (teacher forcing) from the compressed cache, so every answ
 by attention over the kept tokens only. To spare the shared CPU, the context is prefilled once per sample
 and its per-layer K/V (and last 64 queries) are handed to every policy's `select`, exactly as
 `hf.patch(kv=...)` does after its own prefill; one policy is also run end to end through
-`model(context, use_cache=True)` on the first sample and must give the same cache. ACT changes the prefill itself, so it
-runs end to end. Decode tokens/s: greedy steps after the answer, against the unpatched model (SDPA,
-DynamicCache) on the same context in the same run.
+`model(context, use_cache=True)` on the first sample and must give the same cache. ACT changes the
+prefill itself, so it runs end to end. Decode tokens/s: greedy steps after the answer, against the
+unpatched model (SDPA, DynamicCache) on the same context in the same run.
 """
 from __future__ import annotations
 
@@ -134,7 +134,8 @@ def main():
         start = time.perf_counter()
         with torch.no_grad(), hf.patch(model, kv=capture):
             model(context, use_cache=True)
-        print(f"depth {depth} seed {seed}: context of {n} tokens prefilled in {time.perf_counter() - start:.1f} s", flush=True)
+        seconds = time.perf_counter() - start
+        print(f"depth {depth} seed {seed}: context of {n} tokens prefilled in {seconds:.1f} s", flush=True)
         dense_bytes = sum(2 * k.numel() * k.element_size() for _, k, _, _ in capture.layers.values())
         for label, policy in configs:
             row = rows[label]
