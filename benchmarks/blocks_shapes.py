@@ -8,7 +8,7 @@ backbone is a small ConvNet:
     stem 3x3/2 (1 -> 32) -> [block A @ 12x12] -> 3x3/2 (32 -> 64) -> [block B @ 6x6] -> GAP -> linear
 
 `none` leaves both block slots empty (the backbone alone); `conv` puts a plain residual
-3x3-conv block in both (a control with extra depth but no attention); every other variant puts
+two-conv block in both (`conv1`: one conv), controls with extra depth but no attention; every other variant puts
 its paper's block in both slots (`overlock-topdown` rewires the net as OverLoCK's overview and
 focus stages, see `TopDown`). Reported: test accuracy (mean over seeds), parameters, train time.
 
@@ -79,11 +79,12 @@ class _Tokens(nn.Module):
 
 
 class _ResidualConv(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, convs: int = 2):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
-                                  nn.GELU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(channels))
+        layers = [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)]
+        if convs == 2:
+            layers += [nn.GELU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)]
+        self.body = nn.Sequential(*layers)
 
     def forward(self, x):
         return x + self.body(x)
@@ -92,8 +93,10 @@ class _ResidualConv(nn.Module):
 def make_block(kind: str, channels: int, size: int) -> nn.Module:
     if kind == "none":
         return nn.Identity()
-    if kind == "conv":   # a plain residual conv block: the "same compute, no attention" control
+    if kind == "conv":   # a plain residual conv block: the "extra depth, no attention" control
         return _ResidualConv(channels)
+    if kind == "conv1":  # the same with one conv: a control the size of the PSA / PAT variants
+        return _ResidualConv(channels, convs=1)
     if kind == "psa":
         return PolarizedSelfAttention(channels, layout="parallel", form="paper")
     if kind == "psa-seq":
@@ -181,8 +184,8 @@ def train(kind, data, seed, epochs, batch):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--blocks", nargs="+", default=["none", "conv", "psa", "psa-seq", "pat", "pat-sf", "ninformer",
-                                                        "overlock", "overlock-topdown"])
+    parser.add_argument("--blocks", nargs="+", default=["none", "conv", "conv1", "psa", "psa-seq", "pat", "pat-sf",
+                                                        "ninformer", "overlock", "overlock-topdown"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--test", type=int, default=2000)

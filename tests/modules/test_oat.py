@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from blockattn.modules import (ObjectAttentionTransformer, ObjectCrossAttention, ObjectPositionalEncoding,
                                fit_positional_table, positional_table_error)

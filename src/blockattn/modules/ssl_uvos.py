@@ -24,7 +24,6 @@ shvdiwnkozbw/SSL-UVOS (`src/model/model_cluster.py`, `src/model/attention.py`, `
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import blockattn
