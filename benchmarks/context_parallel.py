@@ -162,6 +162,19 @@ def worker(rank, world, port, args, cases_path, out_dir):
         t_gather, out_gather = timed(lambda: gather(qs, ks, vs), args.reps)
         err = torch.tensor([float((out - out_gather).abs().max())])
         dist.all_reduce(err, op=dist.ReduceOp.MAX)
+        t_heads = heads_bytes = None
+        if args.ulysses and k.shape[1] % world == 0:
+            # head-parallel with the same (known) layout: what a dynamic method pays instead of the plan
+            ulysses = lambda q_, k_, v_: bd.head_parallel_attention(q_, k_, v_, layout, layout, plan=plan)
+            if args.backward:
+                ulysses = with_backward(ulysses, grad)
+            with RecvCounter() as heads_counter:
+                t_heads, out_heads = timed(lambda: ulysses(qs, ks, vs), args.reps)
+            heads_bytes = torch.tensor([heads_counter.bytes // args.reps], dtype=torch.float64)
+            dist.all_reduce(heads_bytes, op=dist.ReduceOp.MAX)
+            err = torch.maximum(err, torch.tensor([float((out - out_heads).abs().max())]))
+            dist.all_reduce(err, op=dist.ReduceOp.MAX)
+            heads_bytes = float(heads_bytes)
         key = tuple(q.shape) + tuple(k.shape)
         if key not in ring_times and args.ring and not args.backward:
             ring = torch_ring(dist.group.WORLD)
@@ -174,7 +187,7 @@ def worker(rank, world, port, args, cases_path, out_dir):
                          gather_s=t_gather, ring_s=ring_times.get(key), ours_recv=float(recv),
                          gather_recv=gathered_tokens * per_token * (2 if args.backward else 1), ring_recv=(world - 1) * (length // world) * per_token,
                          tiles_max_mean=float(tiles.max() / tiles.mean()), tiles=plan.tiles.tolist(),
-                         max_err_vs_gather=float(err)))
+                         max_err_vs_gather=float(err), ulysses_s=t_heads, ulysses_recv=heads_bytes))
     if rank == 0:
         torch.save(rows, os.path.join(out_dir, "rows.pt"))
     dist.barrier()
@@ -251,6 +264,8 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--no-ring", dest="ring", action="store_false")
+    parser.add_argument("--ulysses", action="store_true",
+                        help="also head-parallel (Ulysses all-to-all) with the same layout, when KV heads divide P")
     parser.add_argument("--backward", action="store_true",
                         help="time forward + backward (ours and all-gather; the ring is forward only)")
     parser.add_argument("--xattention", action="store_true", help="add an XAttention layout from SmolLM2")
@@ -300,7 +315,8 @@ def main():
                 ratio = f"{r['ours_s'] / r['ring_s']:9.2f}" if r["ring_s"] else "        -"
                 print(f"{r['layout']:10} {r['length']:6d} {r['world']:2d} {r['balance']:>15} {r['ours_recv'] / 1e6:8.2f} "
                       f"{r['gather_recv'] / 1e6:9.2f} {r['ring_recv'] / 1e6:8.2f} {r['ours_s']:7.3f} "
-                      f"{r['gather_s']:8.3f} {ring} {ratio} {r['tiles_max_mean']:14.3f} {r['max_err_vs_gather']:8.1e}")
+                      f"{r['gather_s']:8.3f} {ring} {ratio} {r['tiles_max_mean']:14.3f} {r['max_err_vs_gather']:8.1e}"
+                      + (f"  ulysses {r['ulysses_recv'] / 1e6:.2f} MB {r['ulysses_s']:.3f} s" if r["ulysses_s"] else ""))
     projection(args, args.bandwidth_gbs * 1e9)
 
 

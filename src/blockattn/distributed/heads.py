@@ -113,6 +113,14 @@ def head_parallel_attention(q: Tensor, k: Tensor, v: Tensor, method, layout: Blo
         if k.shape[1] % world:
             raise ValueError(f"head-parallel attention needs key/value heads divisible by the group size: "
                              f"{k.shape[1]} KV heads over {world} ranks")
+        # a fixed layout is checked here, before any exchange: a rank failing later would strand the others
+        if isinstance(method, BlockLayout):
+            if (method.q_len, method.k_len) != (layout.q_len, layout.k_len):
+                raise ValueError(f"method layout is built for ({method.q_len}, {method.k_len}) tokens, the "
+                                 f"sequence has {layout.q_len}")
+            if method.heads not in (1, q.shape[1]) or method.batch not in (1, q.shape[0]):
+                raise ValueError(f"method layout B|H=({method.batch}, {method.heads}) does not broadcast to "
+                                 f"batch {q.shape[0]} and {q.shape[1]} query heads")
 
     rank, world, resolved = _validate(q, k, v, layout, plan, group, extra=heads_divide)
     hq, hkv = q.shape[1] // world, k.shape[1] // world
