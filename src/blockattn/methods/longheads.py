@@ -78,18 +78,23 @@ class LongHeads(PrefillMethod):
         w = self.window_size
         n_chunks = -(-length // w)
         pad = n_chunks * w - length
-        keys = expand_kv_heads(k.float(), heads)
-        values = keys if v is None else expand_kv_heads(v.float(), heads)
-        split = [torch.nn.functional.pad(x, (0, 0, 0, pad)).view(batch, heads, n_chunks, w, dim)
-                 for x in (q.float(), keys, values)]
+        heads_kv = k.shape[1]
+        group = heads // heads_kv
+        # chunks as a batch axis and heads third from last: one fused SDPA call (GQA: no key copies)
+        split = [torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(batch, x.shape[1], n_chunks, w, dim)
+                 .transpose(1, 2) for x in (q, k, k if v is None else v)]                # [B, nC, H|Hkv, w, D]
         valid = (torch.arange(n_chunks * w, device=q.device) < length).view(n_chunks, w)
-        logits = (split[0] @ split[1].transpose(-1, -2)) * dim ** -0.5
-        logits = logits.masked_fill(~valid.view(1, 1, n_chunks, 1, w), float("-inf"))
-        outputs = torch.softmax(logits, -1) @ split[2]                                   # [B, H, nC, w, D]
-        summary = (outputs * valid.view(1, 1, n_chunks, w, 1)).sum(3) / valid.sum(-1).view(1, 1, -1, 1)
-        pool = (summary.unsqueeze(3) @ split[1].transpose(-1, -2)).squeeze(3) * dim ** -0.5  # [B, H, nC, w]
-        pool = torch.softmax(pool.masked_fill(~valid, float("-inf")), -1)
-        return (pool.unsqueeze(3) @ split[1]).squeeze(3)
+        mask = valid.view(1, n_chunks, 1, 1, w).expand(batch, -1, -1, -1, -1).reshape(-1, 1, 1, w) if pad else None
+        flat = [x.reshape(batch * n_chunks, x.shape[2], w, dim) for x in split]  # 4-D: the fused CPU kernel
+        outputs = torch.nn.functional.scaled_dot_product_attention(*flat, attn_mask=mask, enable_gqa=group > 1)
+        outputs = outputs.view(batch, n_chunks, heads, w, dim)
+        summary = (outputs * valid.view(1, n_chunks, 1, w, 1)).sum(3) / valid.sum(-1).view(1, -1, 1, 1)
+        keys = split[1]                                                                   # [B, nC, Hkv, w, D]
+        summary = summary.view(batch, n_chunks, heads_kv, group, dim)
+        pool = torch.einsum("bckgd,bckwd->bckgw", summary, keys) * dim ** -0.5
+        pool = torch.softmax(pool.masked_fill(~valid.view(1, n_chunks, 1, 1, w), float("-inf")), -1)
+        chunk_keys = torch.einsum("bckgw,bckwd->bckgd", pool, keys)                     # [B, nC, Hkv, g, D]
+        return chunk_keys.reshape(batch, n_chunks, heads, dim).transpose(1, 2)
 
     def gates(self, q: Tensor, k: Tensor, v: Tensor | None = None) -> Tensor:
         """bool `[B, Hq, L, nChunks]`: the chunks each query token attends to."""
