@@ -24,7 +24,7 @@ def add_arguments(parser):
 
 def _positive(name, value):
     if value is not None and value < 1:
-        raise SystemExit(f"--{name} must be a positive int, got {value}")
+        raise ValueError(f"--{name} must be a positive int, got {value}")
 
 
 def _landmark_table(result) -> str:
@@ -33,9 +33,10 @@ def _landmark_table(result) -> str:
         reads = "all earlier + own" if label.startswith("full") else "own" if label.startswith("own") else \
             label.split()[1] + " + own"
         rows.append(f"| {label} | {reads} | {acc:.3f} |")
-    rows.append(f"\nchance {result['chance']:.3f}; landmark hit rate (last layer, some head): top-1 "
-                f"{result['hit_top1']:.3f}, top-2 {result['hit_top2']:.3f}; trained {result['steps']} steps in "
-                f"{result['train_seconds']:.0f} s")
+    top1 = " / ".join(f"{h:.3f}" for h in result["hit_top1"])
+    top2 = " / ".join(f"{h:.3f}" for h in result["hit_top2"])
+    rows.append(f"\nchance {result['chance']:.3f}; landmark hit rate per layer (some head): top-1 {top1}, "
+                f"top-2 {top2}; trained {result['steps']} steps in {result['train_seconds']:.0f} s")
     return "\n".join(rows)
 
 
@@ -63,9 +64,10 @@ def _seer_table(result) -> str:
 
 
 def _plot_seer(result, path):
-    from blockattn.plots import plt
+    from blockattn.plots import figure, save
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = figure(1, 2, figsize=(10, 3.6))
+    left, right = axes[0]
     left.plot(result["losses"])
     left.set_xlabel("step")
     left.set_ylabel("distillation loss (10 x KL)")
@@ -76,16 +78,14 @@ def _plot_seer(result, path):
     right.set_ylabel("attention recall (held out)")
     right.legend(fontsize=8)
     fig.suptitle(f"blockattn train seer: {result['model']} layer {result['layer']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def _plot(name, results, path):
-    from blockattn.plots import plt
+    from blockattn.plots import figure, save
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = figure(1, 2, figsize=(10, 3.6))
+    left, right = axes[0]
     runs = results if isinstance(results, list) else [dict(results, model=name)]
     for r in runs:
         losses = r["losses"]
@@ -106,10 +106,7 @@ def _plot(name, results, path):
     right.set_ylabel("accuracy")
     right.set_ylim(0, 1)
     fig.suptitle(f"blockattn train {name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def run(args):
@@ -120,7 +117,7 @@ def run(args):
     _positive("batch", args.batch)
     _positive("threads", args.threads)
     if args.name == "seer" and args.batch is not None:
-        raise SystemExit("--batch does not apply to seer (one captured window per step)")
+        raise ValueError("--batch does not apply to seer (one captured window per step)")
     torch.set_num_threads(args.threads)
     options = dict(TINY[args.name]) if args.tiny else {}
     options.update({k: v for k, v in (("steps", args.steps), ("batch", args.batch)) if v is not None})

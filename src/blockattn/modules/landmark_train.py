@@ -10,8 +10,8 @@ block alone is at chance (1/16). A 2-layer decoder (d_model 64, 2 heads, RoPE, a
 depthwise conv before each attention as in the project's MQAR model) trained with the grouped softmax over all blocks
 is evaluated (A) with that full grouped softmax, (B) retrieving the top-k blocks per token and head
 by landmark score (k = 1, 2; and k = 2 shared per query block), (C) with its own block only (k = 0).
-The hit rate is the share of queries whose pair block is the top-1 landmark choice of some head in
-the last layer.
+The hit rate (per layer) is the share of queries whose pair block is the top-1 (top-2) landmark
+choice of some head.
 """
 from __future__ import annotations
 
@@ -118,7 +118,8 @@ def evaluate(model, task: LandmarkTask, *, sequences: int, seed: int, batch: int
     modes = {"full grouped softmax": (None, "per_token"), f"retrieve 2 of {n} (per token)": (2, "per_token"),
              f"retrieve 1 of {n} (per token)": (1, "per_token"),
              f"retrieve 2 of {n} (per query block)": (2, "max_over_tokens"), "own block only": (0, "per_token")}
-    results, hits = {}, [0, 0, 0]
+    layers = len(model.blocks)
+    results, hits, scored_total = {}, [[0, 0] for _ in range(layers)], 0
     model.eval()
     for label, (top_k, aggregate) in modes.items():
         _set_mode(model, top_k, aggregate)
@@ -129,16 +130,17 @@ def evaluate(model, task: LandmarkTask, *, sequences: int, seed: int, batch: int
             correct += int((logits.argmax(-1) == targets)[scored].sum())
             total += int(scored.sum())
             if top_k == 2 and aggregate == "per_token":
-                blocks = model.blocks[-1].mixer.last_blocks  # [B, H, L, 2]
                 truth = pair_block.unsqueeze(1)
-                hits[0] += int((blocks[..., 0] == truth).any(1)[scored].sum())
-                hits[1] += int((blocks == truth.unsqueeze(-1)).any(-1).any(1)[scored].sum())
-                hits[2] += int(scored.sum())
+                for layer, block in enumerate(model.blocks):
+                    blocks = block.mixer.last_blocks  # [B, H, L, 2]
+                    hits[layer][0] += int((blocks[..., 0] == truth).any(1)[scored].sum())
+                    hits[layer][1] += int((blocks == truth.unsqueeze(-1)).any(-1).any(1)[scored].sum())
+                scored_total += int(scored.sum())
         results[label] = correct / total
     _set_mode(model, None)
     model.train()
-    return {"accuracy": results, "hit_top1": hits[0] / hits[2], "hit_top2": hits[1] / hits[2],
-            "chance": 1 / len(VALUES)}
+    return {"accuracy": results, "hit_top1": [h[0] / scored_total for h in hits],
+            "hit_top2": [h[1] / scored_total for h in hits], "chance": 1 / len(VALUES)}
 
 
 def train(*, steps: int = 1500, batch: int = 16, lr: float = 3e-3, seed: int = 0, eval_sequences: int = 1000,
