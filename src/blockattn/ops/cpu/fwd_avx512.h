@@ -76,6 +76,23 @@ inline void rank1_steps(const float* __restrict A, int64_t row_step, int64_t k_s
 }
 
 template <int R, int NV>
+inline void zero_rows(__m512 (&acc)[R][NV]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
+}
+
+// acc[r][:] = rows[r][:] * corr: the output accumulator rescaled by the online-softmax correction.
+template <int R, int NV>
+inline void load_scaled_rows(const float* __restrict rows, const __m512* corr, __m512 (&acc)[R][NV]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(rows + r * kChunk + c * kLanes), corr[c]);
+}
+
+template <int R, int NV>
 inline void store_rows(const __m512 (&acc)[R][NV], float* __restrict out) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -87,10 +104,7 @@ inline void store_rows(const __m512 (&acc)[R][NV], float* __restrict out) {
 template <int R, int NV>
 inline void qk_rows(const float* __restrict K, int64_t D, const float* __restrict Qt, float* __restrict St) {
   __m512 acc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
+  zero_rows<R, NV>(acc);
   rank1_steps<R, NV>(K, D, 1, Qt, D, acc);
   store_rows<R, NV>(acc, St);
 }
@@ -100,10 +114,7 @@ template <int R, int NV>
 inline void pv_rows(const float* __restrict V, int64_t D, const float* __restrict Pt, int64_t cols,
                     const __m512* corr, float* __restrict Ot) {
   __m512 acc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(Ot + r * kChunk + c * kLanes), corr[c]);
+  load_scaled_rows<R, NV>(Ot, corr, acc);
   rank1_steps<R, NV>(V, 1, D, Pt, cols, acc);
   store_rows<R, NV>(acc, Ot);
 }
@@ -256,30 +267,36 @@ inline void pack_q(const uint16_t* Qp, int64_t D, int64_t n, float /*qscale*/, W
   }
 }
 
+// The bf16 counterpart of rank1_steps: acc[r][:] += sum_{pairs p < n} A-pair(r, p) . B[p][:] by vdpbf16ps,
+// B holding rows of kChunk bf16 pairs; the A pair of (r, p) starts at A[r * row_step + p * pair_step].
 template <int R, int NV>
-inline void qk_rows_bf16(const uint16_t* __restrict K, int64_t D, const uint16_t* __restrict Qt2, float qscale,
-                         float* __restrict St) {
-  __m512 acc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t pair = 0; pair < D / 2; ++pair) {
+inline void pair_steps(const uint16_t* __restrict A, int64_t row_step, int64_t pair_step,
+                       const uint16_t* __restrict B, int64_t n, __m512 (&acc)[R][NV]) {
+  for (int64_t pair = 0; pair < n; ++pair) {
     __m512bh b[NV];
 #pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) b[c] = (__m512bh)_mm512_loadu_si512(Qt2 + pair * kChunk * 2 + c * 2 * kLanes);
+    for (int c = 0; c < NV; ++c) b[c] = (__m512bh)_mm512_loadu_si512(B + pair * kChunk * 2 + c * 2 * kLanes);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512bh a = (__m512bh)bcast_pair(K + r * D + 2 * pair);
+      const __m512bh a = (__m512bh)bcast_pair(A + r * row_step + pair * pair_step);
 #pragma GCC unroll 4
       for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
     }
   }
+}
+
+template <int R, int NV>
+inline void qk_rows_bf16(const uint16_t* __restrict K, int64_t D, const uint16_t* __restrict Qt2, float qscale,
+                         float* __restrict St) {
+  __m512 acc[R][NV];
+  zero_rows<R, NV>(acc);
+  pair_steps<R, NV>(K, D, 2, Qt2, D / 2, acc);
   const __m512 s = _mm512_set1_ps(qscale);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(St + r * kChunk + c * kLanes, _mm512_mul_ps(acc[r][c], s));
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_mul_ps(acc[r][c], s);
+  store_rows<R, NV>(acc, St);
 }
 
 template <int NV>
@@ -325,21 +342,8 @@ template <int R, int NV>
 inline void pv_rows_bf16(const uint16_t* __restrict Vv, int64_t D, const uint16_t* __restrict Pt2, int64_t pairs,
                          const __m512* corr, float* __restrict Ot) {
   __m512 acc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(Ot + r * kChunk + c * kLanes), corr[c]);
-  for (int64_t pair = 0; pair < pairs; ++pair) {
-    __m512bh b[NV];
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) b[c] = (__m512bh)_mm512_loadu_si512(Pt2 + pair * kChunk * 2 + c * 2 * kLanes);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512bh a = (__m512bh)bcast_pair(Vv + (pair * D + r) * 2);
-#pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
-    }
-  }
+  load_scaled_rows<R, NV>(Ot, corr, acc);
+  pair_steps<R, NV>(Vv, 2, 2 * D, Pt2, pairs, acc);
   store_rows<R, NV>(acc, Ot);
 }
 
