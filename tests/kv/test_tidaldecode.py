@@ -66,3 +66,15 @@ def test_layer_roles_are_checked():
         hf.patch(tiny_llama(layers=3), kv=kv.get("tidaldecode", sparse_layer_start=1, correction_layer=3))
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         kv.get("tidaldecode", top_k=0)
+
+
+def test_a_multi_token_chunk_selects_per_row():
+    model = tiny_llama(layers=5, heads=6, kv_heads=2, hidden=48)   # GQA groups of 3
+    ids, chunk = torch.randint(0, VOCAB, (1, 100)), torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad(), hf.patch(model, kv=kv.get("tidaldecode", top_k=12, sparse_layer_start=1,
+                                                    correction_layer=3)):
+        cache = model(ids, use_cache=True).past_key_values
+        got = model(chunk, past_key_values=cache, use_cache=True).logits[0]
+    twin = TidalTwin(model, 12, 1, 3)
+    twin.selected = {}
+    assert rel(got, twin.logits(ids, chunk[0].tolist())) < 1e-5
