@@ -33,7 +33,7 @@ def test_flex_backend_through_attention():
     ref_out = reference_attention(case.q.double(), case.k.double(), case.v.double(), case.layout)
     rows = case.layout.row_has_keys().expand_as(lse)
     assert relative_error(out[rows], ref_out[rows]) <= 1e-5
-    # torch has no FlexAttention backward on CPU: the error says so instead of returning wrong grads
+    # torch has no FlexAttention backward on CPU: can_run says so up front, naming the backends that can
     q = case.q.clone().requires_grad_(True)
-    with pytest.raises(NotImplementedError, match="backward on CPU"):
+    with pytest.raises(ValueError, match=r"no FlexAttention backward on CPU; backends that can: \[.*'cpu'"):
         blockattn.attention(q, case.k, case.v, case.layout, backend="flex")
