@@ -22,6 +22,7 @@ Levels of Logsparse run to the highest bit of L - 1, so every position is covere
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -75,9 +76,7 @@ def _region_summaries(q: Tensor, k: Tensor, v: Tensor, size: int, scale: float, 
         return x.view(*x.shape[:2], n, size, x.shape[3]).amax(3)
 
     q_bar, k_bar = pool(q), pool(k)
-    own = BlockLayout.from_dense(torch.eye(n, dtype=torch.bool, device=q.device), q_len=n, k_len=length,
-                                 block_q=1, block_k=size)
-    v_bar = blockattn.attention(q_bar, k, v, own, scale=scale, backend=backend)
+    v_bar = blockattn.attention(q_bar, k, v, _own_region(length, size, q.device), scale=scale, backend=backend)
     return q_bar, k_bar, v_bar
 
 
@@ -97,6 +96,52 @@ def _check(q, k, v, scale):
     return q.shape[3] ** -0.5 if scale is None else float(scale)
 
 
+# Layouts depend only on lengths and sizes: built once per shape (a module runs them every step).
+@functools.lru_cache(maxsize=256)
+def _own_region(length: int, size: int, device) -> BlockLayout:
+    """One pooled query per region attending its own region's tokens."""
+    n = _cdiv(length, size)
+    return BlockLayout.from_dense(torch.eye(n, dtype=torch.bool, device=device), q_len=n, k_len=length,
+                                  block_q=1, block_k=size)
+
+
+@functools.lru_cache(maxsize=64)
+def _earlier_regions(length: int, size: int, device) -> BlockLayout:
+    """Fixed: query i sees the summaries of blocks before its own."""
+    n = _cdiv(length, size)
+    layout = BlockLayout.from_token_mask(lambda b, h, i, j: j < i // size, q_len=length, k_len=n, block_q=size,
+                                         block_k=min(size, n), allow_empty_rows=True)
+    return _to_device(layout, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _logsparse_direct(length: int, device) -> BlockLayout:
+    # level 0's region is a single token, so its summary is that token: it joins the direct call
+    layout = BlockLayout.from_token_mask(lambda b, h, i, j: (j == i) | ((j == i - 1) & (i % 2 == 1)),
+                                         q_len=length, k_len=length, block_q=min(64, length),
+                                         block_k=min(64, length))
+    return _to_device(layout, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _logsparse_level(length: int, level: int, device) -> BlockLayout:
+    """Query i with chunk m = i >> level odd sees the summary of chunk m - 1."""
+    size = 1 << level
+    n = _cdiv(length, size)
+    chunk = torch.arange(n, device=device)
+    previous = (chunk.view(-1, 1) % 2 == 1) & (chunk.view(1, -1) == chunk.view(-1, 1) - 1)
+    return BlockLayout.from_dense(previous, q_len=length, k_len=n, block_q=size, block_k=1, allow_empty_rows=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _same_column_earlier_rows(length: int, rows: int, device) -> BlockLayout:
+    """Axial in column-major order: blocks of `rows` positions (one column), strictly causal inside."""
+    layout = BlockLayout.from_token_mask(lambda b, h, i, j: (i // rows == j // rows) & (j < i), q_len=length,
+                                         k_len=length, block_q=rows, block_k=rows, allow_empty_rows=True)
+    return _to_device(layout, device)
+
+
+@functools.lru_cache(maxsize=128)
 def _block_diagonal(length: int, size: int, device, *, causal: bool) -> BlockLayout:
     n = _cdiv(length, size)
     return BlockLayout.from_dense(torch.eye(n, dtype=torch.bool, device=device), q_len=length, k_len=length,
@@ -121,10 +166,9 @@ def combiner_fixed(q: Tensor, k: Tensor, v: Tensor, *, block_size: int = 128, sc
                                  backend=backend, return_lse=True)]
     if n > 1:
         _, k_bar, v_bar = _region_summaries(q, k, v, size, scale, backend)
-        earlier = BlockLayout.from_token_mask(lambda b, h, i, j: j < i // size, q_len=length, k_len=n,
-                                              block_q=size, block_k=min(size, n), allow_empty_rows=True)
-        parts.append(blockattn.attention(q, _repeat_heads(k_bar, heads), v_bar, _to_device(earlier, q.device),
-                                         scale=scale, backend=backend, return_lse=True))
+        parts.append(blockattn.attention(q, _repeat_heads(k_bar, heads), v_bar,
+                                         _earlier_regions(length, size, q.device), scale=scale, backend=backend,
+                                         return_lse=True))
     out, lse = merge_attention(parts)
     return (out, lse) if return_lse else out
 
@@ -143,21 +187,12 @@ def combiner_logsparse(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None =
     """
     scale = _check(q, k, v, scale)
     length, heads = q.shape[2], q.shape[1]
-    # level 0's region is a single token, so its summary is that token: it joins the direct call
-    direct = BlockLayout.from_token_mask(lambda b, h, i, j: (j == i) | ((j == i - 1) & (i % 2 == 1)),
-                                         q_len=length, k_len=length, block_q=min(64, length),
-                                         block_k=min(64, length))
-    parts = [blockattn.attention(q, k, v, _to_device(direct, q.device), scale=scale, backend=backend,
+    parts = [blockattn.attention(q, k, v, _logsparse_direct(length, q.device), scale=scale, backend=backend,
                                  return_lse=True)]
     for level in range(1, logsparse_levels(length)):
-        size = 1 << level
-        n = _cdiv(length, size)
-        _, k_bar, v_bar = _region_summaries(q, k, v, size, scale, backend)
-        chunk = torch.arange(n, device=q.device)
-        previous = (chunk.view(-1, 1) % 2 == 1) & (chunk.view(1, -1) == chunk.view(-1, 1) - 1)
-        layout = BlockLayout.from_dense(previous, q_len=length, k_len=n, block_q=size, block_k=1,
-                                        allow_empty_rows=True)
-        parts.append(blockattn.attention(q, _repeat_heads(k_bar, heads), v_bar, layout, scale=scale,
+        _, k_bar, v_bar = _region_summaries(q, k, v, 1 << level, scale, backend)
+        parts.append(blockattn.attention(q, _repeat_heads(k_bar, heads), v_bar,
+                                         _logsparse_level(length, level, q.device), scale=scale,
                                          backend=backend, return_lse=True))
     out, lse = merge_attention(parts)
     return (out, lse) if return_lse else out
@@ -200,11 +235,9 @@ def combiner_axial(q: Tensor, k: Tensor, v: Tensor, *, row_length: int = 128,
         def by_column(x):
             return x.reshape(*x.shape[:2], rows, size, -1).transpose(2, 3).reshape(*x.shape[:2], length, -1)
 
-        earlier = BlockLayout.from_token_mask(lambda b, h, i, j: (i // rows == j // rows) & (j < i),
-                                              q_len=length, k_len=length, block_q=rows, block_k=rows,
-                                              allow_empty_rows=True)
-        out, lse = blockattn.attention(by_column(q), by_column(keys), by_column(u), _to_device(earlier, q.device),
-                                       scale=scale, backend=backend, return_lse=True)
+        out, lse = blockattn.attention(by_column(q), by_column(keys), by_column(u),
+                                       _same_column_earlier_rows(length, rows, q.device), scale=scale,
+                                       backend=backend, return_lse=True)
         out = out.view(batch, heads, size, rows, dim).transpose(2, 3).reshape(batch, heads, length, dim)
         lse = lse.view(batch, heads, size, rows).transpose(2, 3).reshape(batch, heads, length)
         parts.append((out, lse))
