@@ -57,6 +57,7 @@ def main():
     parser.add_argument("--methods", nargs="+", default=None, help="method names (default: every LLM-prefill one)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
     parser.add_argument("--profile", action="store_true", help="add the top torch ops of each select")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,11 +75,12 @@ def main():
         k = torch.randn(1, 3, length, 64, generator=gen)
         v = torch.randn(1, 3, length, 64, generator=gen)
         layout = patterns.causal(length)
-        attend = time_call(lambda: blockattn.attention(q, k, v, layout), repeats=args.repeats)
+        attend = time_call(lambda: blockattn.attention(q, k, v, layout), repeats=args.repeats, warmup=args.warmup)
         for name in names:
             method = blockattn.methods.get(name)
             try:
-                select = time_call(lambda: method.select(q, k, causal=True), repeats=args.repeats)
+                select = time_call(lambda: method.select(q, k, causal=True), repeats=args.repeats,
+                                   warmup=args.warmup)
             except Exception as err:  # one failing method must not lose the table
                 print(f"| {name} | {length} | error: {type(err).__name__}: {err} | {attend:.0f} | |")
                 continue
