@@ -47,10 +47,10 @@ def influence_blocks(q, k, v, grad_out, scale: float, block: int = 64) -> torch.
     group = hq // kv_heads
     nb = -(-n // block)
     k, v = k.repeat_interleave(group, 0).float(), v.repeat_interleave(group, 0).float()
-    total = torch.zeros(hq, nb, nb)
-    cols = torch.arange(n)
+    total = torch.zeros(hq, nb, nb, device=q.device)
+    cols = torch.arange(n, device=q.device)
     for start in range(0, n, block):
-        rows = torch.arange(start, min(start + block, n))
+        rows = torch.arange(start, min(start + block, n), device=q.device)
         logits = torch.einsum("hqd,hkd->hqk", q[:, rows].float(), k) * scale
         logits = logits.masked_fill(cols > rows[:, None], float("-inf"))
         attn = logits.softmax(-1)
@@ -58,7 +58,7 @@ def influence_blocks(q, k, v, grad_out, scale: float, block: int = 64) -> torch.
         expected = (attn * g).sum(-1, keepdim=True)
         delta = attn * (expected - g) / (1 - attn).clamp_min(1e-6)
         delta = torch.where(rows[:, None] == 0, attn * g, delta)     # row 0 sees only itself (MoA :166)
-        padded = torch.zeros(hq, delta.shape[1], nb * block)
+        padded = torch.zeros(hq, delta.shape[1], nb * block, device=q.device)
         padded[..., :n] = delta.abs()
         total[:, start // block] = padded.view(hq, -1, nb, block).sum((1, 3))
     return total.view(kv_heads, group, nb, nb).sum(1)
@@ -71,7 +71,7 @@ def profile(model, tokenizer, length: int, samples: int, answer_tokens: int = 32
     total = None
     for s in range(samples):
         text = tokenizer(document_text(length * 8, seed=seed + s), add_special_tokens=False).input_ids
-        prompt = torch.tensor([text[:length - answer_tokens - len(q_ids)] + q_ids])
+        prompt = torch.tensor([text[:length - answer_tokens - len(q_ids)] + q_ids], device=model.device)
         with torch.no_grad():
             ids = model.generate(prompt, max_new_tokens=answer_tokens, do_sample=False, min_new_tokens=answer_tokens)
         stacked = influence_on(model, ids, prompt.shape[1])
@@ -119,7 +119,7 @@ def influence_on(model, ids, start: int, block: int = 64) -> torch.Tensor:
         q, k, v, scale = captured[layer]
         d = q.shape[-1]
         g = grads[layer][0].view(-1, q.shape[1], d).transpose(0, 1)   # [Hq, L, D]
-        layers.append(influence_blocks(q[0], k[0], v[0], g, scale, block))
+        layers.append(influence_blocks(q[0], k[0], v[0], g, scale, block).cpu())
     return torch.stack(layers)
 
 
