@@ -80,7 +80,10 @@ def random_diagonals(length, count, *, seed, style):
     g = torch.Generator().manual_seed(seed)
     kept = torch.zeros(length, dtype=torch.bool)
     kept[:min(100, length)] = True
-    if style == "isolated":
+    if style == "spaced":  # gaps between one and two blocks: the kernel's merge depends on their phase
+        extra = 100 + torch.randint(60, 140, (length // 60,), generator=g).cumsum(0)
+        extra = extra[extra < length]
+    elif style == "isolated":
         extra = torch.randperm(length - 100, generator=g)[:count] + 100
     elif style == "clustered":
         centres = torch.randint(100, length, (max(1, count // 8),), generator=g)
@@ -93,7 +96,7 @@ def random_diagonals(length, count, *, seed, style):
 
 @pytest.mark.parametrize("length,count,block,style", [
     (2048, 58, 64, "isolated"), (2048, 120, 64, "clustered"), (1500, 300, 64, "dense"), (4096, 150, 64, "clustered"),
-    (1000, 60, 32, "isolated"), (777, 80, 48, "clustered")])
+    (1000, 60, 32, "isolated"), (777, 80, 48, "clustered"), (3000, 0, 64, "spaced"), (1000, 0, 32, "spaced")])
 def test_slash_ranges_equal_the_official_conversion(length, count, block, style):
     diagonals = torch.stack([random_diagonals(length, count, seed=length + i, style=style) for i in range(3)])
     diagonals = diagonals[:3].view(1, 3, length)
@@ -169,3 +172,16 @@ def test_bad_parameters(params, message):
 def test_unequal_lengths_rejected():
     with pytest.raises(ValueError, match="q_len"):
         VerticalSlash().select(torch.randn(1, 1, 10, 8), torch.randn(1, 1, 20, 8))
+
+
+@pytest.mark.parametrize("length,block,style", [(2048, 64, "clustered"), (1000, 32, "spaced"), (777, 48, "isolated")])
+def test_packed_ranges_equal_the_unpacked(length, block, style):
+    from blockattn.methods._select import unpack_bits
+    diagonals = torch.stack([random_diagonals(length, 60, seed=i, style=style) for i in range(2)])
+    n = int(diagonals.sum(-1).min())
+    diagonals = torch.stack([d & (torch.cumsum(d.int(), 0) <= n) for d in diagonals]).unsqueeze(0)
+    dense = slash_ranges(diagonals, block)
+    words = slash_ranges(diagonals, block, packed=True)
+    n_k = -(-length // block)
+    bits = unpack_bits(words.unsqueeze(-1), block).flatten(-2)[..., :length]
+    assert torch.equal(bits, dense)

@@ -36,7 +36,7 @@ from torch import Tensor
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn._checks import check_qk
-from blockattn.methods._select import column_layout, expand_kv_heads
+from blockattn.methods._select import column_layout, expand_kv_heads, pack_bits, stripe_layout
 from blockattn.methods.base import PrefillMethod
 
 _FORCED_COLUMNS = 30    # the official kernel always keeps the first 30 keys (attention sinks)
@@ -94,15 +94,24 @@ class VerticalSlash(PrefillMethod):
 
     def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
         columns, diagonals = self.lines(q, k)
-        kept = slash_ranges(diagonals, self.block_size) | columns[:, :, None]
-        return column_layout(kept, q_len=q.shape[2], block_q=self.block_size, block_k=self.block_size, causal=True)
+        block, length = self.block_size, q.shape[2]
+        if block > 64:
+            kept = slash_ranges(diagonals, block) | columns[:, :, None]
+            return column_layout(kept, q_len=length, block_q=block, block_k=block, causal=True)
+        # one word of kept keys per (query block, key tile): the diagonals' ranges, the columns on top
+        n_k = -(-length // block)
+        column_words = pack_bits(torch.nn.functional.pad(columns, (0, n_k * block - length))
+                                 .view(*columns.shape[:2], n_k, block))[..., 0]       # [B, H, nK]
+        words = slash_ranges(diagonals, block, packed=True) | column_words.unsqueeze(2)
+        return stripe_layout(words.unsqueeze(-1), axis="columns", q_len=length, k_len=length, block_q=block,
+                             block_k=block, causal=True)
 
 
 def _ceil_div(x: Tensor, d: int) -> Tensor:
     return -torch.div(-x, d, rounding_mode="floor")
 
 
-def slash_ranges(diagonals: Tensor, block: int) -> Tensor:
+def slash_ranges(diagonals: Tensor, block: int, *, packed: bool = False) -> Tensor:
     """bool `[B, H, nQ, L]`: the keys MInference's index conversion (`convert_vertical_slash_indexes`,
     csrc/vertical_slash_index.cu) gives each query block of `block` rows for the kept diagonals
     (`diagonals` bool `[B, H, L]` by offset = query - key; causality is applied later).
@@ -114,6 +123,9 @@ def slash_ranges(diagonals: Tensor, block: int) -> Tensor:
     ceil((o_a - o_j) / block) grows by at most one from the previous diagonal's, which depends on the
     anchor only through o_a mod block: so every run's end (`next break`) is found for all anchors at
     once, per residue, and each block follows its chain of runs (at most L / block + 1 of them).
+
+    `packed` (block <= 64): the same keys as int64 words `[B, H, nQ, nK]`, one per key tile of
+    `block` keys (`pack_bits` order), built per tile without the `[B, H, nQ, L]` array.
     """
     batch, heads, length = diagonals.shape
     device = diagonals.device
@@ -123,18 +135,34 @@ def slash_ranges(diagonals: Tensor, block: int) -> Tensor:
     offsets = torch.where(diagonals, torch.arange(length, device=device), -1).sort(-1, descending=True).values
     offsets = offsets[..., :count]                                                  # [B, H, n]
     n = count
-    phase = torch.arange(block, device=device).view(1, 1, -1, 1)
-    units = _ceil_div(phase - offsets.unsqueeze(2), block)                          # [B, H, block, n]
-    jump = torch.zeros_like(units, dtype=torch.bool)
-    jump[..., 1:] = (units[..., 1:] - units[..., :-1]) >= 2
-    position = torch.arange(n, device=device).expand_as(units)
-    first_jump = torch.where(jump, position, n).flip(-1).cummin(-1).values.flip(-1)  # first break at or after j
-    first_jump = torch.cat([first_jump, torch.full_like(first_jump[..., :1], n)], -1)  # [B, H, block, n + 1]
+    # Diagonal j breaks a run anchored at residue p (= o_anchor mod block) iff
+    # floor((o_{j-1} - p) / block) - floor((o_j - p) / block) >= 2: always for a gap >= 2 block, never
+    # for a gap < block, and in between iff (o_{j-1} - p) mod block < gap - block. Gaps of at least one
+    # block are at most L / block per row, so the residue-dependent part is a small table.
+    gaps = offsets[..., :-1] - offsets[..., 1:]                                     # gap before element j = 1..n-1
+    index = torch.arange(1, n, device=device).expand_as(gaps)
+    definite = torch.where(gaps >= 2 * block, index, n)
+    next_definite = definite.flip(-1).cummin(-1).values.flip(-1)                    # first definite break >= j
+    full_n = torch.full((batch, heads, 1), n, dtype=torch.long, device=device)
+    next_definite = torch.cat([next_definite[..., :1], next_definite, full_n], -1) if n > 1 else \
+        torch.cat([full_n, full_n], -1)                                             # [B, H, n + 1], by j
+    ambiguous = torch.where((gaps >= block) & (gaps < 2 * block), index, n)
+    width = max(1, int((ambiguous < n).sum(-1).max()) if n > 1 else 1)
+    amb_pos = torch.cat([ambiguous, full_n.expand(-1, -1, width)], -1).sort(-1).values[..., :width].contiguous()
+    before = offsets.gather(-1, (amb_pos - 1).clamp(0, n - 1))                      # o_{j-1}
+    amb_gap = before - offsets.gather(-1, amb_pos.clamp(max=n - 1))
+    phase = torch.arange(block, device=device)
+    breaks = ((before.unsqueeze(-1) - phase) % block < (amb_gap - block).unsqueeze(-1)) & (amb_pos < n).unsqueeze(-1)
+    next_amb = torch.where(breaks, amb_pos.unsqueeze(-1), n).flip(2).cummin(2).values.flip(2)  # [B, H, A, block]
+    next_amb = torch.cat([next_amb, torch.full_like(next_amb[:, :, :1], n)], 2).view(batch, heads, -1)
+
+    def first_break(residue: Tensor, j: Tensor) -> Tensor:
+        """The first diagonal at or after j that breaks a run anchored at this residue (n: none)."""
+        slot = torch.searchsorted(amb_pos, j.contiguous())
+        return torch.minimum(next_definite.gather(-1, j), next_amb.gather(-1, slot * block + residue))
 
     residues = offsets % block
-    # per anchor element i: the first break after it (looked up at i + 1 in its residue's row)
-    after = first_jump.permute(0, 1, 3, 2)[:, :, 1:]                               # [B, H, n, block]
-    anchor_break = after.gather(3, residues.unsqueeze(-1)).squeeze(-1)              # [B, H, n]
+    anchor_break = first_break(residues, torch.arange(1, n + 1, device=device).expand(batch, heads, n))
     padded = torch.cat([offsets, offsets[..., -1:]], -1)
     last = padded.gather(-1, anchor_break - 1)                                      # the run's last diagonal
     anchor_steps = _ceil_div(offsets - last, block)                                 # whole steps it grew
@@ -151,7 +179,7 @@ def slash_ranges(diagonals: Tensor, block: int) -> Tensor:
     # clamped: a virtual anchor at offset end - block (residue 0), continued by the offsets below it
     virtual = ends - block
     below = at_least(virtual)                                                       # first offset < end - block
-    v_break = first_jump[:, :, 0].gather(-1, below.clamp(max=n))
+    v_break = first_break(torch.zeros_like(below), below.clamp(max=n))
     v_last = padded.gather(-1, (v_break - 1).clamp(min=0))
     v_steps = torch.where(v_break > below, _ceil_div(virtual - v_last, block), 0)
     anchor = torch.where(clamped, virtual.expand_as(first), o_first)
@@ -159,15 +187,24 @@ def slash_ranges(diagonals: Tensor, block: int) -> Tensor:
     frontier = torch.where(clamped, v_break, anchor_break.gather(-1, first.clamp(max=n - 1)))
 
     # interval starts and ends counted in float32 (exact for these counts; torch's CPU cumsum is
-    # several times faster on float32 than on int32)
-    diff = torch.zeros(batch, heads, n_q, length + 1, device=device)
+    # several times faster on float32 than on int32). Packed: whole tiles counted per tile, the
+    # partial ones' bits added (a block's runs are disjoint, so adding bits is OR-ing them).
+    n_k = -(-length // block)
+    if packed:
+        tile_diff = torch.zeros(batch, heads, n_q, n_k + 1, device=device)
+        partial = torch.zeros(batch, heads, n_q, n_k + 1, dtype=torch.int64, device=device)
+    else:
+        diff = torch.zeros(batch, heads, n_q, length + 1, device=device)
     active = torch.ones_like(first, dtype=torch.bool)
     while True:
         lo = (ends - anchor - block).clamp(0, length)
         hi = (ends - anchor + block * steps).clamp(0, length)
         live = active & (hi > lo)
-        diff.scatter_add_(-1, lo.unsqueeze(-1), live.float().unsqueeze(-1))
-        diff.scatter_add_(-1, hi.unsqueeze(-1), -live.float().unsqueeze(-1))
+        if packed:
+            _add_packed(tile_diff, partial, lo, hi, live, block, n_k)
+        else:
+            diff.scatter_add_(-1, lo.unsqueeze(-1), live.float().unsqueeze(-1))
+            diff.scatter_add_(-1, hi.unsqueeze(-1), -live.float().unsqueeze(-1))
         active = frontier < n
         if not bool(active.any()):
             break
@@ -175,4 +212,31 @@ def slash_ranges(diagonals: Tensor, block: int) -> Tensor:
         anchor = offsets.gather(-1, at)
         steps = anchor_steps.gather(-1, at)
         frontier = torch.where(active, anchor_break.gather(-1, at), n)
+    if packed:
+        whole = tile_diff.cumsum(-1)[..., :n_k] > 0.5
+        return torch.where(whole, _low_bits(torch.tensor(block, device=device)), partial[..., :n_k])
     return diff.cumsum(-1)[..., :length] > 0.5
+
+
+def _low_bits(count: Tensor) -> Tensor:
+    """int64 words with the lowest `count` (0..64) bits set."""
+    one = torch.ones((), dtype=torch.int64, device=count.device)
+    return torch.where(count >= 64, -one, (one << count.clamp(max=63)) - 1)
+
+
+def _add_packed(tile_diff: Tensor, partial: Tensor, lo: Tensor, hi: Tensor, live: Tensor, block: int, n_k: int):
+    """Add the key intervals [lo, hi) (where `live`) to per-tile counts of whole tiles and to the words
+    of the tiles they cover in part (slot n_k takes what does not apply)."""
+    first_whole = -(-lo // block)
+    stop_whole = hi // block
+    whole = live & (stop_whole > first_whole)
+    tile_diff.scatter_add_(-1, torch.where(whole, first_whole, n_k).unsqueeze(-1), whole.float().unsqueeze(-1))
+    tile_diff.scatter_add_(-1, torch.where(whole, stop_whole, n_k).unsqueeze(-1), -whole.float().unsqueeze(-1))
+    head_tile, tail_tile = lo // block, (hi - 1) // block
+    head = live & (lo % block != 0)
+    head_bits = _low_bits(torch.minimum(hi - head_tile * block, torch.full_like(hi, block))) ^ _low_bits(lo % block)
+    partial.scatter_add_(-1, torch.where(head, head_tile, n_k).unsqueeze(-1),
+                         torch.where(head, head_bits, 0).unsqueeze(-1))
+    tail = live & (hi % block != 0) & ((tail_tile > head_tile) | (lo % block == 0))
+    partial.scatter_add_(-1, torch.where(tail, tail_tile, n_k).unsqueeze(-1),
+                         torch.where(tail, _low_bits(hi % block), 0).unsqueeze(-1))
