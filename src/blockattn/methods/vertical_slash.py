@@ -36,7 +36,7 @@ from torch import Tensor
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn._checks import check_qk
-from blockattn.methods._select import column_layout, expand_kv_heads, pack_bits, stripe_layout
+from blockattn.methods._select import column_layout, pack_bits, stripe_layout
 from blockattn.methods.base import PrefillMethod
 
 _FORCED_COLUMNS = 30    # the official kernel always keeps the first 30 keys (attention sinks)
@@ -70,8 +70,10 @@ class VerticalSlash(PrefillMethod):
             raise ValueError(f"vertical_slash estimates prefill attention: q_len ({length}) must equal "
                              f"k_len ({k.shape[2]})")
         last = min(self.last_q, length)
-        keys = expand_kv_heads(k.float(), heads)
-        logits = q[:, :, -last:].float() @ keys.transpose(-1, -2) / dim ** 0.5  # [B, H, last, L]
+        heads_kv = k.shape[1]
+        # the query heads of a key head stacked row-wise: one GEMM per key head, no key copies
+        rows_q = (q[:, :, -last:].float() * dim ** -0.5).reshape(batch, heads_kv, heads // heads_kv * last, dim)
+        logits = (rows_q @ k.float().transpose(-1, -2)).view(batch, heads, last, length)  # [B, H, last, L]
         rows = torch.arange(length - last, length, device=q.device).view(-1, 1)
         future = torch.arange(length, device=q.device).view(1, -1) > rows
         probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
