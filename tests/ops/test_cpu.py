@@ -161,13 +161,13 @@ def test_bf16_within_twice_the_error_of_eager_bf16(seed):
     # on AVX512-BF16 CPUs this is the native bf16 forward (even head dims and blocks), elsewhere the
     # fp32-converted path; every layout feature of the fp32 generator, outputs poisoned
     from tests.ops.cases import check_against_eager_error
-    check_against_eager_error(random_case(7000 + seed, dtype=torch.bfloat16), "cpu")
+    check_against_eager_error(random_case(7000 + seed, dtype=torch.bfloat16), "cpu", seed=seed)
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_fp16_within_twice_the_error_of_eager_fp16(seed):
     from tests.ops.cases import check_against_eager_error
-    check_against_eager_error(random_case(7500 + seed, dtype=torch.float16), "cpu")
+    check_against_eager_error(random_case(7500 + seed, dtype=torch.float16), "cpu", seed=seed)
 
 
 def test_bf16_runs_natively_where_the_cpu_has_avx512_bf16():
