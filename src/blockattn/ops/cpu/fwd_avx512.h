@@ -204,9 +204,10 @@ struct Workspace {
   float *Qt, *Ot, *St, *m, *l;
   int32_t *lo, *hi;
   uint16_t* Pt;  // bf16 path: probabilities as key pairs [ceil(block_k / 2)][kChunk][2]
+  float *dOt, *dPt;  // dQ pass: dO transposed [D][kChunk], dP^T of one tile [block_k][kChunk]
 
   void reserve(int64_t D, int64_t block_k) {
-    const int64_t need = 2 * D * kChunk + block_k * kChunk + 4 * kChunk + 16 + (block_k + 1) * kChunk / 2 + 16;
+    const int64_t need = 3 * D * kChunk + 2 * block_k * kChunk + 4 * kChunk + 16 + (block_k + 1) * kChunk / 2 + 32;
     if (static_cast<int64_t>(storage.size()) < need) storage.resize(need);
     float* base = storage.data();
     base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;  // 64-byte aligned
@@ -218,18 +219,26 @@ struct Workspace {
     lo = reinterpret_cast<int32_t*>(l + kChunk);
     hi = lo + kChunk;
     Pt = reinterpret_cast<uint16_t*>(hi + kChunk + 16);  // 64-byte aligned: kChunk and 16 are multiples of 16
+    dOt = reinterpret_cast<float*>(hi + kChunk + 16) + ((block_k + 1) * kChunk / 2 + 15) / 16 * 16;
+    dPt = dOt + D * kChunk;
   }
 };
 
 // ---- fp32 tiles: Q pre-scaled and transposed, both products by rank-1 steps
 
+// out[d][i] = X[i][d] * scale for the chunk's n rows, zero-padded to NV vectors.
 template <int NV>
-inline void pack_q(const float* Qp, int64_t D, int64_t n, float qscale, Workspace& w) {
+inline void pack_transposed(const float* X, int64_t D, int64_t n, float scale, float* out) {
   for (int64_t d = 0; d < D; ++d) {
-    float* row = w.Qt + d * kChunk;
-    for (int64_t i = 0; i < n; ++i) row[i] = Qp[i * D + d] * qscale;
+    float* row = out + d * kChunk;
+    for (int64_t i = 0; i < n; ++i) row[i] = X[i * D + d] * scale;
     for (int64_t i = n; i < NV * kLanes; ++i) row[i] = 0.0f;
   }
+}
+
+template <int NV>
+inline void pack_q(const float* Qp, int64_t D, int64_t n, float qscale, Workspace& w) {
+  pack_transposed<NV>(Qp, D, n, qscale, w.Qt);
 }
 
 template <int NV>
@@ -473,6 +482,85 @@ __attribute__((noinline)) void forward_item(const Problem& p, const T* Q, const 
       case 2: chunk_forward<2>(p, Qp, Kh, Vh, blocks, mask_ids, cnt[list], qb, c0, n, w, Op, Lp); break;
       case 3: chunk_forward<3>(p, Qp, Kh, Vh, blocks, mask_ids, cnt[list], qb, c0, n, w, Op, Lp); break;
       default: chunk_forward<4>(p, Qp, Kh, Vh, blocks, mask_ids, cnt[list], qb, c0, n, w, Op, Lp); break;
+    }
+  }
+}
+
+// ---- backward, dQ pass (fp32): one owner per query row, the forward's chunk layout and micro-kernels.
+//   St = K Qt (log2 units), P = exp2(St - lse log2 e), dPt = V dOt, dSt = P (dPt - delta),
+//   dQt[d][i] += sum_j K[j][d] dSt[j][i] (the PV micro-kernel with K for V and no rescale), dQ = scale dQt^T.
+template <int NV>
+void chunk_dq(const Problem& p, const float* Qp, const float* dOp, const float* Kh, const float* Vh,
+              const float* lse, const float* delta, const int32_t* blocks, const int32_t* mask_ids, int64_t count,
+              int64_t qb, int64_t c0, int64_t n, Workspace& w, float* dQp) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const int64_t D = p.D;
+  pack_transposed<NV>(Qp + c0 * D, D, n, p.scale * kLog2e, w.Qt);
+  pack_transposed<NV>(dOp + c0 * D, D, n, 1.0f, w.dOt);
+  __m512 shift[NV], dlt[NV], one[NV];
+  for (int c = 0; c < NV; ++c) {
+    alignas(64) float s[kLanes], d[kLanes];
+    for (int i = 0; i < kLanes; ++i) {
+      const int64_t row = c * kLanes + i;
+      // rows with no key (lse = -inf) and padding lanes: shift by +inf so that every P is exp2(-inf) = 0
+      s[i] = row < n && lse[c0 + row] != kNegInf ? lse[c0 + row] * kLog2e : -kNegInf;
+      d[i] = row < n ? delta[c0 + row] : 0.0f;
+    }
+    shift[c] = _mm512_load_ps(s);
+    dlt[c] = _mm512_load_ps(d);
+    one[c] = _mm512_set1_ps(1.0f);
+  }
+  for (int64_t d = 0; d < D; ++d)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(w.Ot + d * kChunk + c * kLanes, _mm512_setzero_ps());
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t kb = blocks[t], k0 = kb * p.block_k, cols = std::min(p.block_k, p.Lk - k0);
+    const float* Kp = Kh + k0 * D;
+    const float* Vp = Vh + k0 * D;
+    qk_tile_f32<NV>(Kp, D, w.Qt, w.St, cols, nullptr, 0);
+    const TileRule rule = p.rule(qb, kb, mask_ids ? mask_ids[t] : -1);
+    if (!rule.full()) mask_tile<NV>(rule, c0, n, w.St, w.lo, w.hi);
+    qk_tile_f32<NV>(Vp, D, w.dOt, w.dPt, cols, nullptr, 0);
+    for (int64_t j = 0; j < cols; ++j) {
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) {
+        float* s = w.St + j * kChunk + c * kLanes;
+        const __m512 prob = exp2_16(_mm512_sub_ps(_mm512_loadu_ps(s), shift[c]));
+        const __m512 dp = _mm512_loadu_ps(w.dPt + j * kChunk + c * kLanes);
+        _mm512_storeu_ps(s, _mm512_mul_ps(prob, _mm512_sub_ps(dp, dlt[c])));
+      }
+    }
+    pv_tile_f32<NV>(Kp, D, w.St, cols, one, w.Ot, nullptr, 0);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    float* out = dQp + (c0 + i) * D;
+    for (int64_t d = 0; d < D; ++d) out[d] = w.Ot[d * kChunk + i] * p.scale;
+  }
+}
+
+// dQ of work item (b, h, qb) over its forward list: dq, q, dout [B,Hq,Lq,D], lse, delta [B,Hq,Lq].
+__attribute__((noinline)) inline void dq_item(const Problem& p, const float* Q, const float* dO, const float* K,
+                                              const float* V, const float* LSE, const float* DELTA,
+                                              const int32_t* cnt, const int32_t* idx, const int32_t* mid,
+                                              int64_t maxK, int64_t it, Workspace& w, float* dQ) {
+  const int64_t qb = it % p.nQ, h = (it / p.nQ) % p.Hq, b = it / (p.nQ * p.Hq);
+  const int64_t hk = h / (p.Hq / p.Hkv);
+  const int64_t q0 = qb * p.block_q, rows = std::min(p.block_q, p.Lq - q0);
+  const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
+  const float* Kh = K + (b * p.Hkv + hk) * p.Lk * p.D;
+  const float* Vh = V + (b * p.Hkv + hk) * p.Lk * p.D;
+  const int64_t list = (p.lb(b) * p.layout_h + p.lh(h)) * p.nQ + qb;
+  const int32_t* blocks = idx + list * maxK;
+  const int32_t* mask_ids = mid ? mid + list * maxK : nullptr;
+  w.reserve(p.D, p.block_k);
+  const float *Qp = Q + row0 * p.D, *dOp = dO + row0 * p.D, *lse = LSE + row0, *delta = DELTA + row0;
+  float* dQp = dQ + row0 * p.D;
+  for (int64_t c0 = 0; c0 < rows; c0 += kChunk) {
+    const int64_t n = std::min<int64_t>(kChunk, rows - c0), count = cnt[list];
+    switch ((n + kLanes - 1) / kLanes) {
+      case 1: chunk_dq<1>(p, Qp, dOp, Kh, Vh, lse, delta, blocks, mask_ids, count, qb, c0, n, w, dQp); break;
+      case 2: chunk_dq<2>(p, Qp, dOp, Kh, Vh, lse, delta, blocks, mask_ids, count, qb, c0, n, w, dQp); break;
+      case 3: chunk_dq<3>(p, Qp, dOp, Kh, Vh, lse, delta, blocks, mask_ids, count, qb, c0, n, w, dQp); break;
+      default: chunk_dq<4>(p, Qp, dOp, Kh, Vh, lse, delta, blocks, mask_ids, count, qb, c0, n, w, dQp); break;
     }
   }
 }

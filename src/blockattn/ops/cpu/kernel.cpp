@@ -215,7 +215,8 @@ inline void probabilities_and_score_grads(const Problem& p, const float* Qp, con
 // with one owner per output row, so no per-thread copies of any gradient (memory O(L), as FlashAttention-2):
 // over (batch, kv head, key block) with the transposed lists (q_counts [Bl,Hl,nK], q_indices/q_mask_ids
 // [Bl,Hl,nK,maxQ]) for dK and dV, then over (batch, head, query block) with the forward lists (counts,
-// indices, mask_ids) for dQ; the second pass recomputes P and dS, as the Triton backward does.
+// indices, mask_ids) for dQ; the second pass recomputes P and dS, as the Triton backward does. On AVX-512
+// CPUs the dQ pass runs the forward's micro-kernels (fwd_avx512.h), elsewhere MKL tiles as the first pass.
 void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
               const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& q_counts,
               const at::Tensor& q_indices, const at::Tensor& q_mask_ids, const at::Tensor& counts,
@@ -298,6 +299,13 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
     const int32_t* cnt = counts.data_ptr<int32_t>();
     const int32_t* idx = indices.data_ptr<int32_t>();
     const int32_t* mid = mask_ids.numel() ? mask_ids.data_ptr<int32_t>() : nullptr;
+    if (g_use_avx512) {
+      std::vector<avx512::Workspace> workspaces(threads);
+      run_dynamic(longest_first(query_block_costs(p, cnt)), [&](int64_t it, int64_t t) {
+        avx512::dq_item(p, Q, dO, K, V, LSE, DELTA, cnt, idx, mid, maxK, it, workspaces[t], dQ);
+      });
+      return;
+    }
     const int64_t run = std::max<int64_t>(1, kRunWidth / p.block_k), ld = run * p.block_k;
     run_dynamic(longest_first(query_block_costs(p, cnt)), [&](int64_t it, int64_t t) {
       const int64_t qb = it % p.nQ, h = (it / p.nQ) % p.Hq, b = it / (p.nQ * p.Hq);
