@@ -204,10 +204,13 @@ struct Workspace {
   float *Qt, *Ot, *St, *m, *l;
   int32_t *lo, *hi;
   uint16_t* Pt;  // bf16 path: probabilities as key pairs [ceil(block_k / 2)][kChunk][2]
-  float *dOt, *dPt;  // dQ pass: dO transposed [D][kChunk], dP^T of one tile [block_k][kChunk]
+  float *dOt, *dPt;  // backward: dO (or V) transposed [D][kChunk], dP of one tile [rows][kChunk]
+  float* Xt;         // dK/dV pass: dK transposed [D][kChunk]
 
+  // `block_k`: the most rows a tile's score buffers hold (the forward's key block; the dK/dV pass's
+  // query block, where queries are the rows).
   void reserve(int64_t D, int64_t block_k) {
-    const int64_t need = 3 * D * kChunk + 2 * block_k * kChunk + 4 * kChunk + 16 + (block_k + 1) * kChunk / 2 + 32;
+    const int64_t need = 4 * D * kChunk + 2 * block_k * kChunk + 4 * kChunk + 16 + (block_k + 1) * kChunk / 2 + 32;
     if (static_cast<int64_t>(storage.size()) < need) storage.resize(need);
     float* base = storage.data();
     base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;  // 64-byte aligned
@@ -221,6 +224,7 @@ struct Workspace {
     Pt = reinterpret_cast<uint16_t*>(hi + kChunk + 16);  // 64-byte aligned: kChunk and 16 are multiples of 16
     dOt = reinterpret_cast<float*>(hi + kChunk + 16) + ((block_k + 1) * kChunk / 2 + 15) / 16 * 16;
     dPt = dOt + D * kChunk;
+    Xt = dPt + block_k * kChunk;
   }
 };
 
@@ -561,6 +565,116 @@ __attribute__((noinline)) inline void dq_item(const Problem& p, const float* Q, 
       case 2: chunk_dq<2>(p, Qp, dOp, Kh, Vh, lse, delta, blocks, mask_ids, count, qb, c0, n, w, dQp); break;
       case 3: chunk_dq<3>(p, Qp, dOp, Kh, Vh, lse, delta, blocks, mask_ids, count, qb, c0, n, w, dQp); break;
       default: chunk_dq<4>(p, Qp, dOp, Kh, Vh, lse, delta, blocks, mask_ids, count, qb, c0, n, w, dQp); break;
+    }
+  }
+}
+
+// ---- backward, dK/dV pass (fp32): one owner per key row. The same products with the roles of queries
+// and keys swapped: the lanes are up to 64 keys of one key block, the rows its listed queries.
+//   Kt[d][j] = K[j][d] scale log2 e, Vt[d][j] = V[j][d]            (packed once per key chunk)
+//   S[i][j] = sum_d Q[i][d] Kt[d][j], dP[i][j] = sum_d dO[i][d] Vt[d][j]      (the QK^T micro-kernel)
+//   P = exp2(S - lse_i log2 e), dS = P (dP - delta_i)
+//   dVt[d][j] += sum_i dO[i][d] P[i][j], dKt[d][j] += sum_i Q[i][d] dS[i][j]  (the PV micro-kernel)
+// Lanes past the chunk's keys hold garbage that is never written out.
+template <int NV>
+void chunk_dkdv(const Problem& p, const float* Kc, const float* Vc, int64_t kb, int64_t c0, int64_t n, int64_t b,
+                int64_t hk, const float* Q, const float* dO, const float* LSE, const float* DELTA, const int32_t* cnt,
+                const int32_t* idx, const int32_t* mid, int64_t maxQ, Workspace& w, float* dKc, float* dVc) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const int64_t D = p.D, group = p.Hq / p.Hkv;
+  pack_transposed<NV>(Kc, D, n, p.scale * kLog2e, w.Qt);
+  pack_transposed<NV>(Vc, D, n, 1.0f, w.dOt);
+  const __m512 zero = _mm512_setzero_ps(), neg_inf = _mm512_set1_ps(kNegInf);
+  __m512 one[NV], lane_key[NV];
+  for (int c = 0; c < NV; ++c) {
+    one[c] = _mm512_set1_ps(1.0f);
+    alignas(64) float keys[kLanes];
+    for (int i = 0; i < kLanes; ++i) keys[i] = static_cast<float>(c0 + c * kLanes + i);
+    lane_key[c] = _mm512_load_ps(keys);  // key column of each lane within the tile
+  }
+  for (int64_t d = 0; d < D; ++d)
+    for (int c = 0; c < NV; ++c) {
+      _mm512_storeu_ps(w.Ot + d * kChunk + c * kLanes, zero);
+      _mm512_storeu_ps(w.Xt + d * kChunk + c * kLanes, zero);
+    }
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const int64_t list = (p.lb(b) * p.layout_h + p.lh(h)) * p.nK + kb;
+    const int32_t* blocks = idx + list * maxQ;
+    for (int64_t t = 0; t < cnt[list]; ++t) {
+      const int64_t qb = blocks[t], q0 = qb * p.block_q, rows = std::min(p.block_q, p.Lq - q0);
+      const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
+      const float* Qp = Q + row0 * D;
+      const float* dOp = dO + row0 * D;
+      qk_tile_f32<NV>(Qp, D, w.Qt, w.St, rows, nullptr, 0);
+      qk_tile_f32<NV>(dOp, D, w.dOt, w.dPt, rows, nullptr, 0);
+      const TileRule rule = p.rule(qb, kb, mid ? mid[list * maxQ + t] : -1);
+      const bool full = rule.full();
+      for (int64_t i = 0; i < rows; ++i) {
+        const float row_lse = LSE[row0 + i];
+        float* srow = w.St + i * kChunk;
+        float* drow = w.dPt + i * kChunk;
+        if (row_lse == kNegInf) {  // the row attends to nothing: no probability, no gradient
+          for (int c = 0; c < NV; ++c) {
+            _mm512_storeu_ps(srow + c * kLanes, zero);
+            _mm512_storeu_ps(drow + c * kLanes, zero);
+          }
+          continue;
+        }
+        const __m512 shift = _mm512_set1_ps(row_lse * kLog2e), dlt = _mm512_set1_ps(DELTA[row0 + i]);
+        __m512 lo = _mm512_set1_ps(0.0f), hi = _mm512_set1_ps(static_cast<float>(rule.cols - 1));
+        if (!full) {
+          int64_t a, z;
+          rule.interval(i, a, z);
+          lo = _mm512_set1_ps(static_cast<float>(a));
+          hi = _mm512_set1_ps(static_cast<float>(z));
+        }
+#pragma GCC unroll 4
+        for (int c = 0; c < NV; ++c) {
+          __m512 sc = _mm512_loadu_ps(srow + c * kLanes);
+          if (!full) {
+            const __mmask16 out = _mm512_cmp_ps_mask(lane_key[c], lo, _CMP_LT_OQ) |
+                                  _mm512_cmp_ps_mask(lane_key[c], hi, _CMP_GT_OQ);
+            sc = _mm512_mask_mov_ps(sc, out, neg_inf);
+          }
+          const __m512 prob = exp2_16(_mm512_sub_ps(sc, shift));
+          _mm512_storeu_ps(srow + c * kLanes, prob);
+          const __m512 dp = _mm512_loadu_ps(drow + c * kLanes);
+          _mm512_storeu_ps(drow + c * kLanes, _mm512_mul_ps(prob, _mm512_sub_ps(dp, dlt)));
+        }
+        if (rule.explicit_mask) {
+          const uint8_t* bits = rule.explicit_mask + i * rule.block_k + c0;
+          for (int64_t j = 0; j < n; ++j)
+            if (!bits[j]) srow[j] = drow[j] = 0.0f;
+        }
+      }
+      pv_tile_f32<NV>(dOp, D, w.St, rows, one, w.Ot, nullptr, 0);   // dVt += dO^T P
+      pv_tile_f32<NV>(Qp, D, w.dPt, rows, one, w.Xt, nullptr, 0);   // dKt += Q^T dS
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t d = 0; d < D; ++d) {
+      dKc[j * D + d] = w.Xt[d * kChunk + j] * p.scale;
+      dVc[j * D + d] = w.Ot[d * kChunk + j];
+    }
+  }
+}
+
+// dK and dV of work item (b, kv head, key block) over the transposed lists (q_counts, q_indices, q_mask_ids).
+__attribute__((noinline)) inline void dkdv_item(const Problem& p, const float* Q, const float* dO, const float* K,
+                                                const float* V, const float* LSE, const float* DELTA,
+                                                const int32_t* cnt, const int32_t* idx, const int32_t* mid,
+                                                int64_t maxQ, int64_t it, Workspace& w, float* dK, float* dV) {
+  const int64_t kb = it % p.nK, hk = (it / p.nK) % p.Hkv, b = it / (p.nK * p.Hkv);
+  const int64_t k0 = kb * p.block_k, cols = std::min(p.block_k, p.Lk - k0);
+  const int64_t base = ((b * p.Hkv + hk) * p.Lk + k0) * p.D;
+  w.reserve(p.D, std::max(p.block_q, p.block_k));
+  for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
+    const int64_t n = std::min<int64_t>(kChunk, cols - c0), at = base + c0 * p.D;
+    switch ((n + kLanes - 1) / kLanes) {
+      case 1: chunk_dkdv<1>(p, K + at, V + at, kb, c0, n, b, hk, Q, dO, LSE, DELTA, cnt, idx, mid, maxQ, w, dK + at, dV + at); break;
+      case 2: chunk_dkdv<2>(p, K + at, V + at, kb, c0, n, b, hk, Q, dO, LSE, DELTA, cnt, idx, mid, maxQ, w, dK + at, dV + at); break;
+      case 3: chunk_dkdv<3>(p, K + at, V + at, kb, c0, n, b, hk, Q, dO, LSE, DELTA, cnt, idx, mid, maxQ, w, dK + at, dV + at); break;
+      default: chunk_dkdv<4>(p, K + at, V + at, kb, c0, n, b, hk, Q, dO, LSE, DELTA, cnt, idx, mid, maxQ, w, dK + at, dV + at); break;
     }
   }
 }

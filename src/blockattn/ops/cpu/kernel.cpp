@@ -216,7 +216,7 @@ inline void probabilities_and_score_grads(const Problem& p, const float* Qp, con
 // over (batch, kv head, key block) with the transposed lists (q_counts [Bl,Hl,nK], q_indices/q_mask_ids
 // [Bl,Hl,nK,maxQ]) for dK and dV, then over (batch, head, query block) with the forward lists (counts,
 // indices, mask_ids) for dQ; the second pass recomputes P and dS, as the Triton backward does. On AVX-512
-// CPUs the dQ pass runs the forward's micro-kernels (fwd_avx512.h), elsewhere MKL tiles as the first pass.
+// CPUs both passes run the forward's micro-kernels (fwd_avx512.h), elsewhere MKL tiles.
 void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
               const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& q_counts,
               const at::Tensor& q_indices, const at::Tensor& q_mask_ids, const at::Tensor& counts,
@@ -254,44 +254,51 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
         cost[it] += cnt[(p.lb(b) * p.layout_h + p.lh(h)) * p.nK + kb];
     }
-    const int64_t run = std::max<int64_t>(1, kRunWidth / p.block_q);
-    run_dynamic(longest_first(cost), [&](int64_t it, int64_t t) {
-      const int64_t kb = it % p.nK, hk = (it / p.nK) % p.Hkv, b = it / (p.nK * p.Hkv);
-      const int64_t k0 = kb * p.block_k, cols = std::min(p.block_k, p.Lk - k0);
-      auto& buf = scratch[t];
-      buf.resize(2 * run * p.block_q * p.block_k + 2 * p.block_k * D);
-      float* P = buf.data();
-      float* dS = P + run * p.block_q * p.block_k;
-      float* dKacc = dS + run * p.block_q * p.block_k;
-      float* dVacc = dKacc + p.block_k * D;
-      std::fill(dKacc, dKacc + 2 * p.block_k * D, 0.0f);
-      const float* Kp = K + ((b * p.Hkv + hk) * p.Lk + k0) * D;
-      const float* Vp = V + ((b * p.Hkv + hk) * p.Lk + k0) * D;
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const int64_t list = (p.lb(b) * p.layout_h + p.lh(h)) * p.nK + kb;
-        const int32_t* blocks = idx + list * maxQ;
-        for (int64_t s = 0, e; s < cnt[list]; s = e) {
-          for (e = s + 1; e < cnt[list] && e - s < run && blocks[e] == blocks[e - 1] + 1; ++e) {}
-          const int64_t q0 = blocks[s] * p.block_q, rows = std::min((e - s) * p.block_q, p.Lq - q0);
-          const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
-          const float* Qp = Q + row0 * D;
-          const float* dOp = dO + row0 * D;
-          probabilities_and_score_grads(p, Qp, dOp, Kp, Vp, LSE, DELTA, row0, rows, cols, p.block_k, P, dS,
-                                        [&](float* scores) {
-            for (int64_t tile = s; tile < e; ++tile) {
-              const TileRule rule = p.rule(blocks[tile], kb, mid ? mid[list * maxQ + tile] : -1);
-              if (rule.full()) continue;
-              const int64_t base = (tile - s) * p.block_q;
-              for (int64_t i = 0; i < rule.rows; ++i) rule.apply(scores + (base + i) * p.block_k, i);
-            }
-          });
-          gemm('N', 'T', D, cols, rows, 1.0f, dOp, D, P, p.block_k, 1.0f, dVacc, D);     // dV += P^T dO
-          gemm('N', 'T', D, cols, rows, p.scale, Qp, D, dS, p.block_k, 1.0f, dKacc, D);  // dK += scale dS^T Q
+    if (g_use_avx512) {
+      std::vector<avx512::Workspace> workspaces(threads);
+      run_dynamic(longest_first(cost), [&](int64_t it, int64_t t) {
+        avx512::dkdv_item(p, Q, dO, K, V, LSE, DELTA, cnt, idx, mid, maxQ, it, workspaces[t], dK, dV);
+      });
+    } else {
+      const int64_t run = std::max<int64_t>(1, kRunWidth / p.block_q);
+      run_dynamic(longest_first(cost), [&](int64_t it, int64_t t) {
+        const int64_t kb = it % p.nK, hk = (it / p.nK) % p.Hkv, b = it / (p.nK * p.Hkv);
+        const int64_t k0 = kb * p.block_k, cols = std::min(p.block_k, p.Lk - k0);
+        auto& buf = scratch[t];
+        buf.resize(2 * run * p.block_q * p.block_k + 2 * p.block_k * D);
+        float* P = buf.data();
+        float* dS = P + run * p.block_q * p.block_k;
+        float* dKacc = dS + run * p.block_q * p.block_k;
+        float* dVacc = dKacc + p.block_k * D;
+        std::fill(dKacc, dKacc + 2 * p.block_k * D, 0.0f);
+        const float* Kp = K + ((b * p.Hkv + hk) * p.Lk + k0) * D;
+        const float* Vp = V + ((b * p.Hkv + hk) * p.Lk + k0) * D;
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          const int64_t list = (p.lb(b) * p.layout_h + p.lh(h)) * p.nK + kb;
+          const int32_t* blocks = idx + list * maxQ;
+          for (int64_t s = 0, e; s < cnt[list]; s = e) {
+            for (e = s + 1; e < cnt[list] && e - s < run && blocks[e] == blocks[e - 1] + 1; ++e) {}
+            const int64_t q0 = blocks[s] * p.block_q, rows = std::min((e - s) * p.block_q, p.Lq - q0);
+            const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
+            const float* Qp = Q + row0 * D;
+            const float* dOp = dO + row0 * D;
+            probabilities_and_score_grads(p, Qp, dOp, Kp, Vp, LSE, DELTA, row0, rows, cols, p.block_k, P, dS,
+                                          [&](float* scores) {
+              for (int64_t tile = s; tile < e; ++tile) {
+                const TileRule rule = p.rule(blocks[tile], kb, mid ? mid[list * maxQ + tile] : -1);
+                if (rule.full()) continue;
+                const int64_t base = (tile - s) * p.block_q;
+                for (int64_t i = 0; i < rule.rows; ++i) rule.apply(scores + (base + i) * p.block_k, i);
+              }
+            });
+            gemm('N', 'T', D, cols, rows, 1.0f, dOp, D, P, p.block_k, 1.0f, dVacc, D);     // dV += P^T dO
+            gemm('N', 'T', D, cols, rows, p.scale, Qp, D, dS, p.block_k, 1.0f, dKacc, D);  // dK += scale dS^T Q
+          }
         }
-      }
-      std::copy(dKacc, dKacc + cols * D, dK + ((b * p.Hkv + hk) * p.Lk + k0) * D);
-      std::copy(dVacc, dVacc + cols * D, dV + ((b * p.Hkv + hk) * p.Lk + k0) * D);
-    });
+        std::copy(dKacc, dKacc + cols * D, dK + ((b * p.Hkv + hk) * p.Lk + k0) * D);
+        std::copy(dVacc, dVacc + cols * D, dV + ((b * p.Hkv + hk) * p.Lk + k0) * D);
+      });
+    }
   }
 
   // ---- pass 2: dQ per query block, over runs of consecutive listed key blocks
