@@ -2,11 +2,12 @@
 
 float32 runs in the kernel; bfloat16 runs natively on CPUs with AVX512-BF16 (forward: q/k/v stay
 bf16, both products on vdpbf16ps with fp32 accumulation, softmax in fp32; backward in fp32), and
-elsewhere bfloat16/float16 are converted to float32 around the kernel; float64 is not taken (`can_run` says so, and `auto`
-gives it to the portable torch backend, whose arithmetic is exact in float64).
+elsewhere bfloat16/float16 are converted to float32 around the kernel; float64 is not taken (`can_run`
+says so, and `auto` gives it to the portable torch backend, whose arithmetic is exact in float64).
 
-The forward pass uses AVX-512 micro-kernels where the CPU has AVX-512 (F/BW/VL/DQ) and the AVX2 + MKL
-path elsewhere; `isa()` says which. Setting BLOCKATTN_CPU_ISA=avx2 before import forces the AVX2 path.
+Forward and backward use AVX-512 micro-kernels where the CPU has AVX-512 (F/BW/VL/DQ) and the AVX2 +
+MKL path elsewhere; `isa()` says which. The documented switch BLOCKATTN_CPU_ISA=avx2 forces the AVX2
+path (checked at the backend's first use: an unknown or unsupported value is a ValueError).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _apply_isa_switch() -> None:
 
 
 def isa() -> str | None:
-    """The forward implementation in use, "avx512" or "avx2" (None if the kernel is not built)."""
+    """The implementation in use, "avx512" or "avx2" (None if the kernel is not built)."""
     return _kernel.isa() if _kernel is not None else None
 
 
@@ -55,7 +56,8 @@ def paths() -> dict[str, str]:
     fp32 = isa()
     converted = f"{fp32} (converted to fp32 around the kernel)"
     native_bf16 = fp32 == "avx512" and _kernel.has_avx512_bf16()
-    bf16 = "avx512-bf16 forward (even head dim and block_k; backward in fp32)" if native_bf16 else converted
+    bf16 = ("avx512-bf16 forward (even head dim and block_k; backward avx512 in fp32)" if native_bf16
+            else converted)
     return {"fp32": fp32, "bf16": bf16, "fp16": converted, "fp64": "not taken: auto runs it on torch"}
 
 

@@ -1,4 +1,4 @@
-// Shared by the CPU kernel's translation unit and its AVX-512 forward (fwd_avx512.h): the BLAS entry
+// Shared by the CPU kernel's translation unit and its AVX-512 micro-kernels (avx512.h): the BLAS entry
 // points torch ships, AVX2 exponentials and row helpers, the token rule of a tile, the problem
 // description and the dynamic scheduler. Everything lives in namespace blockattn_cpu.
 #pragma once

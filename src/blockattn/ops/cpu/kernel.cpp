@@ -1,13 +1,13 @@
 // Block-sparse attention on CPU: FlashAttention-2's tiled online softmax, visiting only the key
 // tiles a BlockLayout lists. Work items are scheduled dynamically, longest first, because causal and
-// sparse layouts give query blocks very different amounts of work. The forward pass has two
-// implementations chosen at run time: on CPUs with AVX-512 (F/BW/VL/DQ) its own register-blocked
-// micro-kernels (fwd_avx512.h); elsewhere tiles are small GEMMs through the BLAS torch ships (MKL's
-// sgemm_) with AVX2 exponentials, as is the backward pass everywhere. The module is built with AVX2/FMA.
+// sparse layouts give query blocks very different amounts of work. Forward and backward have two
+// implementations chosen at run time: on CPUs with AVX-512 (F/BW/VL/DQ) register-blocked micro-kernels
+// (avx512.h; bf16 on AVX512-BF16); elsewhere tiles are small GEMMs through the BLAS torch ships (MKL's
+// sgemm_) with AVX2 exponentials. The module is built with AVX2/FMA.
 #include <string>
 
 #include "common.h"
-#include "fwd_avx512.h"
+#include "avx512.h"
 
 namespace blockattn_cpu {
 namespace {
@@ -154,7 +154,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   });
 }
 
-// The bf16 forward on AVX512-BF16 (fwd_avx512.h): q [B,Hq,Lq,D] and k [B,Hkv,Lk,D] contiguous bf16,
+// The bf16 forward on AVX512-BF16 (avx512.h): q [B,Hq,Lq,D] and k [B,Hkv,Lk,D] contiguous bf16,
 // v_pairs the values as key pairs [B,Hkv,ceil(Lk/2),D,2] bf16 (zero-padded), D and block_k even; out
 // [B,Hq,Lq,D] and lse [B,Hq,Lq] float32, every element written.
 void forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_pairs, const at::Tensor& counts,
@@ -216,7 +216,7 @@ inline void probabilities_and_score_grads(const Problem& p, const float* Qp, con
 // over (batch, kv head, key block) with the transposed lists (q_counts [Bl,Hl,nK], q_indices/q_mask_ids
 // [Bl,Hl,nK,maxQ]) for dK and dV, then over (batch, head, query block) with the forward lists (counts,
 // indices, mask_ids) for dQ; the second pass recomputes P and dS, as the Triton backward does. On AVX-512
-// CPUs both passes run the forward's micro-kernels (fwd_avx512.h), elsewhere MKL tiles.
+// CPUs both passes run the forward's micro-kernels (avx512.h), elsewhere MKL tiles.
 void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
               const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& q_counts,
               const at::Tensor& q_indices, const at::Tensor& q_mask_ids, const at::Tensor& counts,

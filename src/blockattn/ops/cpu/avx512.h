@@ -1,5 +1,6 @@
-// AVX-512 forward pass of the CPU kernel, selected at run time on CPUs that have AVX-512 F/BW/VL/DQ
-// (kernel.cpp keeps the AVX2 + MKL path for the others). Compiled for AVX-512 through target pragmas,
+// AVX-512 micro-kernels of the CPU kernel, forward and backward, selected at run time on CPUs that have
+// AVX-512 F/BW/VL/DQ (kernel.cpp keeps the AVX2 + MKL path for the others). The backward's two passes
+// (dQ per query block, dK/dV per key block) reuse the forward's two products; see their comments below. Compiled for AVX-512 through target pragmas,
 // so the module itself stays buildable and loadable on AVX2-only CPUs.
 //
 // Layout of the work: one work item is a (batch, head, query block); its queries are processed in
