@@ -29,22 +29,12 @@ import torch
 from torch import Tensor, nn
 
 import blockattn
-from blockattn._checks import check_qkv_tensors
-from blockattn.layout import BlockLayout
+from blockattn._checks import check_qkv_tensors, int_arg
+from blockattn.layout import BlockLayout, _cdiv
 
 __all__ = ["CombinerAttention", "combiner_axial", "combiner_fixed", "combiner_logsparse", "merge_attention"]
 
 FACTORISATIONS = ("fixed", "logsparse", "axial")
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _check_size(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def merge_attention(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
@@ -159,7 +149,7 @@ def combiner_fixed(q: Tensor, k: Tensor, v: Tensor, *, block_size: int = 128, sc
     q `[B, Hq, L, D]`, k, v `[B, Hkv, L, D]` -> `[B, Hq, L, D]` (and the joint `lse [B, Hq, L]`).
     """
     scale = _check(q, k, v, scale)
-    size = _check_size("block_size", block_size)
+    size = int_arg("block_size", block_size)
     length, heads = q.shape[2], q.shape[1]
     n = _cdiv(length, size)
     parts = [blockattn.attention(q, k, v, _block_diagonal(length, size, q.device, causal=True), scale=scale,
@@ -209,7 +199,7 @@ def combiner_axial(q: Tensor, k: Tensor, v: Tensor, *, row_length: int = 128,
     learned projection, see `CombinerAttention`). `L` must be a multiple of `row_length`.
     """
     scale = _check(q, k, v, scale)
-    size = _check_size("row_length", row_length)
+    size = int_arg("row_length", row_length)
     batch, heads, length, dim = q.shape
     if length % size:
         raise ValueError(f"combiner_axial views the sequence as rows: L={length} must be a multiple of "
@@ -256,13 +246,13 @@ class CombinerAttention(nn.Module):
     def __init__(self, dim: int, heads: int, *, factorisation: str = "fixed", block_size: int = 128,
                  qkv_bias: bool = False, backend: str = "auto"):
         super().__init__()
-        _check_size("dim", dim)
+        int_arg("dim", dim)
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or dim % heads:
             raise ValueError(f"heads must be a positive int dividing dim={dim}, got {heads!r}")
         if factorisation not in FACTORISATIONS:
             raise ValueError(f"factorisation must be one of {FACTORISATIONS}, got {factorisation!r}")
         self.dim, self.heads, self.factorisation, self.backend = dim, heads, factorisation, backend
-        self.block_size = _check_size("block_size", block_size)
+        self.block_size = int_arg("block_size", block_size)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         if factorisation == "axial":
