@@ -11,52 +11,21 @@ transformers is `_hf.py`.
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import pkgutil
-
+from blockattn._registry import Registry
 from blockattn.kv.base import Policy, ScorerPolicy, Selection
 
-_REGISTRY: dict[str, type[Policy]] = {}
-_INTERNAL = ("base", "cache", "_hf")
-
-
-def register(name: str):
-    """Class decorator: `@register("snapkv")` makes the policy reachable by name."""
-    def wrap(cls):
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"kv policy name {name!r} is already registered by {_REGISTRY[name].__name__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return wrap
-
-
-def _load_all():
-    for info in pkgutil.iter_modules(__path__):
-        if info.name not in _INTERNAL:
-            importlib.import_module(f"{__name__}.{info.name}")
+_REGISTRY = Registry("kv policy", "policies", __name__, __path__, internal=("base", "cache", "_hf"))
+register = _REGISTRY.register
 
 
 def names() -> list[str]:
     """Every registered KV policy name."""
-    _load_all()
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get(name: str, **params) -> Policy:
     """Construct a registered policy with the given hyperparameters (its paper's defaults otherwise)."""
-    if not isinstance(name, str):
-        raise TypeError(f"kv policy name must be a str, got {type(name).__name__}")
-    _load_all()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown kv policy {name!r}; known policies: {', '.join(sorted(_REGISTRY))}")
-    cls = _REGISTRY[name]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise TypeError(f"kv policy {name!r} does not take {unknown}; its parameters are {sorted(fields)}")
-    return cls(**params)
+    return _REGISTRY.get(name, **params)
 
 
 def parse(spec) -> Policy:
