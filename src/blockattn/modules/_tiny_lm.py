@@ -4,6 +4,8 @@ convolution before each attention (as in the project's MQAR model, after Zoology
 CPU-trained model form the key -> value shift quickly."""
 from __future__ import annotations
 
+import math
+import time
 from typing import Callable
 
 import torch
@@ -60,3 +62,26 @@ class TinyDecoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
+
+
+def fit(model: nn.Module, optimiser: torch.optim.Optimizer, steps: int, next_batch: Callable, progress=None):
+    """Minimise token cross-entropy (targets -100 ignored) over `steps` batches `next_batch(step) ->
+    (inputs, targets)`, with a 5% linear warm-up then cosine decay and gradient clipping at 1.
+    Returns (losses, seconds)."""
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    losses, start = [], time.perf_counter()
+    for step in range(steps):
+        inputs, targets = next_batch(step)
+        logits = model(inputs)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, steps, losses[-1])
+    return losses, time.perf_counter() - start

@@ -12,16 +12,13 @@ last-`window` keys of the same size per row.
 """
 from __future__ import annotations
 
-import math
-import time
-
 import torch
 from torch import nn
 
 import blockattn
 from blockattn.bench.mqar import multiquery_ar
 from blockattn.layout import BlockLayout
-from blockattn.modules._tiny_lm import TinyDecoder
+from blockattn.modules._tiny_lm import TinyDecoder, fit
 from blockattn.modules.dma import DMAAttention, keep_thresholds
 
 MODELS = ("dense", "window", "dma")
@@ -111,25 +108,14 @@ def train(kind: str, *, steps: int = 600, batch: int = 64, lr: float = 3e-3, seq
     torch.manual_seed(seed)
     model = build_model(kind, vocab=vocab, window=window)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     order = torch.randperm(train_examples, generator=torch.Generator().manual_seed(seed + 1))
-    losses, start = [], time.perf_counter()
-    for step in range(steps):
+
+    def next_batch(step):
         at = (step * batch) % (train_examples - batch + 1)
         idx = order[at:at + batch]
-        logits = model(inputs[idx])
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels[idx].flatten(), ignore_index=-100)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
-        schedule.step()
-        losses.append(loss.item())
-        if progress is not None:
-            progress(step + 1, steps, losses[-1])
-    seconds = time.perf_counter() - start
+        return inputs[idx], labels[idx]
+
+    losses, seconds = fit(model, optimiser, steps, next_batch, progress)
     test_in, test_lab = inputs[train_examples:], labels[train_examples:]
     result = dict(model=kind, accuracy=accuracy(model, test_in, test_lab), losses=losses, train_seconds=seconds,
                   steps=steps, batch=batch, lr=lr, seq_len=seq_len, window=window, num_kv_pairs=num_kv_pairs,

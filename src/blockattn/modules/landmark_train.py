@@ -16,13 +16,11 @@ choice of some head.
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 
 import torch
 from torch import Tensor, nn
 
-from blockattn.modules._tiny_lm import TinyDecoder
+from blockattn.modules._tiny_lm import TinyDecoder, fit
 from blockattn.modules.landmark import grouped_softmax_attention, insert_landmarks, landmark_retrieval
 
 KEYS, VALUES, FILLER = range(0, 16), range(16, 32), range(32, 64)
@@ -150,24 +148,13 @@ def train(*, steps: int = 1500, batch: int = 16, lr: float = 3e-3, seed: int = 0
     torch.manual_seed(seed)
     model = build_model(task, dim=dim)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=1e-3)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(seed + 1)
-    losses, start = [], time.perf_counter()
-    for step in range(steps):
+
+    def next_batch(step):
         stream, targets, _ = task.sample(batch, gen)
-        logits = model(stream)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
-        schedule.step()
-        losses.append(loss.item())
-        if progress is not None:
-            progress(step + 1, steps, losses[-1])
-    train_seconds = time.perf_counter() - start
+        return stream, targets
+
+    losses, train_seconds = fit(model, optimiser, steps, next_batch, progress)
     result = evaluate(model, task, sequences=eval_sequences, seed=seed + 12345)
     result.update(losses=losses, train_seconds=train_seconds, steps=steps, batch=batch, lr=lr, seed=seed,
                   task=dataclasses.asdict(task))
