@@ -29,6 +29,19 @@ def check_qkv_tensors(q, k, v) -> None:
     check_float_tensors(("q", q), ("k", k), ("v", v))
 
 
+def check_causal_self_attention(q, k, v, scale, what: str) -> float:
+    """q `[B, Hq, L, D]` and k, v `[B, Hkv, L, D]` (Hq % Hkv == 0) of one length, for a module `what` that is
+    causal self-attention; returns the score scale (`D ** -0.5` unless given)."""
+    check_qkv_tensors(q, k, v)
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"expected q [B, Hq, L, D] and k, v [B, Hkv, L, D] with Hq % Hkv == 0, got "
+                         f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"{what} is causal self-attention: q and k must have the same length, got "
+                         f"{q.shape[2]} and {k.shape[2]}")
+    return q.shape[3] ** -0.5 if scale is None else float(scale)
+
+
 # ---------------------------------------------------------------------------------- argument checks
 # One rule everywhere: a wrong type raises TypeError, a wrong value ValueError; the message names the
 # argument and says what was expected. Each returns the (normalised) value so callers can assign it.

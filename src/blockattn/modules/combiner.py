@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 import blockattn
-from blockattn._checks import check_qkv_tensors, int_arg
+from blockattn._checks import check_causal_self_attention, int_arg
 from blockattn.layout import BlockLayout, _cdiv
 
 __all__ = ["CombinerAttention", "combiner_axial", "combiner_fixed", "combiner_logsparse", "merge_attention"]
@@ -76,14 +76,7 @@ def _repeat_heads(x: Tensor, heads: int) -> Tensor:
 
 
 def _check(q, k, v, scale):
-    check_qkv_tensors(q, k, v)
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
-        raise ValueError(f"expected q [B, Hq, L, D] and k, v [B, Hkv, L, D] with Hq % Hkv == 0, got "
-                         f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"Combiner is causal self-attention: q and k must have the same length, got "
-                         f"{q.shape[2]} and {k.shape[2]}")
-    return q.shape[3] ** -0.5 if scale is None else float(scale)
+    return check_causal_self_attention(q, k, v, scale, "Combiner")
 
 
 # Layouts depend only on lengths and sizes: built once per shape (a module runs them every step).

@@ -27,19 +27,15 @@ import torch
 from torch import Tensor
 
 import blockattn
-from blockattn._checks import check_qkv_tensors
+from blockattn._checks import check_causal_self_attention
 from blockattn.functional import MAX_HEAD_DIM
-from blockattn.layout import BlockLayout
+from blockattn.layout import BlockLayout, _cdiv
 from blockattn.modules.combiner import merge_attention
 
 __all__ = ["grouped_softmax_attention", "insert_landmarks", "landmark_logits", "landmark_retrieval",
            "landmark_targets", "retrieve_blocks"]
 
 AGGREGATES = ("per_token", "max_over_tokens")
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check_block_size(block_size) -> int:
@@ -49,15 +45,9 @@ def _check_block_size(block_size) -> int:
 
 
 def _check(q, k, v, block_size, scale):
-    check_qkv_tensors(q, k, v)
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
-        raise ValueError(f"expected q [B, Hq, L, D] and k, v [B, Hkv, L, D] with Hq % Hkv == 0, got "
-                         f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"landmark attention is causal self-attention: q and k must have the same length, "
-                         f"got {q.shape[2]} and {k.shape[2]}")
+    scale = check_causal_self_attention(q, k, v, scale, "landmark attention")
     _check_block_size(block_size)
-    return q.shape[3] ** -0.5 if scale is None else float(scale)
+    return scale
 
 
 # ---------------------------------------------------------------------- data

@@ -26,16 +26,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from blockattn.layout import BlockLayout
+from blockattn.layout import BlockLayout, _cdiv
 
 __all__ = ["SeerAttentionGate", "block_max_ground_truth", "gate_loss", "invert_rope", "load_gates", "save_gates",
            "select_blocks", "topk_for_density"]
 
 POOLS = ("avg", "max", "min")
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _pool(x: Tensor, block: int, how: str) -> Tensor:
