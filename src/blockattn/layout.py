@@ -189,10 +189,9 @@ class BlockLayout:
         device = torch.device(device)
         if _same_device(self.device, device):
             return self
-        moved = self._replace(kv_counts=self.kv_counts.to(device), kv_indices=self.kv_indices.to(device),
-                              tile_mask_ids=None if self.tile_mask_ids is None else self.tile_mask_ids.to(device),
-                              tile_masks=None if self.tile_masks is None else self.tile_masks.to(device))
-        return moved
+        return self._replace(kv_counts=self.kv_counts.to(device), kv_indices=self.kv_indices.to(device),
+                             tile_mask_ids=None if self.tile_mask_ids is None else self.tile_mask_ids.to(device),
+                             tile_masks=None if self.tile_masks is None else self.tile_masks.to(device))
 
     def _replace(self, **changes) -> BlockLayout:
         """A layout with some fields changed, built without validation: for internal callers whose

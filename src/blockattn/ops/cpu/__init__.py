@@ -55,8 +55,7 @@ def paths() -> dict[str, str]:
     _apply_isa_switch()
     fp32 = isa()
     converted = f"{fp32} (converted to fp32 around the kernel)"
-    native_bf16 = fp32 == "avx512" and _kernel.has_avx512_bf16()
-    bf16 = ("avx512-bf16 forward (even head dim and block_k; backward avx512 in fp32)" if native_bf16
+    bf16 = ("avx512-bf16 forward (even head dim and block_k; backward avx512 in fp32)" if _bf16_units()
             else converted)
     return {"fp32": fp32, "bf16": bf16, "fp16": converted, "fp64": "not taken: auto runs it on torch"}
 
@@ -125,11 +124,15 @@ def _backward(q, k, v, lse, grad_out, delta, layout, scale):
     return dq, dk, dv
 
 
+def _bf16_units() -> bool:
+    """Whether the AVX512-BF16 forward can run: the CPU has it and the AVX-512 path is in use."""
+    return isa() == "avx512" and _kernel.has_avx512_bf16()
+
+
 def _native_bf16(q, layout) -> bool:
-    """bf16 runs on the AVX512-BF16 forward when the CPU has it (and the AVX-512 path is in use), with an
-    even head dim and key block (the dot products take pairs); otherwise it is converted to fp32."""
-    return (q.dtype == torch.bfloat16 and isa() == "avx512" and _kernel.has_avx512_bf16()
-            and q.shape[3] % 2 == 0 and layout.block_k % 2 == 0)
+    """bf16 runs on the AVX512-BF16 forward where it can, with an even head dim and key block (the dot
+    products take pairs); otherwise it is converted to fp32."""
+    return q.dtype == torch.bfloat16 and _bf16_units() and q.shape[3] % 2 == 0 and layout.block_k % 2 == 0
 
 
 def _key_pairs(v: torch.Tensor) -> torch.Tensor:
