@@ -114,3 +114,64 @@ def test_bad_input(tokenizer):
         tasks.multi_needle(tokenizer, 256, needles=0)
     with pytest.raises(ValueError, match="ask"):
         tasks.multi_needle(tokenizer, 256, needles=2, ask=5)
+
+
+def _occurrences(ids: list, sub: list) -> list:
+    return [i for i in range(len(ids) - len(sub) + 1) if ids[i:i + len(sub)] == sub]
+
+
+@pytest.mark.parametrize("length,depth,needles", [(400, 0.0, 3), (600, 0.5, 4), (700, 1.0, 2), (500, 0.3, 1)])
+def test_retrieval_prose_construction(tokenizer, length, depth, needles):
+    sample = tasks.retrieval_prose(tokenizer, length, depth, needles=needles, seed=1)
+    ids = sample.prompt[0].tolist()
+    answer = sample.answer[0].tolist()
+    assert len(ids) == length and sample.task == "retrieval_prose" and len(sample.needles) == needles
+    code = tokenizer.decode(answer)
+    assert code.startswith(" ") and code.strip().isdigit() and len(code.strip()) == 6
+    # every needle is one whole line "The access code of <name> is <number>." at a line boundary
+    names, codes = [], []
+    for start, stop in sample.needles:
+        line = tokenizer.decode(ids[start:stop])
+        assert line.startswith("The access code of ") and line.endswith(".\n")
+        name, number = line[len("The access code of "):-2].rsplit(" is ", 1)
+        names.append(name)
+        codes.append(number)
+        assert start == 0 or tokenizer.decode(ids[:start]).endswith("\n")
+    assert len(set(names)) == needles and len(set(codes)) == needles
+    start, stop = sample.needles[sample.asked]
+    assert codes[sample.asked] == code.strip()
+    # the answer tokens occur once in the prompt, inside the asked needle: nothing leaks before it (or after)
+    assert _occurrences(ids, answer) == [stop - 2 - len(answer)]
+    assert all(tokenizer.decode(ids).count(number) == 1 for number in codes)
+    # the asked needle sits near the asked depth of the prompt; the question at the end asks for it
+    assert abs(start / length - depth) < 0.15
+    asked = names[sample.asked]
+    text = tokenizer.decode(ids)
+    assert text.endswith(f"Answer: The access code of {asked} is") and text.count(asked) == 3
+    # the filler is the documentation prose, not a repeated sentence
+    assert "The grass is green" not in text
+    assert torch.equal(tasks.retrieval_prose(tokenizer, length, depth, needles=needles, seed=1).prompt,
+                       sample.prompt)
+
+
+def test_retrieval_prose_in_the_harness_and_bad_input(tokenizer):
+    from blockattn.bench import harness
+    model = tiny_llama(max_pos=1024)
+    config = harness.EvalConfig(tasks=("retrieval_prose",), lengths=(300,), depths=(0.2, 0.8), seeds=(0, 1),
+                                needles=3)
+    harness._check(model, config)
+    samples = harness._retrieval_samples(tokenizer, model, config)
+    assert [(s.task, s.depth, s.seed) for s in samples] == [("retrieval_prose", d, s) for s in (0, 1)
+                                                            for d in (0.2, 0.8)]
+    assert all(len(s.needles) == 3 for s in samples)
+    assert len({tuple(s.answer[0].tolist()) for s in samples}) == 4
+    with pytest.raises(ValueError, match="needles"):
+        tasks.retrieval_prose(tokenizer, 300, 0.5, needles=0)
+    with pytest.raises(ValueError, match="depth"):
+        tasks.retrieval_prose(tokenizer, 300, -0.1)
+    with pytest.raises(ValueError, match="digits"):
+        tasks.retrieval_prose(tokenizer, 300, 0.5, digits=1)
+    with pytest.raises(ValueError, match="too short"):
+        tasks.retrieval_prose(tokenizer, 64, 0.5, needles=4)
+    with pytest.raises(ValueError, match="context of 1024"):
+        tasks.retrieval_prose(tokenizer, 2048, 0.5, model=model)

@@ -1,6 +1,7 @@
 """The evaluation behind `blockattn eval`: passkey retrieval on a real model for dense and any registered
 method, with per-method speed (prefill vs the unpatched SDPA model, timed in the same run, decode
 tokens/s) and per-layer attention quality on captured q/k/v. Optional tasks: multi-needle retrieval,
+facts in real prose (`retrieval_prose`: several needles in Python's documentation, one asked per depth),
 long-document perplexity against the unpatched model, and encoder (MiniLM) embedding fidelity.
 
     results = run_eval(model, tokenizer, [("dense", {}), ("streaming", {"window": 512})],
@@ -43,7 +44,8 @@ def label(name: str, params: dict) -> str:
     return name + ("(" + ",".join(f"{k}={v}" for k, v in params.items()) + ")" if params else "")
 
 
-TASKS = ("passkey", "multi_needle", "perplexity", "encoder")
+TASKS = ("passkey", "multi_needle", "retrieval_prose", "perplexity", "encoder")
+RETRIEVAL = ("passkey", "multi_needle", "retrieval_prose")  # tasks scored by answer tokens (the speed columns)
 ANSWER_ROOM = 16  # tokens after a retrieval prompt: the answer is scored in the same forward pass
 
 
@@ -57,7 +59,8 @@ class EvalConfig:
     quality_length: int | None = None   # captured q/k/v length (default: the shortest task length)
     decode_prompt: int = 256
     decode_tokens: int = 8
-    needles: int = 4                    # multi-needle: facts per document; each is asked once per length
+    needles: int = 4                    # multi-needle: facts per document, each asked once per length;
+    #                                     retrieval_prose: facts per prompt, one asked at each depth
     perplexity_tail: int = 1024         # perplexity: the last this many tokens of each length's document
     backend: str = "auto"
     budget_seconds: float | None = None  # methods that would end past it are not run (the first always runs)
@@ -96,8 +99,9 @@ def _check(model, config: EvalConfig):
     unknown = [t for t in config.tasks if t not in TASKS]
     if unknown or not config.tasks:
         raise ValueError(f"tasks must be a non-empty subset of {list(TASKS)}, got {list(config.tasks)}")
-    if not {"passkey", "multi_needle"} & set(config.tasks):
-        raise ValueError("tasks must include 'passkey' or 'multi_needle' (the speed columns come from them)")
+    if not set(RETRIEVAL) & set(config.tasks):
+        raise ValueError("tasks must include 'passkey' or 'multi_needle' or 'retrieval_prose' (the speed columns "
+                         "come from them)")
 
 
 def check_methods_run(model, methods: list[tuple[str, dict]], *, backend: str = "auto", tokens: int = 128):
@@ -156,6 +160,9 @@ def _retrieval_samples(tokenizer, model, config: EvalConfig) -> list[tasks.Sampl
             if "multi_needle" in config.tasks:
                 samples += [tasks.multi_needle(tokenizer, length, needles=config.needles, ask=ask, seed=seed,
                                                model=model) for ask in range(config.needles)]
+            if "retrieval_prose" in config.tasks:
+                samples += [tasks.retrieval_prose(tokenizer, length, depth, needles=config.needles, seed=seed,
+                                                  model=model) for depth in config.depths]
     return samples
 
 
@@ -338,7 +345,7 @@ def _encoder_fidelity(encoder, name: str, params: dict, backend: str) -> dict:
         return {"error": str(error)}
 
 
-_COLUMN = {"passkey": "passkey", "multi_needle": "needles"}
+_COLUMN = {"passkey": "passkey", "multi_needle": "needles", "retrieval_prose": "prose"}
 
 
 def format_table(results: dict) -> str:

@@ -1,5 +1,6 @@
-"""Long-context tasks on real models, offline: passkey retrieval, multi-needle retrieval, long-document
-perplexity (on Python's own `pydoc_data/topics.py`) and encoder embedding fidelity (MiniLM).
+"""Long-context tasks on real models, offline: passkey retrieval, multi-needle retrieval, retrieval of
+facts hidden in real prose (`retrieval_prose`, the hard one), long-document perplexity (on Python's own
+`pydoc_data/topics.py`) and encoder embedding fidelity (MiniLM).
 
 Passkey follows Mohtashami & Jaggi, "Landmark Attention" (2023): a random number is hidden at a given
 depth of repetitive filler text and asked for at the end. Answers are scored by greedy decoding
@@ -54,6 +55,8 @@ class Sample:
     depth: float
     seed: int
     task: str = "passkey"
+    needles: tuple = ()     # retrieval_prose: (start, stop) token span of each needle in the prompt
+    asked: int | None = None  # retrieval_prose: the index of the asked needle
 
 
 def _fill(tokenizer, head_ids, needle_ids, tail_ids, length, depth, filler_ids):
@@ -113,6 +116,73 @@ def multi_needle(tokenizer, length: int, *, needles: int = 4, ask: int | None = 
     ids += text[needles * step:] + question
     return Sample(torch.tensor([ids]), torch.tensor([enc(" " + values[ask])]), length, ask / max(1, needles - 1), seed,
                   task="multi_needle")
+
+
+FIRST_NAMES = ("Mira", "Tobias", "Elena", "Rafael", "Ingrid", "Kofi", "Yuki", "Anders", "Leila", "Dmitri",
+               "Priya", "Matteo", "Sofia", "Henrik", "Amara", "Lucas", "Noor", "Felix", "Zara", "Oskar")
+LAST_NAMES = ("Castellan", "Whitford", "Okonkwo", "Lindqvist", "Moreau", "Tanaka", "Brennan", "Vasquez",
+              "Halloran", "Petrov", "Achebe", "Sorensen", "Delacroix", "Nakamura", "Ferreira", "Gallagher")
+PROSE_FACT = "The access code of {name} is"
+PROSE_QUESTION = "\n\nQuestion: what is the access code of {name}?\nAnswer: The access code of {name} is"
+
+
+def retrieval_prose(tokenizer, length: int, depth: float, *, needles: int = 4, seed: int = 0, digits: int = 6,
+                    model=None) -> Sample:
+    """Facts in real prose: `needles` lines "The access code of <name> is <number>." (distinct names and
+    numbers) inserted at line boundaries of Python's documentation (the perplexity task's text), the asked
+    fact at `depth` and the others evenly spread; the prompt ends with a question in completion form,
+    "... Answer: The access code of <name> is", and the answer is " <number>".
+
+    Harder than `passkey`: the filler is real, varied text (not a repeated sentence the model can skip),
+    and the distractor facts share the template, so the model must bind the asked name to its number.
+    The prompt's token ids are the concatenation of the prose, needle and question ids, with the answer
+    ids inside the needle exactly as scored; `Sample.needles` holds each needle's `(start, stop)` token
+    span and `Sample.asked` which one is asked. No number appears in the text outside its own needle."""
+    _check_length(tokenizer, length, model)
+    _check_fraction("depth", depth)
+    if isinstance(needles, bool) or not isinstance(needles, int) or not 1 <= needles <= len(FIRST_NAMES):
+        raise ValueError(f"needles must be an int in [1, {len(FIRST_NAMES)}], got {needles!r}")
+    if isinstance(digits, bool) or not isinstance(digits, int) or not 3 <= digits <= 12:
+        raise ValueError(f"digits must be an int in [3, 12], got {digits!r}")
+    enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
+    # one seeded draw per prompt (the same seed and length give the same prose, the depth varies the facts)
+    rng = random.Random(f"retrieval_prose:{seed}:{length}:{depth!r}")
+    prose = document_text(length * 8, seed=seed)
+    names = [f"{first} {last}" for first, last in zip(rng.sample(FIRST_NAMES, needles),
+                                                      rng.sample(LAST_NAMES * 2, needles))]
+    codes = []
+    while len(codes) < needles:  # distinct numbers that occur nowhere in the prose
+        code = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+        if code not in prose and code not in codes:
+            codes.append(code)
+    # the asked fact takes the evenly spaced slot nearest to `depth` and moves to `depth` itself
+    slots = [(i + 0.5) / needles for i in range(needles)]
+    asked = min(range(needles), key=lambda i: abs(slots[i] - depth))
+    slots[asked] = float(depth)
+    answers = [enc(" " + code) for code in codes]
+    facts = [enc(PROSE_FACT.format(name=name)) + answer + enc(".\n") for name, answer in zip(names, answers)]
+    question = enc(PROSE_QUESTION.format(name=names[asked]))
+    body = length - len(question) - sum(map(len, facts))
+    if body < needles:
+        raise ValueError(f"length {length} is too short for {needles} needles and the question")
+    text = enc(prose)
+    if len(text) < body:
+        raise ValueError(f"not enough documentation text for {length} tokens")
+    text = text[:body]
+    # a needle goes at a line boundary (after a token that ends a line), the one nearest its depth
+    ends_line = {}
+    boundaries = [0] + [i + 1 for i, t in enumerate(text)
+                        if ends_line.setdefault(t, tokenizer.decode([t]).endswith("\n"))] + [body]
+    cuts = [min(boundaries, key=lambda b: (abs(b - slot * body), b)) for slot in slots]
+    ids, spans, at = [], [None] * needles, 0
+    for i in sorted(range(needles), key=lambda i: (cuts[i], slots[i])):
+        ids += text[at:cuts[i]]
+        spans[i] = (len(ids), len(ids) + len(facts[i]))
+        ids += facts[i]
+        at = cuts[i]
+    ids += text[at:] + question
+    return Sample(torch.tensor([ids]), torch.tensor([answers[asked]]), length, float(depth), seed,
+                  task="retrieval_prose", needles=tuple(spans), asked=asked)
 
 
 @torch.no_grad()

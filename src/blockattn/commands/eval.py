@@ -5,7 +5,7 @@ HELP = ("end-to-end: does a model patched with each method still do the task, an
         "registered method: table, results.json, a needle heatmap PNG per method and a speed/quality Pareto "
         "PNG. For layer-level recall and selection cost on captured q/k/v, see `compare`")
 
-TASKS = ("passkey", "multi_needle", "perplexity", "encoder")
+TASKS = ("passkey", "multi_needle", "retrieval_prose", "perplexity", "encoder")
 # the default run tries dense, then the LLM-prefill selectors and baselines, then every other method
 FIRST = ("xattention", "streaming", "vertical_slash", "hip", "moba", "a_shape", "sliding_window")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -27,7 +27,9 @@ def add_arguments(parser):
                         help="needle depths in [0, 1] (default 0 .25 .5 .75 1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="passkey seeds (one sample per seed)")
     parser.add_argument("--tasks", nargs="+", default=["passkey", "perplexity"], choices=TASKS,
-                        help="passkey (length x depth heatmap), multi_needle (4 facts, each asked), perplexity "
+                        help="passkey (length x depth heatmap), multi_needle (4 facts, each asked), retrieval_prose "
+                             "(4 'access code' facts in real documentation prose, the one at each depth asked: "
+                             "harder than passkey's repeated filler), perplexity "
                              "(the last 1024 tokens of real text at each length vs the unpatched model), encoder "
                              "(MiniLM embedding cosine vs dense; loads minilm-l6). Default: passkey perplexity")
     parser.add_argument("--quick", action="store_true",
