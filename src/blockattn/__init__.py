@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # loaded on first use: hf and models import transformers (an optional extra, slow to import), linear
     # and modules are whole families of operators and layers, kv and distributed the decode-time cache
-    # policies and context parallelism: most users of the engine never touch them
-    if name in ("hf", "models", "linear", "modules", "kv", "distributed"):
+    # policies and context parallelism, analysis the head-level tools: most users of the engine never touch them
+    if name in ("hf", "models", "linear", "modules", "kv", "distributed", "analysis"):
         import importlib
         return importlib.import_module(f"blockattn.{name}")
     raise AttributeError(f"module 'blockattn' has no attribute {name!r}")

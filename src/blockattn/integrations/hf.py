@@ -34,6 +34,7 @@ from blockattn.layout import BlockLayout
 
 NAME = "blockattn"
 _PLAN_ATTR = "_blockattn_plan"
+HOOKS_ATTR = "_blockattn_hooks"
 
 
 @dataclasses.dataclass
@@ -117,6 +118,9 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
         out = _padded(plan, module, query, key, value, attention_mask, scaling, causal, layer, window)
     else:
         out = _attend(plan, query, key, value, scaling, causal, layer, window)
+    hooks = getattr(module, HOOKS_ATTR, None)  # blockattn.analysis observes or edits heads (analysis/hooks.py)
+    if hooks is not None:
+        out = hooks(module, query, key, value, out, attention_mask, scaling, causal, layer, window)
     return out.transpose(1, 2).contiguous(), None
 
 
