@@ -2,15 +2,20 @@
 
 Inside a chunk of C tokens every gradient is taken at the chunk-start weights W_ref (the
 Titans/Miras parallel training rule), so all C gradients come from one batched closed-form
-backward. The momentum and decay recurrences are linear, so they unroll into lower-triangular
-decay matrices, E[t, s] = Π_{s<j≤t} η_j, applied with one matmul per chunk; the retention map
-φ then gives every token's weights W_t, and y_t = M_{W_t}(q_t) is one batched forward.
-Only the chunk boundary is sequential: time O(L/C) steps of O(C²·P) work.
+backward, each a rank-one outer product a_r ⊗ b_r per memory matrix. The momentum and decay
+recurrences are linear, so they unroll into lower-triangular decay matrices, E[t, s] =
+Π_{s<j≤t} η_j, and every token's accumulator is A_t = (chunk-start terms) + Σ_{r≤t} F[t, r] a_r ⊗ b_r.
+The read-out y_t = M_{φ(A_t)}(q_t) never forms A_t where φ is linear (W_t h = A_t h is a C × C
+"attention" over the factors, as in the Titans paper's parallel form); Moneta's ℓ_q map needs
+only every A_t's norm, Memora's softmax every A_t itself (both formed inside a checkpoint, so the
+backward recomputes them instead of keeping `[C, P]` per chunk). Only the chunk boundary is
+sequential: O(L/C) steps.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from blockattn.linear.miras.common import MemoryState, MirasParts, check_inputs
 from blockattn.linear.miras.common import initial_state as make_state
@@ -24,6 +29,53 @@ def _decay_matrix(gates: Tensor) -> tuple[Tensor, Tensor]:
     lower = torch.ones(size, size, dtype=torch.bool, device=gates.device).tril()
     diff = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~lower, float("-inf"))
     return torch.exp(diff), torch.exp(cum)
+
+
+def _dense(coefs, bases, mix, a, b):
+    """Every token's matrix, flat `[N, C, r·c]`: coefs `[N, C, nb]` @ bases `[N, nb, r·c]` + mix @ (a ⊗ b)."""
+    return coefs @ bases + mix @ (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)
+
+
+def _maybe_checkpoint(fn, *args):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+class ChunkAccumulators:
+    """The accumulators of one chunk's C tokens, kept implicit: per memory matrix i,
+    A_t = Σ_j coefs[t, j] bases[j] + Σ_{r≤t} mix[t, r] a_r ⊗ b_r with `factors[i] = (a [N, C, r], b [N, C, c])`."""
+
+    def __init__(self, shapes, coefs: Tensor, bases: list[Tensor], mix: Tensor, factors: list[tuple[Tensor, Tensor]]):
+        self.shapes, self.coefs, self.mix, self.factors = shapes, coefs, mix, factors
+        # per matrix `[N, nb, r, c]`
+        self.bases = [torch.stack(mats, dim=1) for mats in zip(*(unflatten(base, shapes) for base in bases))]
+
+    def matvec(self, i: int, h: Tensor) -> Tensor:
+        """A_t h_t for h `[N, C, c]` -> `[N, C, r]`, without forming A_t."""
+        a, b = self.factors[i]
+        out = (self.mix * (h @ b.transpose(-1, -2))) @ a
+        for j in range(self.coefs.shape[-1]):
+            out = out + self.coefs[..., j, None] * (h @ self.bases[i][:, j].transpose(-1, -2))
+        return out
+
+    def norms(self, i: int, p: float) -> Tensor:
+        """‖A_t‖_p over each token's whole matrix, `[N, C]`."""
+        return _maybe_checkpoint(lambda *args: torch.linalg.vector_norm(_dense(*args), ord=p, dim=-1),
+                                 self.coefs, self.bases[i].flatten(2), self.mix, *self.factors[i])
+
+    def map_matvec(self, i: int, h: Tensor, fn) -> Tensor:
+        """fn(A_t) h_t with `fn` acting on `[N, C, r, c]` (every A_t formed, inside a checkpoint)."""
+        shape = self.shapes[i]
+
+        def run(coefs, bases, mix, a, b, h):
+            return (fn(_dense(coefs, bases, mix, a, b).unflatten(-1, shape)) @ h.unsqueeze(-1)).squeeze(-1)
+        return _maybe_checkpoint(run, self.coefs, self.bases[i].flatten(2), self.mix, *self.factors[i], h)
+
+    def combine(self, coefs: Tensor, mix: Tensor) -> Tensor:
+        """Σ_j coefs[j] bases[j] + Σ_r mix[r] a_r ⊗ b_r for coefs `[N, nb]`, mix `[N, C]`: flat `[N, P]`."""
+        return flatten([(coefs[..., None, None] * base).sum(1) + (a * mix.unsqueeze(-1)).transpose(-1, -2) @ b
+                        for base, (a, b) in zip(self.bases, self.factors)])
 
 
 def memory_chunk(q: Tensor, k: Tensor, v: Tensor, *, parts: MirasParts, lr, decay, momentum=None, delta=None,
@@ -51,22 +103,24 @@ def memory_chunk(q: Tensor, k: Tensor, v: Tensor, *, parts: MirasParts, lr, deca
     for start in range(0, length, chunk_size):
         part = slice(start, start + chunk_size)
         ref = parts.retention.weights(accum, shapes)
-        ref_mats = [m.unsqueeze(1) for m in unflatten(ref, shapes)]
-        pred = parts.memory.forward(ref_mats, k[:, part])
+        ref_mats = unflatten(ref, shapes)  # [N, r, c], shared by the chunk's tokens
+        keys = k[:, part]
+        pred = parts.memory.apply(lambda i, h: h @ ref_mats[i].transpose(-1, -2), keys)
         grad_out = parts.bias.grad(pred, v[:, part], None if delta is None else delta[:, part])
-        update = lr[:, part, None] * flatten(parts.memory.backward(ref_mats, k[:, part], grad_out))
-        if momentum is not None:
-            e_mom, p_mom = _decay_matrix(momentum[:, part])
-            moms = p_mom[..., None] * mom[:, None] - e_mom @ update
-            incoming = moms
-            mom = moms[:, -1]
-        else:
-            incoming = -update
+        factors = parts.memory.grad_factors(ref_mats, keys, grad_out)
+        lr_row = lr[:, part].unsqueeze(-2)
         e_dec, p_dec = _decay_matrix(decay[:, part])
-        accums = p_dec[..., None] * accum[:, None] + e_dec @ incoming
-        accum = accums[:, -1]
-        weights = parts.retention.weights(accums, shapes)
-        outs.append(parts.memory.forward(unflatten(weights, shapes), q[:, part]))
+        if momentum is not None:
+            # S_t = P_t S_0 − Σ_r Em[t, r] θ_r g_r, A_t = p_t A_0 + Σ_s E[t, s] S_s
+            e_mom, p_mom = _decay_matrix(momentum[:, part])
+            coefs = torch.stack([p_dec, (e_dec @ p_mom.unsqueeze(-1)).squeeze(-1)], dim=-1)
+            chunk = ChunkAccumulators(shapes, coefs, [accum, mom], -(e_dec @ e_mom) * lr_row, factors)
+            mom = chunk.combine(torch.stack([torch.zeros_like(p_mom[:, -1]), p_mom[:, -1]], dim=-1),
+                                -e_mom[:, -1] * lr_row[:, 0])
+        else:
+            chunk = ChunkAccumulators(shapes, p_dec.unsqueeze(-1), [accum], -e_dec * lr_row, factors)
+        accum = chunk.combine(chunk.coefs[:, -1], chunk.mix[:, -1])
+        outs.append(parts.memory.apply(lambda i, h: parts.retention.chunk_matvec(chunk, i, h), q[:, part]))
     out = torch.cat(outs, dim=1).reshape(batch, heads, length, d_v)
     if not output_state:
         return out

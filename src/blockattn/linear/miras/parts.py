@@ -28,11 +28,14 @@ class LinearMemory:
         return [(d_v, d_k)]
 
     def forward(self, mats: list[Tensor], x: Tensor) -> Tensor:
-        return (mats[0] @ x.unsqueeze(-1)).squeeze(-1)
+        return self.apply(dense_matvec(mats), x)
 
-    def backward(self, mats: list[Tensor], x: Tensor, grad_out: Tensor) -> list[Tensor]:
-        """Weight gradients of ⟨grad_out, M_W(x)⟩, in closed form (no autograd inside the chunk)."""
-        return [grad_out.unsqueeze(-1) * x.unsqueeze(-2)]
+    def apply(self, matvec, x: Tensor) -> Tensor:
+        return matvec(0, x)
+
+    def grad_factors(self, mats: list[Tensor], x: Tensor, grad_out: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per token, the weight gradient of ⟨grad_out, M_W(x)⟩ as rank-one factors (see `MLPMemory`)."""
+        return [(grad_out, x)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,16 +48,22 @@ class MLPMemory:
         return [(self.expansion * d_k, d_k), (d_v, self.expansion * d_k)]
 
     def forward(self, mats: list[Tensor], x: Tensor) -> Tensor:
-        hidden = F.silu((mats[0] @ x.unsqueeze(-1)).squeeze(-1))
-        return (mats[1] @ hidden.unsqueeze(-1)).squeeze(-1)
+        return self.apply(dense_matvec(mats), x)
 
-    def backward(self, mats: list[Tensor], x: Tensor, grad_out: Tensor) -> list[Tensor]:
-        pre = (mats[0] @ x.unsqueeze(-1)).squeeze(-1)
+    def apply(self, matvec, x: Tensor) -> Tensor:
+        return matvec(1, F.silu(matvec(0, x)))
+
+    def grad_factors(self, mats: list[Tensor], x: Tensor, grad_out: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Weight gradients of ⟨grad_out, M_W(x)⟩ in closed form (no autograd inside the chunk).
+
+        `mats` `[N, r, c]` are shared by the T tokens of x `[N, T, Dk]`, grad_out `[N, T, Dv]`. Every
+        token's gradient of a matrix is an outer product a ⊗ b; returns one `(a [N, T, r], b [N, T, c])`
+        per matrix, so the chunked form never forms the `[T, r, c]` gradients."""
+        pre = x @ mats[0].transpose(-1, -2)
         sig = torch.sigmoid(pre)
         hidden = pre * sig
-        grad_hidden = (mats[1].transpose(-1, -2) @ grad_out.unsqueeze(-1)).squeeze(-1)
-        grad_pre = grad_hidden * sig * (1 + pre * (1 - sig))
-        return [grad_pre.unsqueeze(-1) * x.unsqueeze(-2), grad_out.unsqueeze(-1) * hidden.unsqueeze(-2)]
+        grad_pre = (grad_out @ mats[1]) * sig * (1 + pre * (1 - sig))
+        return [(grad_pre, x), (grad_out, hidden)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,26 +84,33 @@ class ResidualMLPMemory:
             raise ValueError(f"ResidualMLPMemory needs d_k == d_v (it adds its input), got d_k={d_k}, d_v={d_v}")
         return [(self.expansion * d_k, d_k), (d_v, self.expansion * d_k)]
 
-    def _parts(self, mats, x):
-        pre = (mats[0] @ x.unsqueeze(-1)).squeeze(-1)
-        hidden = F.gelu(pre)
-        z = (mats[1] @ hidden.unsqueeze(-1)).squeeze(-1)
+    def _norm(self, z):
         centred = z - z.mean(-1, keepdim=True)
         scale = (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
-        return pre, hidden, centred / scale, scale
+        return centred / scale, scale
 
     def forward(self, mats: list[Tensor], x: Tensor) -> Tensor:
-        return x + self._parts(mats, x)[2]
+        return self.apply(dense_matvec(mats), x)
 
-    def backward(self, mats: list[Tensor], x: Tensor, grad_out: Tensor) -> list[Tensor]:
-        pre, hidden, normed, scale = self._parts(mats, x)
+    def apply(self, matvec, x: Tensor) -> Tensor:
+        return x + self._norm(matvec(1, F.gelu(matvec(0, x))))[0]
+
+    def grad_factors(self, mats: list[Tensor], x: Tensor, grad_out: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Closed-form rank-one weight gradients, as `MLPMemory.grad_factors`."""
+        pre = x @ mats[0].transpose(-1, -2)
+        hidden = F.gelu(pre)
+        normed, scale = self._norm(hidden @ mats[1].transpose(-1, -2))
         grad_z = (grad_out - grad_out.mean(-1, keepdim=True)
                   - normed * (grad_out * normed).mean(-1, keepdim=True)) / scale
-        grad_hidden = (mats[1].transpose(-1, -2) @ grad_z.unsqueeze(-1)).squeeze(-1)
         cdf = 0.5 * (1 + torch.erf(pre * 0.5 ** 0.5))
         pdf = torch.exp(-0.5 * pre * pre) * (2 * torch.pi) ** -0.5
-        grad_pre = grad_hidden * (cdf + pre * pdf)
-        return [grad_pre.unsqueeze(-1) * x.unsqueeze(-2), grad_z.unsqueeze(-1) * hidden.unsqueeze(-2)]
+        grad_pre = (grad_z @ mats[1]) * (cdf + pre * pdf)
+        return [(grad_pre, x), (grad_z, hidden)]
+
+
+def dense_matvec(mats: list[Tensor]):
+    """The product W_i h for explicit weights: `mats[i]` `[..., r, c]`, h `[..., c]` (one matrix per row of h)."""
+    return lambda i, h: (mats[i] @ h.unsqueeze(-1)).squeeze(-1)
 
 
 def unflatten(flat: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
@@ -152,6 +168,11 @@ class L2Retention:
     def weights(self, accum: Tensor, shapes) -> Tensor:
         return accum
 
+    def chunk_matvec(self, chunk, i: int, h: Tensor) -> Tensor:
+        """W_t h_t for every token of a chunk (`chunk.py`'s `ChunkAccumulators`): W = A is linear, so
+        the product never forms W_t."""
+        return chunk.matvec(i, h)
+
 
 @dataclasses.dataclass(frozen=True)
 class LqRetention:
@@ -164,6 +185,10 @@ class LqRetention:
         out = [m / m.flatten(-2).norm(p=self.q, dim=-1)[..., None, None] ** (self.q - 2) for m in mats]
         return flatten(out)
 
+    def chunk_matvec(self, chunk, i: int, h: Tensor) -> Tensor:
+        # W_t = A_t · s_t with a scalar s_t per matrix: only the norms need every token's A_t
+        return chunk.matvec(i, h) / chunk.norms(i, self.q).unsqueeze(-1) ** (self.q - 2)
+
 
 @dataclasses.dataclass(frozen=True)
 class KLRetention:
@@ -173,6 +198,10 @@ class KLRetention:
 
     def weights(self, accum: Tensor, shapes) -> Tensor:
         return flatten([torch.softmax(m, dim=-1) for m in unflatten(accum, shapes)])
+
+    def chunk_matvec(self, chunk, i: int, h: Tensor) -> Tensor:
+        # the row softmax is not linear in A_t: every token's matrix is formed (inside a checkpoint)
+        return chunk.map_matvec(i, h, lambda a: torch.softmax(a, dim=-1))
 
 
 # ----------------------------------------------------------------------------- learning rules
