@@ -21,6 +21,14 @@ by 1/sqrt(128) whatever the head dim; this class uses the attention's 1/sqrt(D).
 conversion (a CUDA kernel) was not run; tests/methods/test_vertical_slash.py compares `slash_ranges`
 with a line-by-line Python transcription of it on dense, clustered and isolated diagonal sets.
 
+Per-head patterns (`config=`): MInference's offline search (`blockattn.methods.calibration`) gives
+every head of every layer one of three patterns and its budget: vertical-slash with its own sizes,
+A-shape ("stream_llm": the first `n_init` keys plus the `n_local` nearest diagonals, put through the
+same index conversion; the official Triton streaming kernel keeps that window exactly, so the layout is
+a superset by less than one 64-key range per row), or block-sparse (each query block keeps its `top_k`
+key blocks by mean-pooled queries . mean-pooled keys, causal blocks only, as `_build_block_index` in
+minference/ops/block_sparse_flash_attention.py). `select(..., layer=i)` applies layer i's heads.
+
 Causality: the estimate uses the prompt's last `last_q` queries, so in prefill any token can
 change the columns and diagonals every earlier query keeps (never letting it see a later key), as
 in MInference; logits before a position therefore depend on the whole prompt unless the sizes keep
@@ -41,6 +49,7 @@ from blockattn.methods.base import PrefillMethod
 
 _FORCED_COLUMNS = 30    # the official kernel always keeps the first 30 keys (attention sinks)
 _FORCED_DIAGONALS = 100  # ... and the 100 nearest diagonals (local window)
+PATTERNS = ("vertical_and_slash", "stream_llm", "block_sparse")  # MInference's names for its three head patterns
 
 
 @register("vertical_slash")
@@ -51,19 +60,30 @@ class VerticalSlash(PrefillMethod):
         slash_size: diagonals kept per head (MInference default 6096).
         last_q: queries used for the estimate (paper: 64).
         block_size: query and key tile size of the layout (official kernel: 64).
+        config: path of a per-layer/per-head pattern config (JSON written by `blockattn calibrate
+            vertical_slash`, or an official MInference `*_best_pattern.json`); `select` then needs `layer=`
+            and each head runs its own pattern and sizes (`vertical_size`/`slash_size` are unused).
     """
 
     vertical_size: int = 1000
     slash_size: int = 6096
     last_q: int = 64
     block_size: int = 64
-
+    config: str | None = None
 
     def __post_init__(self):
         self.check_positive_ints("vertical_size", "slash_size", "last_q", "block_size")
+        self._patterns = None
+        if self.config is not None:
+            from blockattn.methods.calibration import load_patterns
+            if self.block_size > 64:
+                raise ValueError(f"config= needs block_size <= 64 (the official kernels' 64-token blocks), "
+                                 f"got block_size={self.block_size}")
+            self._patterns = load_patterns(self.config)
 
-    def lines(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """bool `[B, Hq, L]` kept key columns and bool `[B, Hq, L]` kept diagonal offsets."""
+    def lines(self, q: Tensor, k: Tensor, sizes: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """bool `[B, Hq, L]` kept key columns and bool `[B, Hq, L]` kept diagonal offsets; `sizes`: per-head
+        (vertical, slash) sizes, int `[Hq]` each, instead of the fields."""
         check_qk(q, k)
         batch, heads, length, dim = q.shape
         if k.shape[2] != length:
@@ -86,15 +106,82 @@ class VerticalSlash(PrefillMethod):
         forced = min(_FORCED_DIAGONALS, length)
         # (a diagonal's real score is at most `last`, the number of rows summed)
         slash[..., :forced] = last + 1 + forced - torch.arange(forced, dtype=slash.dtype, device=q.device)
-        v_size = min(length, max(self.vertical_size, _FORCED_COLUMNS))
-        s_size = min(length, max(self.slash_size, 50))
-        columns = torch.zeros(batch, heads, length, dtype=torch.bool, device=q.device)
-        columns.scatter_(-1, vertical.topk(v_size, dim=-1).indices, True)
-        diagonals = torch.zeros(batch, heads, length, dtype=torch.bool, device=q.device)
-        diagonals.scatter_(-1, slash.topk(s_size, dim=-1).indices, True)
-        return columns, diagonals
+        if sizes is None:
+            sizes = (torch.full((heads,), self.vertical_size, device=q.device),
+                     torch.full((heads,), self.slash_size, device=q.device))
+        v_size = sizes[0].to(q.device).clamp(min=_FORCED_COLUMNS).clamp(max=length)
+        s_size = sizes[1].to(q.device).clamp(min=50).clamp(max=length)
+        return keep_top(vertical, v_size), keep_top(slash, s_size)
+
+    def layer_patterns(self, layer: int | None, heads: int) -> list[tuple]:
+        """The `config`'s `(pattern, size, size)` for each of this layer's `heads` query heads."""
+        if self._patterns is None:
+            raise ValueError("vertical_slash has no config=; per-layer patterns come from a config file")
+        if layer is None:
+            raise ValueError(f"vertical_slash with config={self.config!r} needs select(..., layer=i): its heads' "
+                             "patterns are per layer")
+        if layer >= len(self._patterns):
+            raise ValueError(f"layer {layer} is past the {len(self._patterns)} layers of config={self.config!r}")
+        entries = self._patterns[layer]
+        if len(entries) != heads:
+            raise ValueError(f"config={self.config!r} has {len(entries)} heads in layer {layer} but q has {heads} "
+                             "query heads")
+        return entries
+
+    def pattern_layout(self, q: Tensor, k: Tensor, patterns: list[tuple]) -> BlockLayout:
+        """Layout in which query head h runs `patterns[h]`: `("vertical_and_slash", vertical_size,
+        slash_size)`, `("stream_llm", n_init, n_local)` or `("block_sparse", top_k, 0)`."""
+        check_qk(q, k)
+        batch, heads, length, dim = q.shape
+        if len(patterns) != heads:
+            raise ValueError(f"patterns has {len(patterns)} entries but q has {heads} query heads")
+        device, block = q.device, self.block_size
+        kind = torch.tensor([PATTERNS.index(p[0]) for p in patterns], device=device)
+        first = torch.tensor([int(p[1]) for p in patterns], device=device)
+        second = torch.tensor([int(p[2]) for p in patterns], device=device)
+        estimated = kind == 0
+        positions = torch.arange(length, device=device)
+        if bool(estimated.any()):
+            columns, diagonals = self.lines(q, k, (torch.where(estimated, first, 0), torch.where(estimated, second, 0)))
+        else:
+            columns = diagonals = torch.zeros(batch, heads, length, dtype=torch.bool, device=device)
+        # A-shape: the first n_init keys and the n_local nearest diagonals, fixed; block heads take their
+        # words below (diagonal 0 only here, so every head keeps offset 0 for the range conversion)
+        static = (kind != 0).view(1, -1, 1)
+        columns = torch.where(static, positions < torch.where(kind == 1, first, 0).view(1, -1, 1), columns)
+        diagonals = torch.where(static, positions < torch.where(kind == 1, second, 1).view(1, -1, 1), diagonals)
+        n_k = -(-length // block)
+        column_words = pack_bits(torch.nn.functional.pad(columns, (0, n_k * block - length))
+                                 .view(batch, heads, n_k, block))[..., 0]
+        words = slash_ranges(diagonals, block, packed=True) | column_words.unsqueeze(2)
+        if bool((kind == 2).any()):
+            chosen = self.pooled_blocks(q, k, first.clamp(min=1).clamp(max=n_k))
+            words = torch.where((kind == 2).view(1, -1, 1, 1),
+                                torch.where(chosen, _low_bits(torch.tensor(block, device=device)), 0), words)
+        return stripe_layout(words.unsqueeze(-1), axis="columns", q_len=length, k_len=length, block_q=block,
+                             block_k=block, causal=True)
+
+    def pooled_blocks(self, q: Tensor, k: Tensor, top_k: Tensor) -> Tensor:
+        """bool `[B, Hq, nQ, nK]`: MInference's block-sparse pattern, each query block's top `top_k[h]`
+        causal key blocks by mean-pooled query . mean-pooled key (`_build_block_index`; the official
+        mean counts the last block's zero padding, this one its real tokens)."""
+        batch, heads, length, dim = q.shape
+        heads_kv, block = k.shape[1], self.block_size
+        n = -(-length // block)
+        count = (torch.arange(n, device=q.device) * block).sub(length).neg().clamp(max=block).view(-1, 1)
+
+        def pooled(x):
+            x = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block - length))
+            return x.view(*x.shape[:2], n, block, dim).sum(3) / count
+
+        q_pool = pooled(q).reshape(batch, heads_kv, heads // heads_kv * n, dim)
+        logits = (q_pool @ pooled(k).transpose(-1, -2)).view(batch, heads, n, n)
+        future = torch.arange(n, device=q.device).view(1, -1) > torch.arange(n, device=q.device).view(-1, 1)
+        return keep_top(logits.masked_fill(future, float("-inf")), top_k) & ~future
 
     def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
+        if self._patterns is not None:
+            return self.pattern_layout(q, k, self.layer_patterns(layer, q.shape[1]))
         columns, diagonals = self.lines(q, k)
         block, length = self.block_size, q.shape[2]
         if block > 64:
@@ -107,6 +194,15 @@ class VerticalSlash(PrefillMethod):
         words = slash_ranges(diagonals, block, packed=True) | column_words.unsqueeze(2)
         return stripe_layout(words.unsqueeze(-1), axis="columns", q_len=length, k_len=length, block_q=block,
                              block_k=block, causal=True)
+
+
+def keep_top(scores: Tensor, sizes: Tensor) -> Tensor:
+    """bool mask of the top `sizes[h]` entries of each head's rows of `scores [B, H, ..., N]` (`sizes` int `[H]`)."""
+    most = int(sizes.max())
+    top = scores.topk(most, dim=-1).indices  # sorted: a head's first sizes[h] are its top sizes[h]
+    rank_ok = torch.arange(most, device=scores.device) < sizes.view(-1, *([1] * (scores.dim() - 2)))
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(
+        -1, top, rank_ok.expand_as(top))
 
 
 def _ceil_div(x: Tensor, d: int) -> Tensor:
@@ -133,8 +229,9 @@ def slash_ranges(diagonals: Tensor, block: int, *, packed: bool = False) -> Tens
     device = diagonals.device
     n_q = -(-length // block)
     count = int(diagonals.sum(-1).max())
-    # kept offsets, farthest first (every row keeps the same number: the top `slash_size`)
-    offsets = torch.where(diagonals, torch.arange(length, device=device), -1).sort(-1, descending=True).values
+    # kept offsets, farthest first
+    # rows keeping fewer (per-head sizes) end in copies of offset 0, which every row keeps: no extra keys
+    offsets = torch.where(diagonals, torch.arange(length, device=device), 0).sort(-1, descending=True).values
     offsets = offsets[..., :count]                                                  # [B, H, n]
     n = count
     # Diagonal j breaks a run anchored at residue p (= o_anchor mod block) iff

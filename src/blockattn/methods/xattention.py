@@ -79,6 +79,9 @@ class XAttention(Method):
     """Args:
         threshold: cumulative block-score mass to keep per query block, in (0, 1]. Paper default 0.9.
             A tuple gives one threshold per query head (see `calibrate`).
+        thresholds: path of per-layer/per-head thresholds (JSON written by `blockattn calibrate xattention`,
+            the paper's per-head setting); `select` then needs `layer=` and uses that layer's tuple instead
+            of `threshold`.
         stride: antidiagonal sampling stride S. Paper default 8.
         block_size: block size of the layout (queries and keys). Paper default 128.
         causal: causal attention (LLM prefill).
@@ -92,6 +95,7 @@ class XAttention(Method):
     block_size: int = 128
     causal: bool = True
     onednn_scoring: bool = True
+    thresholds: str | None = None
 
     queries_before_keys = True  # causal q_len > k_len: the first queries precede every key
 
@@ -107,6 +111,26 @@ class XAttention(Method):
             raise ValueError(f"block_size must be a positive multiple of stride={self.stride}, got {self.block_size!r}")
         _checks.bool_arg("causal", self.causal)
         _checks.bool_arg("onednn_scoring", self.onednn_scoring)
+        self._per_layer = None
+        if self.thresholds is not None:
+            from blockattn.methods.calibration import load_thresholds
+            self._per_layer, header = load_thresholds(self.thresholds)
+            for name in ("stride", "block_size"):
+                if header.get(name, getattr(self, name)) != getattr(self, name):
+                    raise ValueError(f"thresholds={self.thresholds!r} was calibrated with {name}={header[name]}, "
+                                     f"this XAttention has {name}={getattr(self, name)}")
+
+    def layer_threshold(self, layer: int | None) -> float | tuple:
+        """The threshold `select` uses: layer `layer`'s per-head tuple from `thresholds`, else `threshold`."""
+        if self._per_layer is None:
+            return self.threshold
+        if layer is None:
+            raise ValueError(f"xattention with thresholds={self.thresholds!r} needs select(..., layer=i): its "
+                             "thresholds are per layer")
+        if layer >= len(self._per_layer):
+            raise ValueError(f"layer {layer} is past the {len(self._per_layer)} layers of "
+                             f"thresholds={self.thresholds!r}")
+        return self._per_layer[layer]
 
     def block_scores(self, q: Tensor, k: Tensor) -> Tensor:
         """Antidiagonal block scores `[B, Hq, nQ, nK]` (each causal row sums to ~block_size/stride)."""
@@ -183,10 +207,11 @@ class XAttention(Method):
             # the block holding each query block's last query (in the key frame): its own tokens
             last_query = ((torch.arange(n_q, device=q.device) + 1) * self.block_size).clamp(max=q_len) - 1
             forced[torch.arange(n_q, device=q.device), ((last_query + k_len - q_len) // self.block_size).clamp(0, n_k - 1)] = True
-        threshold = self.threshold
+        threshold = self.layer_threshold(layer)
         if isinstance(threshold, tuple):
             if len(threshold) != scores.shape[1]:
-                raise ValueError(f"threshold has {len(threshold)} per-head values but q has {scores.shape[1]} heads")
+                what = f"thresholds={self.thresholds!r} layer {layer}" if self._per_layer else "threshold"
+                raise ValueError(f"{what} has {len(threshold)} per-head values but q has {scores.shape[1]} heads")
             threshold = torch.tensor(threshold, dtype=scores.dtype, device=scores.device).view(1, -1, 1, 1)
         blocks = cumulative_threshold(scores, threshold, forced=forced.expand_as(scores)).clone()
         # the first block is kept too, outside the mass count, as the official selection does
