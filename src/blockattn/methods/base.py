@@ -19,6 +19,7 @@ import math
 import typing
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from blockattn import _checks
@@ -137,3 +138,85 @@ class PrefillMethod(Method):
 
     causal_modes = (True,)
     any_lengths = False
+
+
+@dataclasses.dataclass
+class BlockScores:
+    """What a `BlockScorer` scores: `scores [B, H, nR, nC]` (float, higher = more important) of groups
+    of `block_q` query tokens (1: per-token gates) against groups of `block_k` keys.
+
+    allowed: bool, broadcastable to `scores`: the blocks the rule may choose (None: all).
+    forced: bool, broadcastable: blocks always kept and counted by the rule (ranked first by the
+        cumulative threshold, one of the `k` of top-k).
+    always: bool, broadcastable: blocks kept on top of the rule, outside its count.
+    """
+
+    scores: Tensor
+    block_q: int
+    block_k: int
+    allowed: Tensor | None = None
+    forced: Tensor | None = None
+    always: Tensor | None = None
+
+
+class BlockScorer(Method):
+    """A method that scores blocks, then keeps them by one rule: the subclass implements
+    `_score_blocks` (and `_keep_value` where the rule's parameter is not a plain field); this class
+    applies the keep rule and builds the layout once.
+
+    `keep_rule`:
+    - "threshold": per row, the fewest blocks whose scores reach `_keep_value()` (a fraction, or a
+      tensor broadcastable to the rows, e.g. one per head) of the row's total mass, forced blocks first
+      (XAttention);
+    - "top_k": per row, the `_keep_value()` best allowed blocks, forced ones among them (MoBA, LongHeads);
+    - "above": every block whose score exceeds `_keep_value()`, and the forced ones (SALE).
+
+    Layout: score rows of one token (`block_q == 1`, per-token gates over key groups) become row masks
+    of `tile_size` tiles (`row_gate_layout`); block rows and columns become the layout's tiles.
+    """
+
+    keep_rule: ClassVar[str] = "threshold"
+
+    def _score_blocks(self, q: Tensor, k: Tensor, *, causal: bool, **context) -> BlockScores:
+        """The method's block scores on validated inputs (`context`: its `extra_context`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _score_blocks")
+
+    def _keep_value(self, scores: BlockScores, layer: int | None):
+        """The keep rule's parameter: the threshold (fraction of mass, or score) or the k of top-k."""
+        return getattr(self, "threshold" if self.keep_rule in ("threshold", "above") else "top_k")
+
+    def keep_blocks(self, blocks: BlockScores, value) -> Tensor:
+        """bool `[B, H, nR, nC]`: the blocks `keep_rule` keeps from `blocks` with parameter `value`."""
+        from blockattn.methods._select import cumulative_threshold, top_k
+        scores = blocks.scores
+        forced = None if blocks.forced is None else blocks.forced.expand_as(scores)
+        if self.keep_rule == "threshold":
+            if blocks.allowed is not None:
+                scores = scores.masked_fill(~blocks.allowed, 0.0)
+            keep = cumulative_threshold(scores, value, forced=forced)
+        elif self.keep_rule == "top_k":
+            allowed = torch.ones((), dtype=torch.bool, device=scores.device) if blocks.allowed is None \
+                else blocks.allowed
+            keep = top_k(scores, value, allowed=allowed.expand_as(scores), forced=forced)
+        elif self.keep_rule == "above":
+            keep = scores > value
+            if forced is not None:
+                keep = keep | forced
+        else:
+            raise ValueError(f"{type(self).__name__}.keep_rule must be 'threshold', 'top_k' or 'above', "
+                             f"got {self.keep_rule!r}")
+        return keep if blocks.always is None else keep | blocks.always
+
+    def _layout(self, keep: Tensor, blocks: BlockScores, q: Tensor, k: Tensor, *, causal: bool) -> BlockLayout:
+        q_len, k_len = q.shape[2], k.shape[2]
+        if blocks.block_q == 1:
+            from blockattn.methods._select import row_gate_layout
+            return row_gate_layout(keep, group=blocks.block_k, k_len=k_len, tile=self.tile_size, causal=causal)
+        # causal with more queries than keys: the first queries precede every key and attend to none
+        return BlockLayout.from_dense(keep, q_len=q_len, k_len=k_len, block_q=blocks.block_q,
+                                      block_k=blocks.block_k, causal=causal, allow_empty_rows=causal and q_len > k_len)
+
+    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer: int | None, **context) -> BlockLayout:
+        blocks = self._score_blocks(q, k, causal=causal, **context)
+        keep = self.keep_blocks(blocks, self._keep_value(blocks, layer))
+        return self._layout(keep, blocks, q, k, causal=causal)

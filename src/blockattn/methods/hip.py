@@ -20,6 +20,10 @@ selection equals a float64 loop implementation of this search in tests/methods/t
 also checks that every level keeps the top-k of its own hierarchical scores and that no search
 slot lands on a window tile.
 
+Not a `BlockScorer`: there is no one score per (query block, key block) to keep by threshold or
+top-k; each level scores the children of the nodes the previous level kept (representative keys of
+ranges that change level by level), and only the last level's top-k is the selection.
+
 Causality: the selection is block-granular. The search scores a key block by the best of the query
 block's queries, so in prefill the later tokens of a query block can change the key blocks its
 earlier tokens attend to (never letting them see a later key), as in the official code.

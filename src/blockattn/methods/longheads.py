@@ -44,13 +44,12 @@ from blockattn.methods import register
 from blockattn.methods._labels import label_layout
 from blockattn import _checks
 from blockattn._checks import check_qk
-from blockattn.methods._select import expand_kv_heads, row_gate_layout
-from blockattn.methods.base import PrefillMethod
+from blockattn.methods.base import BlockScorer, BlockScores, PrefillMethod
 
 
 @register("longheads")
 @dataclasses.dataclass
-class LongHeads(PrefillMethod):
+class LongHeads(BlockScorer, PrefillMethod):
     """Args:
         window_size: chunk size in tokens. Paper: 256.
         atten_length: tokens (chunks x window_size) each query attends to. Paper: 4096.
@@ -63,6 +62,7 @@ class LongHeads(PrefillMethod):
     begin_selective_length: int = 4096
     tile_size: int = 64
 
+    keep_rule = "top_k"
     extra_context = ("v",)  # the official chunk summary uses the values (see the module docstring)
 
     def __post_init__(self):
@@ -99,9 +99,15 @@ class LongHeads(PrefillMethod):
     def gates(self, q: Tensor, k: Tensor, v: Tensor | None = None) -> Tensor:
         """bool `[B, Hq, L, nChunks]`: the chunks each query token attends to."""
         check_qk(q, k)
-        batch, heads, length, _ = q.shape
-        if k.shape[2] != length:
-            raise ValueError(f"longheads selects for prefill: q_len ({length}) must equal k_len ({k.shape[2]})")
+        if k.shape[2] != q.shape[2]:
+            raise ValueError(f"longheads selects for prefill: q_len ({q.shape[2]}) must equal k_len ({k.shape[2]})")
+        blocks = self._score_blocks(q, k, causal=True, v=v)
+        return self.keep_blocks(blocks, self._keep_value(blocks, None))
+
+    def _score_blocks(self, q: Tensor, k: Tensor, *, causal: bool, v: Tensor | None = None) -> BlockScores:
+        # per query token (block_q = 1) against chunks: first, previous and current chunk forced, the
+        # visible ones allowed, and every chunk up to its own for a token before begin_selective_length
+        length = q.shape[2]
         if v is not None and v.shape != k.shape:
             raise ValueError(f"v must have k's shape {list(k.shape)}, got {list(v.shape)}")
         n_chunks = -(-length // self.window_size)
@@ -110,21 +116,20 @@ class LongHeads(PrefillMethod):
         visible = chunk_ids <= current                                                    # [L, nC]
         scores = q.float() @ self.chunk_keys(q, k, v).transpose(-1, -2)                   # [B, H, L, nC]
         forced = (chunk_ids == 0) | (chunk_ids == current) | (chunk_ids == current - 1)
-        scores = scores.masked_fill(~visible, float("-inf")).masked_fill(forced & visible, float("inf"))
-        budget = min(self.atten_length // self.window_size, n_chunks)
-        chosen = scores.topk(budget, dim=-1).indices
-        gates = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True) & visible
         early = (torch.arange(length, device=q.device) < self.begin_selective_length).view(-1, 1)
-        return gates | (early & visible)
+        return BlockScores(scores, 1, self.window_size, allowed=visible, forced=forced & visible,
+                           always=early & visible)
 
-    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer, v: Tensor | None = None) -> BlockLayout:
-        gates = self.gates(q, k, v)
+    def _keep_value(self, blocks: BlockScores, layer: int | None) -> int:
+        return min(self.atten_length // self.window_size, blocks.scores.shape[-1])
+
+    def _layout(self, keep: Tensor, blocks: BlockScores, q: Tensor, k: Tensor, *, causal: bool) -> BlockLayout:
         if self.window_size % self.tile_size == 0:
             # chunks are whole tiles: each tile keeps the rows whose token chose its chunk (every token
             # keeps its own chunk, so no row is empty)
-            return row_gate_layout(gates, group=self.window_size, k_len=k.shape[2], tile=self.tile_size)
-        batch, heads, length, _ = gates.shape
+            return super()._layout(keep, blocks, q, k, causal=causal)
+        batch, heads, length, _ = keep.shape
         token_ids = torch.arange(length, device=q.device).expand(batch, heads, length)
         chunk_of_key = (torch.arange(length, device=q.device) // self.window_size).expand(batch, heads, length)
-        return label_layout(token_ids, chunk_of_key, gates, block_q=self.tile_size, block_k=self.tile_size,
+        return label_layout(token_ids, chunk_of_key, keep, block_q=self.tile_size, block_k=self.tile_size,
                             causal=True)

@@ -20,15 +20,14 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from blockattn.layout import BlockLayout
 from blockattn.methods import register
-from blockattn.methods._select import expand_kv_heads, row_gate_layout
-from blockattn.methods.base import Method
+from blockattn.methods._select import expand_kv_heads
+from blockattn.methods.base import BlockScorer, BlockScores
 
 
 @register("moba")
 @dataclasses.dataclass
-class MoBA(Method):
+class MoBA(BlockScorer):
     """Args:
         block_size: MoBA key-block size in tokens (paper: 512 in its 8K-context experiments).
         top_k: blocks each query attends to, the current block included (paper: 3).
@@ -40,6 +39,7 @@ class MoBA(Method):
     tile_size: int = 64
 
     causal_modes = (True,)
+    keep_rule = "top_k"
 
     def __post_init__(self):
         self.check_positive_ints("block_size", "top_k", "tile_size")
@@ -48,6 +48,11 @@ class MoBA(Method):
 
     def gates(self, q: Tensor, k: Tensor) -> Tensor:
         """bool `[B, Hq, Lq, nBlocks]`: which MoBA blocks each query token attends to."""
+        blocks = self._score_blocks(q, k, causal=True)
+        return self.keep_blocks(blocks, self.top_k)
+
+    def _score_blocks(self, q: Tensor, k: Tensor, *, causal: bool) -> BlockScores:
+        # per query token (block_q = 1) against MoBA blocks: the current block forced, past ones allowed
         batch, heads, q_len, _ = q.shape
         k_len = k.shape[2]
         n_blocks = -(-k_len // self.block_size)
@@ -61,14 +66,6 @@ class MoBA(Method):
         current = position // self.block_size
         block_ids = torch.arange(n_blocks, device=q.device)
         past = block_ids.view(1, -1) < current.view(-1, 1)
-        scores = scores.masked_fill(~past, float("-inf"))
-        scores = torch.where(block_ids.view(1, -1) == current.view(-1, 1), float("inf"), scores)
-        k_top = min(self.top_k, n_blocks)
-        chosen = scores.topk(k_top, dim=-1).indices
-        gates = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True)
-        return gates & (past | (block_ids.view(1, -1) == current.view(-1, 1)))
-
-    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
-        # per (query tile, key tile) the rows whose token chose the tile's MoBA block; every token keeps
-        # its own (current) block, so no row is empty
-        return row_gate_layout(self.gates(q, k), group=self.block_size, k_len=k.shape[2], tile=self.tile_size)
+        is_current = block_ids.view(1, -1) == current.view(-1, 1)
+        # every token keeps its own (current) block, so no row of the layout is empty
+        return BlockScores(scores, 1, self.block_size, allowed=past | is_current, forced=is_current)

@@ -45,12 +45,11 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn import _checks
 from blockattn._checks import check_qk
 from blockattn.methods._select import expand_kv_heads
-from blockattn.methods.base import PrefillMethod
+from blockattn.methods.base import BlockScorer, BlockScores, PrefillMethod
 
 _BAND_ROWS = 256  # query rows whose estimates are formed at once (memory O(rows x L))
 
@@ -65,7 +64,7 @@ def quantize_tokens(x: Tensor, bits: int) -> Tensor:
 
 @register("sale")
 @dataclasses.dataclass
-class SALE(PrefillMethod):
+class SALE(BlockScorer, PrefillMethod):
     """Args:
         bits: integer width of the estimate (paper: 4; 8 also supported).
         block_size: query block of the layout (official kernel: 64).
@@ -84,6 +83,7 @@ class SALE(PrefillMethod):
     segment: int = 256
     dense_below: int = 1024
 
+    keep_rule = "above"
 
     def __post_init__(self):
         _checks.choice_arg("bits", _checks.int_arg("bits", self.bits), (4, 8))
@@ -175,15 +175,18 @@ class SALE(PrefillMethod):
         lse = torch.logsumexp(torch.cat([sink_logits, local], -1), -1)           # [B, Hkv, nQ, g, bq]
         return lse.transpose(2, 3).reshape(batch, heads, n_q * bq)[..., :length]
 
-    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
+    def _score_blocks(self, q: Tensor, k: Tensor, *, causal: bool) -> BlockScores:
+        # the sink and the local window are always computed; short prompts (and thresholds below 1e-5) dense
         length = q.shape[2]
         bq, bk = self.block_size, self.key_block
         n_q, n_k = -(-length // bq), -(-length // bk)
         if length <= self.dense_below or self.threshold < 1e-5:
-            keep = torch.ones(1, 1, n_q, n_k, dtype=torch.bool, device=q.device)
-        else:
-            keep = self.log_scores(q, k) > torch.log(torch.tensor(self.threshold, dtype=torch.float32))
-            local = torch.arange(n_k, device=q.device).view(1, -1) >= self.local_start(length, q.device).view(-1, 1)
-            keep |= local
-            keep[..., 0] = True
-        return BlockLayout.from_dense(keep, q_len=length, k_len=length, block_q=bq, block_k=bk, causal=True)
+            dense = torch.ones(1, 1, n_q, n_k, dtype=torch.bool, device=q.device)
+            return BlockScores(torch.zeros(1, 1, n_q, n_k, device=q.device), bq, bk, forced=dense)
+        local = torch.arange(n_k, device=q.device).view(1, -1) >= self.local_start(length, q.device).view(-1, 1)
+        local[:, 0] = True
+        return BlockScores(self.log_scores(q, k), bq, bk, forced=local)
+
+    def _keep_value(self, blocks: BlockScores, layer: int | None) -> Tensor:
+        # log_scores hold log relative weights: a block is kept when its weight exceeds the threshold
+        return torch.log(torch.tensor(self.threshold, dtype=torch.float32))

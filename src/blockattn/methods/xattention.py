@@ -32,12 +32,10 @@ import threading
 import torch
 from torch import Tensor
 
-from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn import _checks
 from blockattn._checks import check_qk
-from blockattn.methods._select import cumulative_threshold
-from blockattn.methods.base import Method
+from blockattn.methods.base import BlockScorer, BlockScores
 
 # Strided query rows scored at once: bands bound memory (at most _BAND_ELEMENTS scores, 16 MiB) and let
 # causal bands skip the columns after them; short bands keep the masked diagonal triangle (band^2 / 2
@@ -75,7 +73,7 @@ def _onednn_scoring(enabled: bool, device: torch.device):
 
 @register("xattention")
 @dataclasses.dataclass
-class XAttention(Method):
+class XAttention(BlockScorer):
     """Args:
         threshold: cumulative block-score mass to keep per query block, in (0, 1]. Paper default 0.9.
             A tuple gives one threshold per query head (see `calibrate`).
@@ -198,28 +196,29 @@ class XAttention(Method):
             scores[:, :, :, start // per_block:stop // per_block, :width // per_block] = sums.sum(4)
         return scores.view(batch, heads, n_q, n_k)
 
-    def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
+    def _score_blocks(self, q: Tensor, k: Tensor, *, causal: bool) -> BlockScores:
         scores = self.block_scores(q, k)
         n_q, n_k = scores.shape[-2:]
         q_len, k_len = q.shape[2], k.shape[2]
-        forced = torch.zeros(n_q, n_k, dtype=torch.bool, device=q.device)
-        if self.causal:
+        forced = None
+        if causal:
             # the block holding each query block's last query (in the key frame): its own tokens
+            forced = torch.zeros(n_q, n_k, dtype=torch.bool, device=q.device)
             last_query = ((torch.arange(n_q, device=q.device) + 1) * self.block_size).clamp(max=q_len) - 1
             forced[torch.arange(n_q, device=q.device), ((last_query + k_len - q_len) // self.block_size).clamp(0, n_k - 1)] = True
+        # the first block is kept too, outside the mass count, as the official selection does
+        first = torch.arange(n_k, device=q.device) == 0
+        return BlockScores(scores, self.block_size, self.block_size, forced=forced, always=first)
+
+    def _keep_value(self, blocks: BlockScores, layer: int | None):
         threshold = self.layer_threshold(layer)
         if isinstance(threshold, tuple):
+            scores = blocks.scores
             if len(threshold) != scores.shape[1]:
                 what = f"thresholds={self.thresholds!r} layer {layer}" if self._per_layer else "threshold"
                 raise ValueError(f"{what} has {len(threshold)} per-head values but q has {scores.shape[1]} heads")
             threshold = torch.tensor(threshold, dtype=scores.dtype, device=scores.device).view(1, -1, 1, 1)
-        blocks = cumulative_threshold(scores, threshold, forced=forced.expand_as(scores)).clone()
-        # the first block is kept too, outside the mass count, as the official selection does
-        blocks[..., 0] = True
-        # causal with more queries than keys: the first queries precede every key and attend to none
-        return BlockLayout.from_dense(blocks, q_len=q_len, k_len=k_len, block_q=self.block_size,
-                                      block_k=self.block_size, causal=self.causal,
-                                      allow_empty_rows=self.causal and q_len > k_len)
+        return threshold
 
     def calibrate(self, q: Tensor, k: Tensor, *, target_recall: float = 0.95,
                   candidates: tuple = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)) -> "XAttention":
