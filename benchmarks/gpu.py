@@ -69,7 +69,7 @@ def methods_on_device(device, dtypes, length=1024):
         torch.manual_seed(0)
         q = torch.randn(1, 9, length, 64, device=device, dtype=dtype)
         k, v = (torch.randn(1, 3, length, 64, device=device, dtype=dtype) for _ in range(2))
-        for name in methods.names():
+        for name in methods.training_free():
             try:
                 layout = methods.get(name).select(q, k)
                 out = blockattn.attention(q, k, v, layout)

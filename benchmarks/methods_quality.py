@@ -29,7 +29,7 @@ def main():
     parser.add_argument("--section", default="methods-quality", help="marker name of the table in --record")
     parser.add_argument("--plot", default="docs/bench/methods", help="PNG prefix: PREFIX_recall.png, PREFIX_speed.png")
     args = parser.parse_args()
-    methods = args.methods or [m for m in blockattn.methods.names() if m != "dense"]
+    methods = args.methods or [m for m in blockattn.methods.training_free() if m != "dense"]
     model, tokenizer = load_smollm2()
     rows, skipped = [], []
     for length in args.lengths:

@@ -47,7 +47,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    names = args.methods or methods.names()
+    names = args.methods or methods.training_free()
     print(f"{cpu_description()}, {args.threads} threads, torch {torch.__version__}, B=1, Hq=9, Hkv=3, D=64, fp32")
     print("| L | method | density | public ms | kernel ms | overhead | vs SDPA causal |")
     print("|---|---|---|---|---|---|---|")

@@ -32,6 +32,12 @@ class Registry:
         self._load_all()
         return sorted(self.classes)
 
+    def without_required(self) -> list[str]:
+        """The names whose class constructs from its defaults alone (no `required` parameters, such as a
+        trained method's weights file): what a default run, a sweep or a contract test can build."""
+        self._load_all()
+        return sorted(n for n, cls in self.classes.items() if not getattr(cls, "required", ()))
+
     def get(self, name: str, **params):
         """An instance of the class registered as `name`, with these hyperparameters (its defaults otherwise)."""
         if not isinstance(name, str):

@@ -44,7 +44,7 @@ def prompts(smollm2):
 
 def causal_lm_methods():
     out = []
-    for name in methods.names():
+    for name in methods.training_free():
         method = methods.get(name)
         if True in method.causal_modes and not method.needs_grid:
             out.append(name)
@@ -63,7 +63,7 @@ def test_later_tokens_do_not_change_earlier_logits(smollm2, prompts, name):
 
 
 def test_methods_that_cannot_serve_a_causal_lm_are_refused_before_any_work(smollm2):
-    refused = [name for name in methods.names() if name not in causal_lm_methods()]
+    refused = [name for name in methods.training_free() if name not in causal_lm_methods()]
     assert refused  # vmoba: grid-only, encoder-only
     for name in refused:
         with pytest.raises(ValueError, match="grid|encoder-only"):

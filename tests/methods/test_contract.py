@@ -1,6 +1,6 @@
 """The contract every registered method keeps (kvpress's `test_presses_run` over `default_presses`):
-over `methods.names()` x devices, a valid layout for (Lq, Lk) with GQA and batch 2, on q's device;
-`sparse_attention` equal to the float64 reference over that layout; `causal=True` layouts that never
+over `methods.training_free()` x devices (trained methods in their own tests: tests/methods/test_seer.py),
+a valid layout for (Lq, Lk) with GQA and batch 2, on q's device; `sparse_attention` equal to the float64 reference over that layout; `causal=True` layouts that never
 see the future; bad parameters and bad context refused with the right exception.
 
 `meta` stands in for an accelerator on machines without one: it cannot compute values, so a method
@@ -29,7 +29,7 @@ SMALL = dict(
     streaming=dict(sink=4, window=40, block_size=32), a_shape=dict(sink=32, window=64, block_size=32))
 LENGTH, GRIDS = 256, {2: (16, 16), 3: (4, 8, 8)}
 DEVICES = ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])
-NAMES = methods.names()
+NAMES = methods.training_free()
 
 
 def make(name):

@@ -148,6 +148,6 @@ def test_seer_method_selects_with_the_layer_gate_from_post_rope_inputs(tmp_path)
 def test_seer_training_run_on_smollm2_at_a_tiny_size():
     from blockattn.modules.seer_train import run
     result = run(length=128, train_windows=1, eval_windows=1, steps=2, layer=1)
-    assert result["gate"].trained and len(result["losses"]) == 2
+    assert result["gates"][1].trained and len(result["losses"]) == 2
     assert {r["selector"] for r in result["rows"]} == {"trained gate", "untrained gate", "pooled q.k (MoBA-like)",
                                                          "oracle top-k"}

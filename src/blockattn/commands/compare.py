@@ -66,7 +66,7 @@ def run(args):
     import blockattn
     from blockattn.bench.quality import format_table, measure_layers, skip_reason
 
-    names = args.methods or [m for m in blockattn.methods.names() if m != "dense"]
+    names = args.methods or [m for m in blockattn.methods.training_free() if m != "dense"]
     unknown = sorted(set(names) - set(blockattn.methods.names()))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {', '.join(blockattn.methods.names())}")

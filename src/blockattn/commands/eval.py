@@ -42,6 +42,17 @@ def add_arguments(parser):
     parser.add_argument("-o", "--output", default="eval_results",
                         help="folder for results.json, table.md and the PNGs (default ./eval_results)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--kv", nargs="+", default=None, metavar="POLICY",
+                        help="evaluate KV-cache policies instead of prefill methods: specs 'name' or "
+                             "'name:key=value,...' (razor, tidaldecode, moa, act, streaming, snapkv, tova, knorm); "
+                             "accuracy vs compression ratio, KV bytes held, RSS added, time to first token, decode "
+                             "tokens/s, kv_table.md, kv_results.json and kv_accuracy.png (tasks passkey and "
+                             "multi_needle; default length 4096, depths .1 .5 .9)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.9],
+                        help="with --kv: fractions of the cache removed, for each policy whose spec sets no ratio "
+                             "(default 0.5 0.7 0.9)")
+    parser.add_argument("--method", default=None,
+                        help="with --kv: the prefill method spec (default dense)")
 
 
 def run(args):
@@ -53,8 +64,11 @@ def run(args):
     from blockattn import models
     from blockattn.bench import eval_plots, harness
 
+    if getattr(args, "kv", None):
+        from blockattn.bench.kv_eval import main
+        return main(args)
     quick = getattr(args, "quick", False)
-    names = [n for n in registry.names() if n != "dense"]
+    names = [n for n in registry.training_free() if n != "dense"]
     specs = args.methods or (QUICK["methods"] if quick else
                              ["dense"] + [n for n in FIRST if n in names] + [n for n in names if n not in FIRST])
     if args.budget < 0:

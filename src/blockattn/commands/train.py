@@ -1,21 +1,28 @@
 import json
 import os
 
-HELP = "train a trainable selector's experiment here (landmark, dma, seer); table, JSON and a PNG"
+HELP = "train a trainable selector's experiment here (landmark, dma, seer, sparsifiner); table, JSON and a PNG"
 
-NAMES = ("landmark", "dma", "seer")
+NAMES = ("landmark", "dma", "seer", "sparsifiner")
 TINY = {"landmark": dict(steps=3, batch=4, eval_sequences=20),
         "dma": dict(steps=3, batch=8, train_examples=100, test_examples=50, seq_len=32, vocab=64, num_kv_pairs=2),
-        "seer": dict(steps=3, length=256, train_windows=1, eval_windows=1)}
+        "seer": dict(steps=3, length=256, train_windows=1, eval_windows=1),
+        "sparsifiner": dict(train_images=16, test_images=8, teacher_epochs=1, recon_epochs=3, finetune_epochs=1,
+                            batch=8)}
 
 
 def add_arguments(parser):
     parser.add_argument("name", choices=NAMES, help="landmark: block retrieval task; dma: MQAR vs dense and window; "
-                                                    "seer: gates distilled on a real model's attention")
+                                                    "seer: gates distilled on a real model's attention; "
+                                                    "sparsifiner: a tiny ViT vs its dense twin")
     parser.add_argument("--model", default="smollm2-135m", help="seer: the model whose attention the gates learn")
     parser.add_argument("--layer", type=int, default=15, help="seer: the layer captured")
+    parser.add_argument("--layers", default=None,
+                        help="seer: several layers, 'all' or a comma list such as 0,15,29 (one gate each; "
+                             "the gate file then serves hf.patch on those layers); overrides --layer")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the experiment's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the experiment's)")
+    parser.add_argument("--window", type=int, default=None, help="dma: keys kept per query (default 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
     parser.add_argument("--tiny", action="store_true", help="a few steps at a tiny size (CI smoke run)")
@@ -25,6 +32,18 @@ def add_arguments(parser):
 def _positive(name, value):
     if value is not None and value < 1:
         raise ValueError(f"--{name} must be a positive int, got {value}")
+
+
+def _layers(spec):
+    if spec is None or spec == "all":
+        return spec
+    try:
+        layers = [int(part) for part in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--layers must be 'all' or a comma list of layer indices, got {spec!r}") from None
+    if any(i < 0 for i in layers):
+        raise ValueError(f"--layers must be non-negative layer indices, got {spec!r}")
+    return layers
 
 
 def _landmark_table(result) -> str:
@@ -57,6 +76,9 @@ def _seer_table(result) -> str:
     for r in result["rows"]:
         rows.append(f"| {r['density']} | {r['selector']} | {r['recall']:.3f} | {r['output_error']:.3f} | "
                     f"{r['block_kl']:.4f} | {r['measured_density']:.3f} |")
+    if len(result.get("per_layer", {})) > 1:
+        rows.append(f"\nmeans over layers {sorted(result['per_layer'])}; trained-gate recall per layer at density "
+                    f"0.25: " + ", ".join(f"{i}: {d[0.25]:.2f}" for i, d in sorted(result["per_layer"].items())))
     rows.append(f"\n{result['model']} layer {result['layer']}, L = {result['length']}, {result['train_windows']} "
                 f"training / {result['eval_windows']} held-out windows; capture {result['capture_seconds']:.0f} s, "
                 f"{result['steps']} gate steps in {result['train_seconds']:.0f} s")
@@ -109,6 +131,50 @@ def _plot(name, results, path):
     return save(fig, path)
 
 
+def _sparsifiner_table(result) -> str:
+    rows = ["| model | keys per patch query | test accuracy |", "|---|---|---|"]
+    keys, tokens = result["keys_per_row"], result["tokens"]
+    for label, name, k in (("dense teacher (twin)", "teacher_accuracy", tokens),
+                           ("Sparsifiner after phase 1 (predictor only)", "recon_accuracy", keys),
+                           ("Sparsifiner after phase 2 (backbone tuned)", "student_accuracy", keys)):
+        rows.append(f"| {label} | {k} of {tokens} | {result[name]:.3f} |")
+    rows += ["", "| masks of the same size | recall of the dense attention mass (after phase 1) | (after phase 2) |",
+             "|---|---|---|"]
+    for name in ("predicted", "random", "window"):
+        rows.append(f"| {name} | {result['recall_after_recon'][name]:.3f} | {result['recall'][name]:.3f} |")
+    seconds = result["seconds"]
+    rows.append(f"\nmean Jaccard of two images' predicted masks {result['recall']['jaccard']:.3f}; train s: teacher "
+                f"{seconds['teacher']:.0f}, phase 1 {seconds['recon']:.0f}, phase 2 {seconds['finetune']:.0f}")
+    return "\n".join(rows)
+
+
+def _plot_sparsifiner(result, path):
+    from blockattn.plots import figure, save
+
+    fig, axes = figure(1, 3, figsize=(13, 3.6))
+    left, middle, right = axes[0]
+    at = 0
+    for phase, losses in result["losses"].items():
+        left.plot(range(at, at + len(losses)), losses, label=phase)
+        at += len(losses)
+    left.set_xlabel("step")
+    left.set_ylabel("loss (per phase)")
+    left.set_yscale("log")
+    left.legend()
+    labels = ["dense teacher", "after phase 1", "after phase 2"]
+    middle.bar(range(3), [result[k] for k in ("teacher_accuracy", "recon_accuracy", "student_accuracy")])
+    middle.set_xticks(range(3), labels, rotation=15, fontsize=8)
+    middle.set_ylim(0, 1)
+    middle.set_ylabel(f"test accuracy ({result['keys_per_row']} of {result['tokens']} keys)")
+    names = ["predicted", "random", "window"]
+    right.bar(range(3), [result["recall"][n] for n in names])
+    right.set_xticks(range(3), names, fontsize=8)
+    right.set_ylim(0, 1)
+    right.set_ylabel("dense attention mass recalled")
+    fig.suptitle("blockattn train sparsifiner: tiny ViT, 25% connectivity")
+    return save(fig, path)
+
+
 def run(args):
     import torch
     from tqdm import tqdm
@@ -116,11 +182,17 @@ def run(args):
     _positive("steps", args.steps)
     _positive("batch", args.batch)
     _positive("threads", args.threads)
+    _positive("window", args.window)
+    if args.window is not None and args.name != "dma":
+        raise ValueError("--window applies to dma only")
     if args.name == "seer" and args.batch is not None:
         raise ValueError("--batch does not apply to seer (one captured window per step)")
     torch.set_num_threads(args.threads)
     options = dict(TINY[args.name]) if args.tiny else {}
-    options.update({k: v for k, v in (("steps", args.steps), ("batch", args.batch)) if v is not None})
+    options.update({k: v for k, v in (("steps", args.steps), ("batch", args.batch), ("window", args.window))
+                    if v is not None})
+    if args.name == "sparsifiner" and args.steps is not None:
+        raise ValueError("--steps does not apply to sparsifiner (it trains by epochs)")
     options["seed"] = args.seed
     os.makedirs(args.out, exist_ok=True)
 
@@ -143,10 +215,22 @@ def run(args):
                 bar.total = total
                 bar.set_postfix(loss=f"{loss:.3f}")
                 bar.update(1)
-            results = train_seer(model_name=args.model, layer=args.layer, progress=progress, **options)
-        gate = results.pop("gate")
-        print(f"gates: {save_gates({args.layer: gate}, os.path.join(args.out, 'seer_gates.pt'), model=args.model)}")
+            results = train_seer(model_name=args.model, layer=args.layer, layers=_layers(args.layers),
+                                 progress=progress, **options)
+        gates = results.pop("gates")
+        print(f"gates: {save_gates(gates, os.path.join(args.out, 'seer_gates.pt'), model=args.model)}")
         table = _seer_table(results)
+    elif args.name == "sparsifiner":
+        from blockattn.modules.sparsifiner_train import train as train_sparsifiner
+        with tqdm(desc="sparsifiner", unit="step") as bar:
+            def progress(phase, step, total, loss):
+                if step == 1:
+                    bar.reset(total)
+                    bar.set_description(f"sparsifiner: {phase}")
+                bar.set_postfix(loss=f"{loss:.3f}")
+                bar.update(1)
+            results = train_sparsifiner(progress=progress, **options)
+        table = _sparsifiner_table(results)
     else:
         from blockattn.modules.dma_train import MODELS, train
         results = []
@@ -161,5 +245,5 @@ def run(args):
     with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(table)
-    plot = _plot_seer if args.name == "seer" else lambda r, p: _plot(args.name, r, p)
+    plot = {"seer": _plot_seer, "sparsifiner": _plot_sparsifiner}.get(args.name, lambda r, p: _plot(args.name, r, p))
     print(f"plot: {plot(results, os.path.join(args.out, f'{args.name}.png'))}")

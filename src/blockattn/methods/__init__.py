@@ -18,9 +18,15 @@ def names() -> list[str]:
     return _REGISTRY.names()
 
 
+def training_free() -> list[str]:
+    """The registered methods that run from their paper's defaults (no trained weights to give): what
+    `blockattn eval`, `compare` and the benchmarks sweep by default."""
+    return _REGISTRY.without_required()
+
+
 def get(name: str, **params) -> Method:
     """Construct a registered method with the given hyperparameters (paper defaults otherwise)."""
     return _REGISTRY.get(name, **params)
 
 
-__all__ = ["Method", "get", "names", "register"]
+__all__ = ["Method", "get", "names", "register", "training_free"]

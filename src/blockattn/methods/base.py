@@ -52,6 +52,13 @@ class Method:
     queries_before_keys: ClassVar[bool] = False
     #: further keyword context this method reads (e.g. LongHeads' `v`)
     extra_context: ClassVar[tuple[str, ...]] = ()
+    #: whether, in a causal prompt, a query's key set may depend on later tokens of its own query block
+    #: (or, for some rules, of the prompt): the rule scores whole blocks, groups or regions of queries,
+    #: as the official code does. No query sees a later key, but later tokens can change earlier outputs.
+    within_block_lookahead: ClassVar[bool] = False
+    #: parameters without a usable default (a trained method's weights file): registered, but left out of
+    #: default sweeps (`methods.training_free()`)
+    required: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from blockattn.layout import BlockLayout
+from blockattn.methods import register
 from blockattn.methods.base import Method
 
 
@@ -26,8 +27,7 @@ def _load(path: str, model: str, block_size: int):
     return load_gates(path, model=model, block_size=block_size)
 
 
-# Not in the registry yet: every registered method must construct with defaults (tests/methods/
-# test_contract.py, `blockattn compare`), and this one needs a trained gate file.
+@register("seer")
 @dataclasses.dataclass
 class SeerAttention(Method):
     """Args:
@@ -39,6 +39,7 @@ class SeerAttention(Method):
         last_block_dense: make the last two query-block rows dense (official default True).
     """
 
+    within_block_lookahead = True  # the gate scores block-pooled queries
     gates: str | None = None
     model: str = "smollm2-135m"
     density: float | None = None
@@ -46,8 +47,8 @@ class SeerAttention(Method):
     block_size: int = 64
     last_block_dense: bool = True
 
-    name = "seer"
     causal_modes = (True,)
+    required = ("gates",)
     any_lengths = False
 
     def __post_init__(self):

@@ -29,18 +29,21 @@ class _Stop(Exception):
     pass
 
 
-def capture_layer(model, ids: torch.Tensor, layer: int):
-    """Post-RoPE `(q, k, v)` of one attention layer for `ids [1, L]`, and the model's `(cos, sin)`."""
+def capture_layers(model, ids: torch.Tensor, layers) -> tuple[dict, tuple]:
+    """Post-RoPE `{layer: (q, k, v)}` of the given attention layers for `ids [1, L]` (one forward, stopped
+    after the last of them), and the model's `(cos, sin)`."""
     from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import sdpa_mask
 
-    captured = {}
+    wanted, last, captured = set(layers), max(layers), {}
 
     def record(module, query, key, value, attention_mask, **kwargs):
-        if getattr(module, "layer_idx", None) == layer:
-            captured["qkv"] = (query.detach().float(), key.detach().float(), value.detach().float())
+        index = getattr(module, "layer_idx", None)
+        if index in wanted:
+            captured[index] = (query.detach().float(), key.detach().float(), value.detach().float())
+        if index == last:
             raise _Stop
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("blockattn_seer_capture", record)
@@ -54,21 +57,39 @@ def capture_layer(model, ids: torch.Tensor, layer: int):
         pass
     finally:
         model.set_attn_implementation(previous)
-    q, k, v = captured["qkv"]
+    some_v = captured[last][2]
     positions = torch.arange(ids.shape[1]).view(1, -1)
-    cos, sin = model.model.rotary_emb(v, positions)
-    return (q, k, v), (cos.float().unsqueeze(1), sin.float().unsqueeze(1))
+    cos, sin = model.model.rotary_emb(some_v, positions)
+    return captured, (cos.float().unsqueeze(1), sin.float().unsqueeze(1))
+
+
+def capture_layer(model, ids: torch.Tensor, layer: int):
+    """Post-RoPE `(q, k, v)` of one attention layer for `ids [1, L]`, and the model's `(cos, sin)`."""
+    captured, rope = capture_layers(model, ids, [layer])
+    return captured[layer], rope
+
+
+def prepare_layer_windows(model, tokenizer, *, count: int, length: int, layers, seed: int, block_size: int = 64,
+                          keep_qkv: bool = True) -> dict[int, list[dict]]:
+    """`{layer: [window]}` for `count` documentation windows; each window holds the gate's inputs (pre-RoPE
+    q, k) and its target, plus the post-RoPE q, k, v when `keep_qkv` (needed to evaluate, not to train)."""
+    from blockattn.bench.tasks import document_ids
+    out = {layer: [] for layer in layers}
+    for i in range(count):
+        ids = document_ids(tokenizer, length, seed=seed + i)
+        captured, (cos, sin) = capture_layers(model, ids, layers)
+        for layer, (q, k, v) in captured.items():
+            window = dict(q_nope=invert_rope(q, cos, sin), k_nope=invert_rope(k, cos, sin),
+                          target=block_max_ground_truth(q, k, block_size=block_size))
+            if keep_qkv:
+                window.update(q=q, k=k, v=v)
+            out[layer].append(window)
+    return out
 
 
 def prepare_windows(model, tokenizer, *, count: int, length: int, layer: int, seed: int, block_size: int = 64):
-    from blockattn.bench.tasks import document_ids
-    windows = []
-    for i in range(count):
-        ids = document_ids(tokenizer, length, seed=seed + i)
-        (q, k, v), (cos, sin) = capture_layer(model, ids, layer)
-        windows.append(dict(q=q, k=k, v=v, q_nope=invert_rope(q, cos, sin), k_nope=invert_rope(k, cos, sin),
-                            target=block_max_ground_truth(q, k, block_size=block_size)))
-    return windows
+    return prepare_layer_windows(model, tokenizer, count=count, length=length, layers=[layer], seed=seed,
+                                 block_size=block_size)[layer]
 
 
 def pooled_logits(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -151,25 +172,42 @@ def evaluate(trained, untrained, windows, *, densities=DENSITIES, block_size=64)
     return rows
 
 
-def run(*, model_name: str = "smollm2-135m", layer: int = 15, length: int = 2048, train_windows: int = 12,
-        eval_windows: int = 4, steps: int = 300, seed: int = 0, progress=None) -> dict:
+def run(*, model_name: str = "smollm2-135m", layer: int | None = 15, layers=None, length: int = 2048,
+        train_windows: int = 12, eval_windows: int = 4, steps: int = 300, seed: int = 0, progress=None) -> dict:
+    """Capture, train one gate per layer (`layers`, or the single `layer`), evaluate on held-out windows.
+    With several layers the table's rows are means over the layers and `per_layer` holds each layer's
+    trained-gate recall at every density; `gates` is `{layer: gate}`."""
     from blockattn.models import load
 
     model, tokenizer = load(model_name)
-    start = time.perf_counter()
-    windows = prepare_windows(model, tokenizer, count=train_windows + eval_windows, length=length, layer=layer,
-                              seed=seed)
-    capture_seconds = time.perf_counter() - start
     config = model.config
+    layers = sorted(set(range(config.num_hidden_layers) if layers == "all" else layers or [layer]))
+    if not all(0 <= i < config.num_hidden_layers for i in layers):
+        raise ValueError(f"layers must lie in [0, {config.num_hidden_layers}), got {layers}")
+    start = time.perf_counter()
+    training = prepare_layer_windows(model, tokenizer, count=train_windows, length=length, layers=layers, seed=seed,
+                                     keep_qkv=False)
+    held_out = prepare_layer_windows(model, tokenizer, count=eval_windows, length=length, layers=layers,
+                                     seed=seed + train_windows)
+    capture_seconds = time.perf_counter() - start
     shape = dict(heads_q=config.num_attention_heads, heads_kv=config.num_key_value_heads,
                  head_dim=config.hidden_size // config.num_attention_heads,
                  rope_theta=float(getattr(config, "rope_theta", 10000.0)))
-    start = time.perf_counter()
-    gate, losses = train_gate(windows[:train_windows], steps=steps, seed=seed, progress=progress, **shape)
-    train_seconds = time.perf_counter() - start
-    torch.manual_seed(seed)
-    untrained = SeerAttentionGate(**shape)
-    rows = evaluate(gate, untrained, windows[train_windows:])
-    return dict(model=model_name, layer=layer, length=length, train_windows=train_windows, eval_windows=eval_windows,
-                steps=steps, seed=seed, losses=losses, capture_seconds=capture_seconds, train_seconds=train_seconds,
-                rows=rows, gate=gate)
+    gates, losses, per_layer, rows_by_layer, train_seconds = {}, {}, {}, [], 0.0
+    for index in layers:
+        start = time.perf_counter()
+        gates[index], losses[index] = train_gate(training.pop(index), steps=steps, seed=seed, progress=progress,
+                                                 **shape)
+        train_seconds += time.perf_counter() - start
+        torch.manual_seed(seed)
+        rows = evaluate(gates[index], SeerAttentionGate(**shape), held_out.pop(index))
+        rows_by_layer.append(rows)
+        per_layer[index] = {r["density"]: r["recall"] for r in rows if r["selector"] == "trained gate"}
+    keys = ("recall", "output_error", "measured_density", "block_kl")
+    rows = [dict(first, **{key: sum(r[i][key] for r in rows_by_layer) / len(rows_by_layer) for key in keys})
+            for i, first in enumerate(rows_by_layer[0])]
+    return dict(model=model_name, layer=layers[0] if len(layers) == 1 else layers, length=length,
+                train_windows=train_windows, eval_windows=eval_windows, steps=steps, seed=seed,
+                losses=losses[layers[0]] if len(layers) == 1 else [sum(v) / len(v) for v in zip(*losses.values())],
+                capture_seconds=capture_seconds, train_seconds=train_seconds, rows=rows, per_layer=per_layer,
+                gates=gates)

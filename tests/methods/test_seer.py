@@ -1,0 +1,53 @@
+"""SeerAttention as a registered method: reachable by name and spec, left out of the default sweeps (it
+needs a trained gate file), and keeping the method contract on its own gate fixture."""
+import pytest
+import torch
+
+import blockattn
+from blockattn import methods
+from blockattn.modules.seer_gate import SeerAttentionGate, save_gates
+from blockattn.ops.reference import reference_attention
+
+
+@pytest.fixture
+def gate_file(tmp_path):
+    torch.manual_seed(0)
+    gates = {}
+    for layer in (0, 3):
+        gate = SeerAttentionGate(4, 2, 16, block_size=32, gate_dim=16)
+        gate.trained_steps += 1
+        gates[layer] = gate
+    return save_gates(gates, str(tmp_path / "gates.pt"), model="tiny")
+
+
+def test_seer_is_registered_but_not_in_the_training_free_sweeps():
+    assert "seer" in methods.names()
+    assert "seer" not in methods.training_free()
+    assert set(methods.training_free()) < set(methods.names())
+    with pytest.raises(ValueError, match="gates=PATH"):
+        methods.get("seer")
+
+
+@pytest.mark.parametrize("density", [0.25, 1.0])
+def test_seer_keeps_the_method_contract(gate_file, density):
+    method = methods.get("seer", gates=gate_file, model="tiny", block_size=32, density=density)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 256, 16, generator=g) for h in (4, 2, 2))
+    layout = method.select(q, k, layer=3)
+    assert layout.is_causal() and layout.q_len == layout.k_len == 256
+    if density == 1.0:
+        assert layout.density("causal") == 1.0
+    out = blockattn.sparse_attention(q, k, v, method, context=dict(layer=3))
+    want = reference_attention(q.double(), k.double(), v.double(), layout).float()
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="layer"):
+        method.select(q, k, layer=1)  # no gate trained for that layer
+    with pytest.raises(ValueError, match="causal"):
+        method.select(q, k, causal=False, layer=3)
+    with pytest.raises(TypeError, match="casual"):
+        method.select(q, k, casual=True, layer=3)
+
+
+def test_seer_by_spec_refuses_a_gate_file_for_another_model(gate_file):
+    with pytest.raises(ValueError, match="tiny"):
+        methods.get("seer", gates=gate_file, block_size=32)  # default model smollm2-135m
