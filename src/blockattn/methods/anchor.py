@@ -59,6 +59,7 @@ class AnchorAttention(PrefillMethod):
         block_size: query block (and layout tile) size. Paper: 128.
     """
 
+    within_block_lookahead = True  # a group of query blocks shares one stripe set
     theta: float = 12.0
     step: int = 16
     block_size: int = 128

@@ -63,6 +63,7 @@ class BiFormer(Method):
         tile_size: the engine's tile (block_q = block_k).
     """
 
+    within_block_lookahead = True  # a region's mean query routes all its tokens
     n_win: int = 7
     topk: int = 4
     causal: bool = False

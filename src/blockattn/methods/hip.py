@@ -56,6 +56,7 @@ class HiPAttention(Method):
         causal: no future keys (LLM prefill).
     """
 
+    within_block_lookahead = True  # a key block is scored by the best query of the block
     k: int = 512
     block_size_q: int = 64
     block_size_k: int = 64

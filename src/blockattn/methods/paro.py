@@ -77,6 +77,7 @@ class PAROAttention(Method):
         causal: LLM use (no future keys in the original order).
     """
 
+    within_block_lookahead = True  # a query block's mean query picks its key blocks
     density: float = 0.5
     block_size: int = 64
     sample_blocks: int = 8

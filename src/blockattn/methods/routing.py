@@ -67,6 +67,7 @@ class RoutingTransformer(Method):
         kmeans_iterations: batch k-means steps initialising the centroids. Official: 10.
     """
 
+    within_block_lookahead = True  # balanced routing decides a segment's memberships together
     num_clusters: int | None = None
     decay: float = 0.999
     iterations: int = 1

@@ -75,6 +75,7 @@ class SALE(BlockScorer, PrefillMethod):
         dense_below: prompts of at most this many tokens run dense (official: 1024; 0 = never).
     """
 
+    within_block_lookahead = True  # a tile is kept when any query row of the block passes
     bits: int = 4
     block_size: int = 64
     key_block: int = 32

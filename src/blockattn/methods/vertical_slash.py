@@ -65,6 +65,7 @@ class VerticalSlash(PrefillMethod):
             and each head runs its own pattern and sizes (`vertical_size`/`slash_size` are unused).
     """
 
+    within_block_lookahead = True  # the prompt's last queries choose every row's columns and diagonals
     vertical_size: int = 1000
     slash_size: int = 6096
     last_q: int = 64

@@ -88,6 +88,7 @@ class XAttention(BlockScorer):
             False scores in plain fp32 and touches no torch setting.
     """
 
+    within_block_lookahead = True  # a query block's scores sum over all its queries
     threshold: float | tuple = 0.9
     stride: int = 8
     block_size: int = 128
