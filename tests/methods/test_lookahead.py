@@ -96,3 +96,20 @@ def test_the_check_sees_a_block_granular_rule():
 
     assert earlier_rows_change(PerBlock(per_token=False), {})
     assert not earlier_rows_change(PerBlock(per_token=True), {})
+
+
+def test_eval_report_footnotes_the_methods_with_lookahead():
+    from blockattn.bench import harness
+    entry = lambda name, params: {"method": harness.label(name, params), "name": name, "params": params,  # noqa: E731
+                                  "cells": [{"task": "passkey", "length": 256, "found": True, "seconds": 1.0}],
+                                  "accuracy": 1.0, "prefill_speedup": 1.0,
+                                  "per_length": {256: {"accuracy": 1.0, "seconds": 1.0}}}
+    results = {"config": {"lengths": [256], "tasks": ["passkey", "perplexity"]}, "baseline_sdpa_seconds": {256: 1.0},
+               "methods": [entry("dense", {}), entry("xattention", {"stride": 16}), entry("streaming", {}),
+                           entry("hip", {})]}
+    for table in (harness.format_table(results), harness.format_length_table(results)):
+        note = table.splitlines()[-1]
+        assert note.startswith("Within-block lookahead: the numbers of xattention(stride=16), hip include it")
+        assert "streaming" not in note and "dense" not in note
+    results["methods"] = results["methods"][:1] + results["methods"][2:3]
+    assert "lookahead" not in harness.format_table(results)

@@ -252,7 +252,8 @@ def run_eval(model, tokenizer, methods: list[tuple[str, dict]], config: EvalConf
 
     results = []
     for name, params in methods:
-        entry = {"method": label(name, params), "name": name, "params": params, "cells": []}
+        entry = {"method": label(name, params), "name": name, "params": params, "cells": [],
+                 "within_block_lookahead": _lookahead(name, params)}
         bar_at_start = bar.n
         if config.budget_seconds and results and \
                 time.perf_counter() - started + per_method_estimate > config.budget_seconds:
@@ -348,6 +349,25 @@ def _encoder_fidelity(encoder, name: str, params: dict, backend: str) -> dict:
 _COLUMN = {"passkey": "passkey", "multi_needle": "needles", "retrieval_prose": "prose"}
 
 
+def _lookahead(name: str, params: dict) -> bool:
+    try:
+        return bool(type(registry.get(name, **params)).within_block_lookahead)
+    except (TypeError, ValueError):  # a results file from another version: unknown name or parameters
+        return False
+
+
+def lookahead_note(results: dict) -> str:
+    """The footnote naming the methods whose numbers include within-block lookahead ('' if none)."""
+    names = [e["method"] for e in results["methods"]
+             if e.get("within_block_lookahead", _lookahead(e["name"], e.get("params", {})))]
+    if not names:
+        return ""
+    return (f"Within-block lookahead: the numbers of {', '.join(names)} include it. These rules choose a "
+            "query's keys for a whole query block (group, region, or from the prompt's last queries), so in "
+            "a causal prompt later tokens can change the key sets of earlier tokens (never showing them a "
+            "later key), as the official code does; a token-by-token decode would not see that.")
+
+
 def format_table(results: dict) -> str:
     """Markdown table: one row per method; retrieval columns per task and length, then the metrics."""
     lengths = results["config"]["lengths"]
@@ -389,6 +409,8 @@ def format_table(results: dict) -> str:
                      f"{fmt(entry.get('select_fraction'), '.3f')} | {fmt(entry.get('peak_rss_gib'), '.2f')} |")
     failed = [e for e in results["methods"] if "error" in e and e["cells"]]
     lines += [""] * bool(failed) + [f"- {e['method']} stopped early: {e['error'][:200]}" for e in failed]
+    note = lookahead_note(results)
+    lines += ["", note] * bool(note)
     return "\n".join(lines)
 
 
@@ -413,4 +435,6 @@ def format_length_table(results: dict) -> str:
             lines.append(f"| {entry['method']} | {length} | {fmt(row['accuracy'], '.2f')} | {ppl_text} | "
                          f"{fmt(row['seconds'], '.2f')} | {fmt(row.get('speedup_sdpa'), '.2f')}x | "
                          f"{fmt(row.get('speedup_structure'), '.2f')}x | {fmt(row.get('peak_rss_gib'), '.2f')} |")
+    note = lookahead_note(results)
+    lines += ["", note] * bool(note)
     return "\n".join(lines)
