@@ -22,10 +22,11 @@ def naive_xattention(q, k, *, threshold, stride, block, causal):
         return x[i] if i < x.shape[0] else torch.zeros(dim, dtype=torch.float64)
 
     selected = torch.zeros(batch, heads, n_q, n_k, dtype=torch.bool)
+    all_scores = torch.zeros(batch, heads, n_q, n_k, dtype=torch.float64)
     for b in range(batch):
         for h in range(heads):
             qh, kh = q[b, h], k[b, h // group]
-            scores = torch.zeros(n_q, n_k, dtype=torch.float64)
+            scores = all_scores[b, h]
             for r in range(math.ceil(q_len / stride)):
                 logits = {}
                 for c in range(math.ceil(k_len / stride)):
@@ -39,35 +40,57 @@ def naive_xattention(q, k, *, threshold, stride, block, causal):
                 norm = sum(math.exp(x - top) for x in logits.values())
                 for c, x in logits.items():
                     scores[r * stride // block, c * stride // block] += math.exp(x - top) / norm
-            for qb in range(n_q):
-                last = min((qb + 1) * block, q_len) - 1 + offset
-                forced = {min(max(last, 0) // block, n_k - 1)} if causal else set()  # counted first
-                order = sorted(range(n_k), key=lambda j: (j not in forced, -float(scores[qb, j]), j))
-                total, mass = float(scores[qb].sum()), 0.0
-                for j in order:
-                    if j in forced or (mass < threshold * total and scores[qb, j] > 0):
-                        selected[b, h, qb, j] = True
-                    mass += float(scores[qb, j])
-                selected[b, h, qb, 0] = True  # always kept, outside the count
-                if causal:  # tiles holding no causally visible pair are not listed
-                    selected[b, h, qb, max(last, -1) // block + 1:] = False
-    return selected, scores
+            selected[b, h] = naive_keep(scores, threshold=threshold, block=block, q_len=q_len, k_len=k_len,
+                                        causal=causal)
+    return selected, all_scores
+
+
+def naive_keep(scores, *, threshold, block, q_len, k_len, causal):
+    """The keep rule on one head's block scores [nQ, nK]: diagonal block first, the fewest blocks
+    reaching the threshold, the first block outside the count."""
+    n_q, n_k = scores.shape
+    offset = k_len - q_len
+    selected = torch.zeros(n_q, n_k, dtype=torch.bool)
+    for qb in range(n_q):
+        last = min((qb + 1) * block, q_len) - 1 + offset
+        forced = {min(max(last, 0) // block, n_k - 1)} if causal else set()  # counted first
+        order = sorted(range(n_k), key=lambda j: (j not in forced, -float(scores[qb, j]), j))
+        total, mass = float(scores[qb].sum()), 0.0
+        for j in order:
+            if j in forced or (mass < threshold * total and scores[qb, j] > 0):
+                selected[qb, j] = True
+            mass += float(scores[qb, j])
+        selected[qb, 0] = True  # always kept, outside the count
+        if causal:  # tiles holding no causally visible pair are not listed
+            selected[qb, max(last, -1) // block + 1:] = False
+    return selected
 
 
 @pytest.mark.parametrize("q_len,k_len,heads_kv,threshold,causal", [
     (96, 96, 2, 0.9, True), (88, 88, 1, 0.6, True), (40, 100, 2, 0.8, True), (96, 96, 2, 0.7, False),
     (100, 60, 2, 0.9, True), (200, 230, 3, 0.8, True), (200, 200, 1, 0.95, False)])
 @pytest.mark.parametrize("band_rows", [1 << 20, 8, 1])  # one band, two block rows of cells, one block row
-def test_selection_equals_naive_rule(q_len, k_len, heads_kv, threshold, causal, band_rows, monkeypatch):
+@pytest.mark.parametrize("low_precision", [False, True])
+def test_selection_equals_naive_rule(q_len, k_len, heads_kv, threshold, causal, band_rows, low_precision,
+                                     monkeypatch):
     monkeypatch.setattr(xattention_module, "_BAND_ROWS", band_rows)
     g = torch.Generator().manual_seed(q_len + k_len)
     # structured inputs so that scores are far from uniform and the threshold matters
     q = torch.randn(1, 2 * heads_kv, q_len, 8, generator=g) * 2
     k = torch.randn(1, heads_kv, k_len, 8, generator=g) * 2
-    method = XAttention(threshold=threshold, stride=4, block_size=16, causal=causal)
+    method = XAttention(threshold=threshold, stride=4, block_size=16, causal=causal, onednn_scoring=low_precision)
     layout = method.select(q, k)
-    expected, _ = naive_xattention(q, k, threshold=threshold, stride=4, block=16, causal=causal)
-    assert torch.equal(layout.to_dense(), expected)
+    expected, naive_scores = naive_xattention(q, k, threshold=threshold, stride=4, block=16, causal=causal)
+    if not low_precision:  # fp32 scoring: the naive rule's selection exactly
+        assert torch.equal(layout.to_dense(), expected)
+        return
+    # bf16 scoring (on CPUs with bf16 units): scores within bf16 rounding of the float64 ones (each causal
+    # row sums to block / stride = 4), and the keep rule applied exactly to the scores it computed
+    scores = method.block_scores(q, k).double()
+    assert torch.allclose(scores, naive_scores, atol=0.05, rtol=0.02)
+    kept = torch.stack([naive_keep(scores[0, h], threshold=threshold, block=16, q_len=q_len, k_len=k_len,
+                                   causal=causal) for h in range(scores.shape[1])])
+    assert torch.equal(layout.to_dense()[0], kept)
 
 
 def test_strided_inputs_select_like_contiguous_ones():

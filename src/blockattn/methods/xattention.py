@@ -25,9 +25,7 @@ prefill the later tokens of a query block can change the key blocks its earlier 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import threading
 
 import torch
 from torch import Tensor
@@ -35,6 +33,7 @@ from torch import Tensor
 from blockattn.methods import register
 from blockattn import _checks
 from blockattn._checks import check_qk
+from blockattn.methods._select import cpu_has_bf16_units
 from blockattn.methods.base import BlockScorer, BlockScores
 
 # Strided query rows scored at once: bands bound memory (at most _BAND_ELEMENTS scores, 16 MiB) and let
@@ -44,31 +43,14 @@ _BAND_ELEMENTS = 1 << 22
 _BAND_ROWS = 128
 
 
-_PRECISION_LOCK = threading.Lock()  # one scoring call at a time holds torch's switch
-
-
-@contextlib.contextmanager
-def _onednn_scoring(enabled: bool, device: torch.device):
-    """Route the scoring's fp32 CPU GEMMs through oneDNN: PyTorch sends them there (instead of MKL)
-    when `torch.backends.mkldnn.matmul.fp32_precision` is "bf16"; on the AVX-512 CPU this project
-    measures on that ran 3.2x faster. On CPUs with bf16 units it really rounds the products to
-    bf16-level precision (scores moved by ~3e-4 on a 0-16 scale, selections unchanged in our
-    tests); the official code scores bf16 q/k on GPUs, so that stays within the method's own
-    precision. torch's switch is process-wide: it is flipped only for the scoring GEMMs, under a
-    lock, and restored on exit; other threads' fp32 GEMMs in that window are affected too, so
-    pass `onednn_scoring=False` to keep torch's settings untouched."""
-    settings = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    if not enabled or device.type != "cpu" or settings is None or not hasattr(settings, "fp32_precision") \
-            or not torch.backends.mkldnn.is_available():
-        yield
-        return
-    with _PRECISION_LOCK:
-        previous = settings.fp32_precision
-        settings.fp32_precision = "bf16"
-        try:
-            yield
-        finally:
-            settings.fp32_precision = previous
+def _scoring_dtype(low_precision: bool, device: torch.device) -> torch.dtype:
+    """bf16 on CPUs with bf16 dot-product units (AVX512-BF16 / AMX) when `low_precision`: torch runs
+    bf16 GEMMs there through oneDNN, about 6x faster than fp32 for these shapes on the AVX-512 CPU this
+    project measures on (fp32 inputs are rounded to bf16 once, the logits come out in bf16 and the
+    softmax runs in fp32: block scores move by ~1e-2 of a block's mass). The official code scores the
+    model's bf16/fp16 q/k on GPUs, so the inputs' rounding is the method's own; the bf16 logits are
+    ours. fp32 everywhere else (GPUs included)."""
+    return torch.bfloat16 if low_precision and device.type == "cpu" and cpu_has_bf16_units() else torch.float32
 
 
 @register("xattention")
@@ -83,9 +65,8 @@ class XAttention(BlockScorer):
         stride: antidiagonal sampling stride S. Paper default 8.
         block_size: block size of the layout (queries and keys). Paper default 128.
         causal: causal attention (LLM prefill).
-        onednn_scoring: on CPU, run the scoring GEMMs through oneDNN at bf16-level precision by
-            switching torch's process-wide fp32 precision for their duration (see `_onednn_scoring`);
-            False scores in plain fp32 and touches no torch setting.
+        onednn_scoring: on CPUs with bf16 units, score with bf16 GEMMs (torch sends them to oneDNN;
+            see `_scoring_dtype`); False scores in fp32. No torch setting is touched either way.
     """
 
     within_block_lookahead = True  # a query block's scores sum over all its queries
@@ -134,8 +115,7 @@ class XAttention(BlockScorer):
     def block_scores(self, q: Tensor, k: Tensor) -> Tensor:
         """Antidiagonal block scores `[B, Hq, nQ, nK]` (each causal row sums to ~block_size/stride)."""
         check_qk(q, k)
-        with _onednn_scoring(self.onednn_scoring, q.device):
-            return self._block_scores(q, k)
+        return self._block_scores(q, k)
 
     def _block_scores(self, q: Tensor, k: Tensor) -> Tensor:
         batch, heads, q_len, dim = q.shape
@@ -146,16 +126,21 @@ class XAttention(BlockScorer):
         n_q, n_k = -(-q_len // block), -(-k_len // block)
         rows, cols = n_q * per_block, n_k * per_block
         real_rows = -(-q_len // S)  # query cells holding at least one real query
+        dtype = _scoring_dtype(self.onednn_scoring, q.device)
         # Query cells in order against key cells reversed within the cell: one dot product of the
         # regrouped rows, sum_i q[r*S + i] . k[c*S + S-1-i], is the sum of an S x S cell's antidiagonal.
-        # Queries stay a view (padded only to whole cells); keys take one copy, scaled by 1/(sqrt(D)*S).
-        q_cells = q.float()
+        # Queries stay a view in the scoring dtype (padded only to whole cells); keys (fewer heads) take
+        # the copy: reversed by index_select (torch's flip is far slower), scaled by 1/(sqrt(D)*S).
+        q_cells = q.to(dtype)
         if real_rows * S != q_len:
             q_cells = torch.nn.functional.pad(q_cells, (0, 0, 0, real_rows * S - q_len))
         q_cells = q_cells.reshape(batch, heads_kv, group, real_rows, S * dim)
-        k_cells = torch.nn.functional.pad(k.float(), (0, 0, 0, n_k * block - k_len))
-        k_cells = k_cells.reshape(batch, heads_kv, cols, S, dim).flip(3).mul_(1.0 / (dim ** 0.5 * S))
-        k_cells = k_cells.reshape(batch, heads_kv, cols, S * dim)  # inputs may be strided (HF's transposes)
+        k_cells = k if n_k * block == k_len else torch.nn.functional.pad(k, (0, 0, 0, n_k * block - k_len))
+        reverse = torch.arange(S - 1, -1, -1, device=q.device)
+        k_cells = k_cells.reshape(batch, heads_kv, cols, S, dim).index_select(3, reverse)
+        k_cells = torch.mul(k_cells, 1.0 / (dim ** 0.5 * S),
+                            out=torch.empty(k_cells.shape, dtype=dtype, device=q.device))
+        k_cells = k_cells.view(batch, heads_kv, cols, S * dim)
         valid_cols = -(-k_len // S)   # key cells holding at least one real key
         offset = k_len - q_len        # bottom-right alignment of queries against keys
         # cell (r, c) is causally visible when its first key is not after the query cell's last query
@@ -171,9 +156,15 @@ class XAttention(BlockScorer):
                 width = min(cols, -(-(stop + reach) // per_block) * per_block)
                 if width <= 0:  # the whole band precedes the first key (q_len > k_len)
                     continue
-            # the group of query heads a key head serves, stacked row-wise: one GEMM per key head
-            logits = (q_cells[:, :, :, start:start + real].reshape(batch, heads_kv, group * real, S * dim)
-                      @ k_cells[:, :, :width].transpose(-1, -2)).view(batch, heads_kv, group, real, width)
+            # the group of query heads a key head serves, stacked row-wise: one GEMM per key head, as
+            # torch.mm on 2-D views (bmm and matmul copy the sliced, transposed keys first, which cost
+            # more than the GEMM in bf16)
+            logits = torch.empty(batch * heads_kv, group * real, width, dtype=dtype, device=q.device)
+            rows_band = q_cells[:, :, :, start:start + real].reshape(batch * heads_kv, group * real, S * dim)
+            keys_band = k_cells[:, :, :width].reshape(batch * heads_kv, width, S * dim)
+            for i in range(batch * heads_kv):
+                torch.mm(rows_band[i], keys_band[i].t(), out=logits[i])
+            logits = logits.view(batch, heads_kv, group, real, width)
             if valid_cols < width:
                 logits[..., valid_cols:] = float("-inf")
             lo = start + reach + 1  # every row of the band sees the columns before this one
@@ -186,7 +177,7 @@ class XAttention(BlockScorer):
                     triangles[real, width - lo] = torch.ones(real, width - lo, dtype=torch.bool,
                                                              device=q.device).triu()
                 logits[..., lo:width].masked_fill_(triangles[real, width - lo], float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
             if self.causal and reach < 0:  # rows before the first key see nothing: 0/0 -> 0
                 probs = probs.nan_to_num_(0.0)
             # key cells first (a contiguous reduction), then the per_block query cells of each block
