@@ -23,6 +23,21 @@ of this rule in tests/methods/test_paro.py, and on a synthetic input local along
 is more block-diagonal than the identity. Not run side by side with the official code
 (thu-nics/PAROAttention), which calibrates offline on CUDA.
 
+Offline plans (the paper's mode): `calibrate({layer: (q, k)}, grid, path=...)` runs once on sample q/k
+of each layer and writes a JSON plan of one axis order and one block mask per (layer, head);
+`methods.get("paro", plan=PATH)` then reuses it in `select(q, k, grid=..., layer=i)` with nothing
+estimated online, as the official pipelines load `permute_plan` / `sparse_plan`. The official
+calibration code (thu-nics/PAROAttention) was not available here (the hardware repository,
+jamescsq47/PAROAtten, only loads finished plans), so the rule follows the paper's description:
+per head, the order kept is the one whose calibration attention is most block-concentrated (the
+share of each permuted query block's exact attention mass inside its best `density` fraction of
+key blocks, averaged over query blocks and samples, as `concentration` does online); the mask keeps
+the key blocks whose mean calibration mass passes a per-layer threshold, set so the layer keeps a
+`density` fraction of its candidate blocks (so heads with concentrated attention keep fewer), plus
+each query block's own block. Deliberate differences from the official plans: one mask for all
+timesteps (they keep 10 timestep groups), no dense text-token segment, no forced last row and
+column of blocks, no INT8/INT4 error term in the order choice.
+
 Causality (`causal=True`): the block mask is block-granular (a query block's mean query scores
 the keys) and the permutation is chosen from sampled blocks of the whole prompt, so in prefill
 later tokens can change earlier tokens' key sets (never letting them see a later key); with a
@@ -31,7 +46,10 @@ later tokens can change earlier tokens' key sets (never letting them see a later
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -75,6 +93,8 @@ class PAROAttention(Method):
         sample_blocks: permuted query blocks whose exact attention scores each permutation.
         quant_bits: None, 8 or 4: estimate block importance with low-bit q and k.
         causal: LLM use (no future keys in the original order).
+        plan: path of a JSON plan written by `calibrate`: per-(layer, head) orders and block masks
+            used as they are (`select(..., layer=i)`), with nothing estimated online.
     """
 
     within_block_lookahead = True  # a query block's mean query picks its key blocks
@@ -83,6 +103,7 @@ class PAROAttention(Method):
     sample_blocks: int = 8
     quant_bits: int | None = None
     causal: bool = False
+    plan: str | None = None
 
     grid_dims = 3
     any_lengths = False
@@ -93,6 +114,11 @@ class PAROAttention(Method):
         if self.quant_bits is not None:
             _checks.choice_arg("quant_bits", _checks.int_arg("quant_bits", self.quant_bits), (None, 8, 4))
         _checks.bool_arg("causal", self.causal)
+        if self.plan is not None:
+            plan = load_plan(self.plan)
+            if plan["block_size"] != self.block_size:
+                raise ValueError(f"plan {self.plan!r} was calibrated with block_size={plan['block_size']}; "
+                                 f"got block_size={self.block_size}")
 
     def _grid(self, q: Tensor, k: Tensor, grid):
         check_qk(q, k)
@@ -141,14 +167,7 @@ class PAROAttention(Method):
         axis-order names `[B][Hq]`). With a one-axis grid every order is the identity."""
         grid = self._grid(q, k, grid)
         batch, heads, length, _ = q.shape
-        candidates = [o for o in ORDERS if o == "thw" or sum(n > 1 for n in grid) > 1]
-        # orders that read the grid identically (axes of size 1) are the same permutation: keep the first
-        unique, seen = [], set()
-        for name in candidates:
-            key = tuple(order_indices(grid, name).tolist())
-            if key not in seen:
-                seen.add(key)
-                unique.append(name)
+        unique = _distinct_orders(grid)
         if len(unique) == 1:
             order = torch.arange(length, device=q.device).expand(batch, heads, length)
             return order, [["thw"] * heads for _ in range(batch)]
@@ -190,23 +209,46 @@ class PAROAttention(Method):
         ranked = torch.arange(n_blocks, device=q.device).expand_as(order) < keep.unsqueeze(-1)
         return torch.zeros_like(allowed).scatter_(-1, order, ranked) & (allowed | diagonal)
 
+    def _orders_and_blocks(self, q: Tensor, k: Tensor, grid, layer) -> tuple[Tensor, Tensor]:
+        """(order `[B, Hq, L]`, block mask `[B, Hq, nQ, nK]` on the permuted tokens): from the plan, or online."""
+        if self.plan is None:
+            order, _ = self.permutation(q, k, grid)
+            return order, self.block_mask(q, k, order)
+        grid = self._grid(q, k, grid)
+        plan = load_plan(self.plan)
+        if tuple(plan["grid"]) != grid:
+            raise ValueError(f"grid {grid} does not match the plan's grid {tuple(plan['grid'])} ({self.plan!r})")
+        if plan["causal"] != self.causal:
+            raise ValueError(f"causal={self.causal} but the plan {self.plan!r} was calibrated with "
+                             f"causal={plan['causal']}")
+        if q.shape[1] != plan["heads"]:
+            raise ValueError(f"q has {q.shape[1]} heads but the plan {self.plan!r} has {plan['heads']} heads per layer")
+        if layer is None:
+            raise ValueError(f"paro with plan={self.plan!r} needs layer= (the plan holds one entry per layer)")
+        if layer not in plan["tensors"]:
+            raise ValueError(f"layer {layer} is not in the plan {self.plan!r}; its layers are "
+                             f"{sorted(plan['tensors'])}")
+        order, blocks = plan["tensors"][layer]
+        batch = q.shape[0]
+        return (order.to(q.device).expand(batch, -1, -1), blocks.to(q.device).expand(batch, -1, -1, -1))
+
     def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer) -> BlockLayout:
         """The selected token mask in the original token order, `[B, Hq]` heads."""
-        order, _ = self.permutation(q, k, grid)
-        blocks = self.block_mask(q, k, order)
+        order, blocks = self._orders_and_blocks(q, k, grid, layer)
         position = torch.empty_like(order).scatter_(2, order, torch.arange(q.shape[2], device=q.device).expand_as(order))
         labels = position // self.block_size
         return label_layout(labels, labels, blocks, block_q=self.block_size, block_k=self.block_size,
                             causal=self.causal)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, grid=None, *, scale: float | None = None,
-               backend: str = "auto") -> Tensor:
+               backend: str = "auto", layer: int | None = None) -> Tensor:
         """Attention over the PARO selection: permute q/k/v per head, attend over the block layout of
-        the permuted tokens, undo the permutation. Returns `[B, Hq, L, D]` in the original order."""
+        the permuted tokens, undo the permutation. Returns `[B, Hq, L, D]` in the original order.
+        `layer` picks the plan's entry when the method has a plan."""
         if self.causal:
-            return blockattn.attention(q, k, v, self.select(q, k, grid=grid), scale=scale, backend=backend)
-        order, _ = self.permutation(q, k, grid)
-        blocks = self.block_mask(q, k, order)
+            return blockattn.attention(q, k, v, self.select(q, k, grid=grid, layer=layer), scale=scale,
+                                       backend=backend)
+        order, blocks = self._orders_and_blocks(q, k, grid, layer)
         heads, length, dim = q.shape[1], q.shape[2], q.shape[3]
         index = order.unsqueeze(-1).expand(-1, -1, -1, dim)
         q_perm = q.gather(2, index)
@@ -216,3 +258,165 @@ class PAROAttention(Method):
                                         block_k=self.block_size)
         out_perm = blockattn.attention(q_perm, k_perm, v_perm, layout, scale=scale, backend=backend)
         return torch.empty_like(out_perm).scatter_(2, index, out_perm)
+
+    # ------------------------------------------------------------------ offline calibration
+    def block_masses(self, q: Tensor, k: Tensor, order: Tensor) -> Tensor:
+        """`[B, Hq, nQ, nK]` float32: exact attention of the tokens read in `order [L]`, as each permuted
+        query block's mean share of its rows' softmax mass in each permuted key block (rows sum to 1).
+        Computed a band of query blocks at a time (O(band x L) memory)."""
+        batch, heads, length, dim = q.shape
+        block = self.block_size
+        n_blocks = -(-length // block)
+        pad = n_blocks * block - length
+        keys = expand_kv_heads(k.float(), heads)[:, :, order]
+        queries = q.float()[:, :, order]
+        masses = torch.zeros(batch, heads, n_blocks, n_blocks, device=q.device)
+        band = max(1, 512 // block)
+        for first in range(0, n_blocks, band):
+            stop = min(n_blocks, first + band)
+            rows = slice(first * block, min(length, stop * block))
+            scores = queries[:, :, rows] @ keys.transpose(-1, -2) * dim ** -0.5
+            if self.causal:  # future in the original order
+                scores = scores.masked_fill(order.view(1, -1) > order[rows].view(-1, 1), float("-inf"))
+            probs = torch.nn.functional.pad(torch.softmax(scores, -1), (0, pad))
+            per_key = probs.view(batch, heads, -1, n_blocks, block).sum(-1)     # [B, H, rows, nK]
+            n_rows = per_key.shape[2]
+            per_key = torch.nn.functional.pad(per_key, (0, 0, 0, (stop - first) * block - n_rows))
+            sizes = (torch.arange(first * block, stop * block, device=q.device) < length).float()
+            sizes = sizes.view(stop - first, block).sum(-1).view(1, 1, -1, 1)
+            masses[:, :, first:stop] = per_key.view(batch, heads, stop - first, block, n_blocks).sum(3) / sizes
+        return masses
+
+    def candidate_blocks(self, order: Tensor) -> Tensor:
+        """bool `[nQ, nK]`: the permuted blocks holding at least one allowed (query, key) pair."""
+        length = order.shape[0]
+        n_blocks = -(-length // self.block_size)
+        if not self.causal:
+            return torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=order.device)
+        pad = n_blocks * self.block_size - length
+        padded = torch.nn.functional.pad(order, (0, pad), value=-1).view(n_blocks, self.block_size)
+        last_query = padded.amax(-1)
+        first_key = padded.masked_fill(padded < 0, length).amin(-1)
+        return first_key.view(1, -1) <= last_query.view(-1, 1)
+
+    def calibrate(self, samples: dict, grid=None, *, path: str | None = None) -> dict:
+        """The offline plan from sample q/k per layer: `samples = {layer: (q, k)}` or `{layer: [(q, k),
+        ...]}` with q `[B, Hq, L, D]`, k `[B, Hkv, L, D]` (every batch entry is one sample; all layers the
+        same heads and grid). Per head: the most block-concentrated axis order and the block mask on
+        its permuted tokens (see the module docstring). Writes the plan as JSON to `path` when given
+        and returns it: `{"method", "version", "grid", "block_size", "density", "causal", "heads",
+        "layers": {layer: {"orders": [Hq names], "masks": [Hq x nQ strings of 0/1 over nK],
+        "concentration": [Hq x {order: score}]}}}`."""
+        if not isinstance(samples, dict) or not samples:
+            raise TypeError("samples must be a non-empty dict {layer: (q, k) or [(q, k), ...]}")
+        plan_layers, heads, length, dims = {}, None, None, None
+        for layer, pairs in samples.items():
+            _checks.int_arg("samples layer", layer, minimum=0)
+            pairs = [pairs] if isinstance(pairs, tuple) else list(pairs)
+            if not pairs:
+                raise ValueError(f"samples[{layer}] holds no (q, k) pair")
+            for q, k in pairs:
+                dims = self._grid(q, k, grid)
+                if heads is not None and (q.shape[1], q.shape[2]) != (heads, length):
+                    raise ValueError(f"samples[{layer}] has {q.shape[1]} heads and {q.shape[2]} tokens; the other "
+                                     f"samples have {heads} heads and {length} tokens")
+                heads, length = q.shape[1], q.shape[2]
+            names = _distinct_orders(dims)
+            scores = torch.zeros(heads, len(names), dtype=torch.float64)
+            masses = []
+            with torch.no_grad():
+                for index, name in enumerate(names):
+                    order = order_indices(dims, name, pairs[0][0].device)
+                    mass = sum(self.block_masses(q, k, order.to(q.device)).sum(0).double().cpu() for q, k in pairs)
+                    mass = mass / sum(q.shape[0] for q, _ in pairs)                      # [Hq, nQ, nK]
+                    candidates = self.candidate_blocks(order).cpu()
+                    keep = self._keep(candidates.sum(-1))                                # [nQ]
+                    ranked = mass.masked_fill(~candidates, -1.0).sort(-1, descending=True).values
+                    within = torch.arange(ranked.shape[-1]).view(1, -1) < keep.view(-1, 1)
+                    scores[:, index] = (ranked.clamp(min=0) * within).sum(-1).mean(-1)
+                    masses.append(mass)
+            best = scores.argmax(-1)  # the first (identity) order wins ties
+            chosen = torch.stack([masses[int(b)][h] for h, b in enumerate(best)])      # [Hq, nQ, nK]
+            candidates = torch.stack([self.candidate_blocks(order_indices(dims, names[int(b)])) for b in best])
+            masks = self._plan_mask(chosen, candidates)
+            plan_layers[str(layer)] = {
+                "orders": [names[int(b)] for b in best],
+                "masks": [["".join("1" if x else "0" for x in row) for row in head.tolist()] for head in masks],
+                "concentration": [{n: float(scores[h, i]) for i, n in enumerate(names)} for h in range(heads)]}
+        plan = {"method": "paro", "version": PLAN_VERSION, "grid": list(dims), "block_size": self.block_size,
+                "density": self.density, "causal": self.causal, "heads": heads, "layers": plan_layers}
+        if path is not None:
+            with open(path, "w") as f:
+                json.dump(plan, f)
+        return plan
+
+    def _plan_mask(self, mass: Tensor, candidates: Tensor) -> Tensor:
+        """bool `[Hq, nQ, nK]`: candidate blocks whose calibration mass reaches the layer's threshold (the
+        value that keeps a `density` fraction of the layer's candidate blocks), plus the diagonal."""
+        values = mass[candidates]
+        count = max(1, math.ceil(self.density * values.numel()))
+        threshold = values.topk(min(count, values.numel())).values[-1]
+        diagonal = torch.eye(mass.shape[-1], dtype=torch.bool).expand_as(candidates)
+        return (candidates & (mass >= threshold)) | diagonal
+
+
+PLAN_VERSION = 1
+
+
+def _distinct_orders(grid) -> list[str]:
+    """The axis orders that read `grid` differently (axes of size 1 make some coincide), identity first."""
+    unique, seen = [], set()
+    for name in ORDERS:
+        key = tuple(order_indices(grid, name).tolist())
+        if key not in seen:
+            seen.add(key)
+            unique.append(name)
+    return unique
+
+
+def load_plan(path: str) -> dict:
+    """The plan written by `PAROAttention.calibrate`, checked, with per-layer tensors `plan["tensors"][layer]
+    = (order [Hq, L], block mask [Hq, nQ, nK])`. `ValueError` names what is wrong."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"plan must be a path (str), got {type(path).__name__}")
+    path = os.fspath(path)
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError as error:
+        raise ValueError(f"plan {path!r} cannot be read: {error}") from error
+    return _load_plan(path, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_plan(path: str, stamp: int) -> dict:
+    try:
+        with open(path) as f:
+            plan = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"plan {path!r} is not a readable JSON plan: {error}") from error
+    need = ("method", "version", "grid", "block_size", "density", "causal", "heads", "layers")
+    if not isinstance(plan, dict) or any(key not in plan for key in need) or plan["method"] != "paro":
+        raise ValueError(f"plan {path!r} is not a paro plan (needs keys {list(need)}, method 'paro')")
+    if plan["version"] != PLAN_VERSION:
+        raise ValueError(f"plan {path!r} has version {plan['version']}; this code reads version {PLAN_VERSION}")
+    grid = tuple(plan["grid"])
+    if len(grid) != 3 or not all(isinstance(n, int) and n > 0 for n in grid):
+        raise ValueError(f"plan {path!r}: grid must be 3 positive ints, got {plan['grid']!r}")
+    length, block, heads = math.prod(grid), plan["block_size"], plan["heads"]
+    n_blocks = -(-length // block)
+    allowed = set(_distinct_orders(grid))
+    tensors = {}
+    for key, entry in plan["layers"].items():
+        orders, masks = entry.get("orders"), entry.get("masks")
+        if not isinstance(orders, list) or len(orders) != heads or not set(orders) <= allowed:
+            raise ValueError(f"plan {path!r} layer {key}: orders must be {heads} heads' names from "
+                             f"{sorted(allowed)}, got {orders!r}")
+        if not isinstance(masks, list) or len(masks) != heads or any(
+                len(rows) != n_blocks or any(len(r) != n_blocks or set(r) - {"0", "1"} for r in rows)
+                for rows in masks):
+            raise ValueError(f"plan {path!r} layer {key}: masks must be {heads} heads x {n_blocks} rows of "
+                             f"{n_blocks} '0'/'1' characters (heads x query blocks x key blocks)")
+        order = torch.stack([order_indices(grid, name) for name in orders])
+        blocks = torch.tensor([[[c == "1" for c in row] for row in rows] for rows in masks], dtype=torch.bool)
+        tensors[int(key)] = (order, blocks)
+    return {**plan, "grid": grid, "tensors": tensors}
