@@ -28,15 +28,20 @@ of each layer and writes a JSON plan of one axis order and one block mask per (l
 `methods.get("paro", plan=PATH)` then reuses it in `select(q, k, grid=..., layer=i)` with nothing
 estimated online, as the official pipelines load `permute_plan` / `sparse_plan`. The official
 calibration code (thu-nics/PAROAttention) was not available here (the hardware repository,
-jamescsq47/PAROAtten, only loads finished plans), so the rule follows the paper's description:
-per head, the order kept is the one whose calibration attention is most block-concentrated (the
+jamescsq47/PAROAtten, only loads finished plans, and the paper's method section could not be read
+either), so the rule follows what the paper's abstract and its authors' summary state (the order is
+chosen per head offline by a block-sparsity metric, and the mask from offline per-block attention
+sums against a threshold that sets the density), filled in as follows: per head, the order kept is the one whose calibration attention is most block-concentrated (the
 share of each permuted query block's exact attention mass inside its best `density` fraction of
 key blocks, averaged over query blocks and samples, as `concentration` does online); the mask keeps
 the key blocks whose mean calibration mass passes a per-layer threshold, set so the layer keeps a
 `density` fraction of its candidate blocks (so heads with concentrated attention keep fewer), plus
 each query block's own block. Deliberate differences from the official plans: one mask for all
 timesteps (they keep 10 timestep groups), no dense text-token segment, no forced last row and
-column of blocks, no INT8/INT4 error term in the order choice.
+column of blocks, no quantization-error metric in the order choice (the paper has one for its
+INT8/INT4 groups). Checked in tests/methods/test_paro_calibration.py: the per-order scores and the
+masks equal a float64 re-creation of this rule, and synthetic heads built block-diagonal under each
+of the 6 orders get that order. With a plan the layout does not depend on the input at all.
 
 Causality (`causal=True`): the block mask is block-granular (a query block's mean query scores
 the keys) and the permutation is chosen from sampled blocks of the whole prompt, so in prefill
