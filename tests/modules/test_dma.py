@@ -114,7 +114,19 @@ def test_training_is_seeded_and_cli_writes_table_and_png(tmp_path):
     tiny = dict(steps=3, batch=4, train_examples=40, test_examples=20, seq_len=32, vocab=64, num_kv_pairs=2, window=4)
     first, second = (train("dma", **tiny) for _ in range(2))
     assert first["losses"] == second["losses"] and set(first["mask_recall"]) == {"dma", "random", "window"}
-    assert main(["train", "dma", "--tiny", "--out", str(tmp_path)]) == 0
+    assert main(["train", "dma", "--tiny", "--window", "4", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "dma.json").exists() and (tmp_path / "dma.png").exists()
     with pytest.raises(ValueError, match="model kind"):
         train("sparse", **tiny)
+
+
+def test_answer_recall_keeps_every_value_position_when_the_window_covers_the_sequence():
+    from blockattn.bench.mqar import multiquery_ar
+    from blockattn.modules.dma_train import answer_recall, build_model
+    inputs, labels = (torch.as_tensor(t) for t in multiquery_ar(8, vocab_size=64, input_seq_len=32, num_kv_pairs=2))
+    torch.manual_seed(0)
+    full = answer_recall(build_model("dma", vocab=64, window=32), inputs, labels, 2)
+    assert full["kept"] == 1.0 and full["lookalikes"] > 0
+    torch.manual_seed(0)
+    tight = answer_recall(build_model("dma", vocab=64, window=2), inputs, labels, 2)
+    assert 0.0 <= tight["kept"] < 1.0

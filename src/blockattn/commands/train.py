@@ -3,7 +3,8 @@ import os
 
 HELP = "train a trainable selector's experiment here (landmark, dma, seer, sparsifiner); table, JSON and a PNG"
 
-NAMES = ("landmark", "dma", "seer", "sparsifiner")
+ANALYSES = ("icl_regression", "softpag")  # blockattn.analysis experiments: each module's experiment() and table()
+NAMES = ("landmark", "dma", "seer", "sparsifiner") + ANALYSES
 TINY = {"landmark": dict(steps=3, batch=4, eval_sequences=20),
         "dma": dict(steps=3, batch=8, train_examples=100, test_examples=50, seq_len=32, vocab=64, num_kv_pairs=2),
         "seer": dict(steps=3, length=256, train_windows=1, eval_windows=1),
@@ -14,7 +15,9 @@ TINY = {"landmark": dict(steps=3, batch=4, eval_sequences=20),
 def add_arguments(parser):
     parser.add_argument("name", choices=NAMES, help="landmark: block retrieval task; dma: MQAR vs dense and window; "
                                                     "seer: gates distilled on a real model's attention; "
-                                                    "sparsifiner: a tiny ViT vs its dense twin")
+                                                    "sparsifiner: a tiny ViT vs its dense twin; "
+                                                    "icl_regression: multi-head softmax attention on in-context "
+                                                    "linear regression; softpag: SoftPAG + HeadHunter on a tiny DiT")
     parser.add_argument("--model", default="smollm2-135m", help="seer: the model whose attention the gates learn")
     parser.add_argument("--layer", type=int, default=15, help="seer: the layer captured")
     parser.add_argument("--layers", default=None,
@@ -175,6 +178,32 @@ def _plot_sparsifiner(result, path):
     return save(fig, path)
 
 
+def _run_analysis(args):
+    import importlib
+
+    from tqdm import tqdm
+
+    module = importlib.import_module(f"blockattn.analysis.{args.name}")
+    bars = []
+
+    def progress_factory(name):
+        bars.append(tqdm(desc=f"{args.name}: {name}", unit="step"))
+
+        def progress(step, total, loss):
+            bars[-1].total = total
+            bars[-1].set_postfix(loss=f"{loss:.3f}")
+            bars[-1].update(1)
+            if step == total:
+                bars[-1].close()
+        return progress
+    result = module.experiment(steps=args.steps, batch=args.batch, seed=args.seed, tiny=args.tiny, out=args.out,
+                               progress_factory=progress_factory)
+    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
+        json.dump({k: v for k, v in result.items() if k != "losses"}, f, indent=1)
+    print(module.table(result))
+    print("plots: " + ", ".join(result["plots"]))
+
+
 def run(args):
     import torch
     from tqdm import tqdm
@@ -188,6 +217,8 @@ def run(args):
     if args.name == "seer" and args.batch is not None:
         raise ValueError("--batch does not apply to seer (one captured window per step)")
     torch.set_num_threads(args.threads)
+    if args.name in ANALYSES:
+        return _run_analysis(args)
     options = dict(TINY[args.name]) if args.tiny else {}
     options.update({k: v for k, v in (("steps", args.steps), ("batch", args.batch), ("window", args.window))
                     if v is not None})

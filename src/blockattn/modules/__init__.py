@@ -13,6 +13,7 @@ from blockattn.modules.patnet import PATBlock, PATChannel, PATSelf, PATSpatial
 from blockattn.modules.pointer import PointerAttention, PointerNetwork
 from blockattn.modules.psa import PolarizedSelfAttention
 from blockattn.modules.sentence_attention import EmbeddingAttention, SentenceAttentionBlock
+from blockattn.modules.sparsifiner import SparsifinerAttention, SparsifinerPredictor
 from blockattn.modules.ssl_uvos import SpatioTemporalBlock, hierarchical_cluster, symmetric_kl
 from blockattn.modules.styleswin import StyleSwinDoubleAttention
 
@@ -25,4 +26,4 @@ __all__ = ["CombinerAttention", "HaloAttention", "NeighborhoodAttention1d", "Nei
            "ObjectAttentionTransformer", "ObjectCrossAttention", "ObjectPositionalEncoding", "fit_positional_table",
            "positional_table_error", "DDRB", "DPENet", "ERPAB",
            "LaMambaBlock", "SS2D", "WindowAttention", "selective_scan",
-           "SpatioTemporalBlock", "hierarchical_cluster", "symmetric_kl"]
+           "SpatioTemporalBlock", "hierarchical_cluster", "symmetric_kl", "SparsifinerAttention", "SparsifinerPredictor"]

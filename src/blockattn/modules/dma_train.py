@@ -98,12 +98,50 @@ def mask_recall(model, inputs, window: int, seed: int = 0) -> dict:
     return {name: value / count for name, value in sums.items()}
 
 
+@torch.no_grad()
+def answer_recall(model, inputs, labels, num_kv_pairs: int) -> dict:
+    """Why a DMA model misses a query: the answer sits at the value position of its pair (the only
+    position whose causal conv saw the key next to the value), so the last layer must keep that key.
+    Returns the share of scored queries whose value position the last layer keeps (in some head), the
+    accuracy on those and on the rest, and the mean number of earlier "look-alike" positions: a
+    value-range token right after a key-range token, which is what a query-independent bias computed
+    from the value vectors alone can see (the filler draws such pairs at random)."""
+    mixer = model.blocks[-1].mixer
+    captured = []
+    handle = mixer.register_forward_pre_hook(lambda m, args: captured.append(args[2]))
+    logits = model(inputs)
+    handle.remove()
+    layout, _ = mixer.select(captured[0], model.blocks[-1].heads)
+    kept = layout.to_token_mask().any(1).expand(len(inputs), -1, -1)  # [B, L, L]: kept by some head
+    correct = logits.argmax(-1) == labels
+    half = model.head.out_features // 2
+    is_value, is_key = inputs >= half, (inputs > 0) & (inputs < half)
+    lookalike = torch.zeros_like(is_value)
+    lookalike[:, 1:] = is_value[:, 1:] & is_key[:, :-1]
+    hit, miss, total, kept_queries, lookalikes = 0, 0, 0, 0, 0.0
+    for b, i in (labels != -100).nonzero().tolist():
+        where = (inputs[b, :2 * num_kv_pairs] == labels[b, i]).nonzero()
+        if not len(where):
+            continue
+        j = int(where[0])
+        total += 1
+        lookalikes += float(lookalike[b, :i + 1].sum())
+        if bool(kept[b, i, j]):
+            kept_queries += 1
+            hit += int(correct[b, i])
+        else:
+            miss += int(correct[b, i])
+    return dict(kept=kept_queries / max(total, 1), accuracy_kept=hit / max(kept_queries, 1),
+                accuracy_dropped=miss / max(total - kept_queries, 1), lookalikes=lookalikes / max(total, 1))
+
+
 def train(kind: str, *, steps: int = 600, batch: int = 64, lr: float = 3e-3, seq_len: int = 64,
           num_kv_pairs: int = 4, vocab: int = 128, window: int = 8, seed: int = 0, train_examples: int = 20000,
-          test_examples: int = 1000, progress=None) -> dict:
-    """Train one model on MQAR (AdamW, warm-up then cosine) and return its test accuracy and loss curve."""
+          test_examples: int = 1000, random_non_queries: bool = True, progress=None) -> dict:
+    """Train one model on MQAR (AdamW, warm-up then cosine) and return its test accuracy and loss curve.
+    `random_non_queries=False` leaves the filler positions at token 0 (Zoology's switch)."""
     inputs, labels = multiquery_ar(train_examples + test_examples, vocab_size=vocab, input_seq_len=seq_len,
-                                   num_kv_pairs=num_kv_pairs, seed=seed)
+                                   num_kv_pairs=num_kv_pairs, random_non_queries=random_non_queries, seed=seed)
     inputs, labels = torch.as_tensor(inputs), torch.as_tensor(labels)
     torch.manual_seed(seed)
     model = build_model(kind, vocab=vocab, window=window)
@@ -119,7 +157,8 @@ def train(kind: str, *, steps: int = 600, batch: int = 64, lr: float = 3e-3, seq
     test_in, test_lab = inputs[train_examples:], labels[train_examples:]
     result = dict(model=kind, accuracy=accuracy(model, test_in, test_lab), losses=losses, train_seconds=seconds,
                   steps=steps, batch=batch, lr=lr, seq_len=seq_len, window=window, num_kv_pairs=num_kv_pairs,
-                  vocab=vocab, seed=seed)
+                  vocab=vocab, seed=seed, random_non_queries=random_non_queries)
     if kind == "dma":
         result["mask_recall"] = mask_recall(model, test_in[:64], window, seed)
+        result["answer_recall"] = answer_recall(model, test_in, test_lab, num_kv_pairs)
     return result
