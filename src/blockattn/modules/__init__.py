@@ -26,4 +26,5 @@ __all__ = ["CombinerAttention", "HaloAttention", "NeighborhoodAttention1d", "Nei
            "ObjectAttentionTransformer", "ObjectCrossAttention", "ObjectPositionalEncoding", "fit_positional_table",
            "positional_table_error", "DDRB", "DPENet", "ERPAB",
            "LaMambaBlock", "SS2D", "WindowAttention", "selective_scan",
-           "SpatioTemporalBlock", "hierarchical_cluster", "symmetric_kl", "SparsifinerAttention", "SparsifinerPredictor"]
+           "SpatioTemporalBlock", "hierarchical_cluster", "symmetric_kl",
+           "SparsifinerAttention", "SparsifinerPredictor"]
