@@ -7,15 +7,13 @@ recurrences are linear, so they unroll into lower-triangular decay matrices, E[t
 Π_{s<j≤t} η_j, and every token's accumulator is A_t = (chunk-start terms) + Σ_{r≤t} F[t, r] a_r ⊗ b_r.
 The read-out y_t = M_{φ(A_t)}(q_t) never forms A_t where φ is linear (W_t h = A_t h is a C × C
 "attention" over the factors, as in the Titans paper's parallel form); Moneta's ℓ_q map needs
-only every A_t's norm, Memora's softmax every A_t itself (both formed inside a checkpoint, so the
-backward recomputes them instead of keeping `[C, P]` per chunk). Only the chunk boundary is
-sequential: O(L/C) steps.
+only every A_t's norm, Memora's softmax every A_t itself (one `[C, C] @ [C, P]` product per chunk).
+Only the chunk boundary is sequential: O(L/C) steps.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from blockattn.linear.miras.common import MemoryState, MirasParts, check_inputs
 from blockattn.linear.miras.common import initial_state as make_state
@@ -36,12 +34,6 @@ def _dense(coefs, bases, mix, a, b):
     return coefs @ bases + mix @ (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)
 
 
-def _maybe_checkpoint(fn, *args):
-    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
-
-
 class ChunkAccumulators:
     """The accumulators of one chunk's C tokens, kept implicit: per memory matrix i,
     A_t = Σ_j coefs[t, j] bases[j] + Σ_{r≤t} mix[t, r] a_r ⊗ b_r with `factors[i] = (a [N, C, r], b [N, C, c])`."""
@@ -59,18 +51,20 @@ class ChunkAccumulators:
             out = out + self.coefs[..., j, None] * (h @ self.bases[i][:, j].transpose(-1, -2))
         return out
 
-    def norms(self, i: int, p: float) -> Tensor:
-        """‖A_t‖_p over each token's whole matrix, `[N, C]`."""
-        return _maybe_checkpoint(lambda *args: torch.linalg.vector_norm(_dense(*args), ord=p, dim=-1),
-                                 self.coefs, self.bases[i].flatten(2), self.mix, *self.factors[i])
+    def dense(self, i: int) -> Tensor:
+        """Every token's A_t, flat `[N, C, r·c]` (for the retention maps that are not linear)."""
+        return _dense(self.coefs, self.bases[i].flatten(2), self.mix, *self.factors[i])
+
+    def power_sums(self, i: int, p: float) -> Tensor:
+        """Σ |A_t|^p over each token's whole matrix, `[N, C]`."""
+        dense = self.dense(i)
+        if p == 4:  # Moneta's default: two squarings are several times faster than a float power
+            return dense.square().square().sum(-1)
+        return (dense.abs() ** p).sum(-1)
 
     def map_matvec(self, i: int, h: Tensor, fn) -> Tensor:
-        """fn(A_t) h_t with `fn` acting on `[N, C, r, c]` (every A_t formed, inside a checkpoint)."""
-        shape = self.shapes[i]
-
-        def run(coefs, bases, mix, a, b, h):
-            return (fn(_dense(coefs, bases, mix, a, b).unflatten(-1, shape)) @ h.unsqueeze(-1)).squeeze(-1)
-        return _maybe_checkpoint(run, self.coefs, self.bases[i].flatten(2), self.mix, *self.factors[i], h)
+        """fn(A_t) h_t with `fn` acting on every token's matrix `[N, C, r, c]`."""
+        return (fn(self.dense(i).unflatten(-1, self.shapes[i])) * h.unsqueeze(-2)).sum(-1)
 
     def combine(self, coefs: Tensor, mix: Tensor) -> Tensor:
         """Σ_j coefs[j] bases[j] + Σ_r mix[r] a_r ⊗ b_r for coefs `[N, nb]`, mix `[N, C]`: flat `[N, P]`."""

@@ -186,8 +186,8 @@ class LqRetention:
         return flatten(out)
 
     def chunk_matvec(self, chunk, i: int, h: Tensor) -> Tensor:
-        # W_t = A_t · s_t with a scalar s_t per matrix: only the norms need every token's A_t
-        return chunk.matvec(i, h) / chunk.norms(i, self.q).unsqueeze(-1) ** (self.q - 2)
+        # W_t = A_t / ‖A_t‖_q^(q−2), a scalar per matrix: only the norms need every token's A_t
+        return chunk.matvec(i, h) / chunk.power_sums(i, self.q).unsqueeze(-1) ** ((self.q - 2) / self.q)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +200,7 @@ class KLRetention:
         return flatten([torch.softmax(m, dim=-1) for m in unflatten(accum, shapes)])
 
     def chunk_matvec(self, chunk, i: int, h: Tensor) -> Tensor:
-        # the row softmax is not linear in A_t: every token's matrix is formed (inside a checkpoint)
+        # the row softmax is not linear in A_t: every token's matrix is formed
         return chunk.map_matvec(i, h, lambda a: torch.softmax(a, dim=-1))
 
 
