@@ -1,198 +1,159 @@
-"""KV policies on SmolLM2-135M: passkey accuracy vs compression ratio, KV bytes held, decode tokens/s.
+"""KV policies on SmolLM2-135M: merge `blockattn eval --kv` runs, the memory bound, ACT's calibration effect.
 
-    nice .venv/bin/python benchmarks/kv.py --length 4096 --depths 0.1 0.5 0.9 --ratios 0.5 0.7 0.9
+The accuracy-vs-compression runs themselves are `blockattn eval --kv ...` (`blockattn.bench.kv_eval`; its
+docstring states the protocol). This script adds what a table of one run does not show:
 
-Protocol (kvpress's query-agnostic one): the context (the passkey prompt minus its question) is prefilled
-densely; the policy compresses that prefill's K/V; the question is then fed as one chunk and the answer
-scored token by token (teacher forcing) from the compressed cache, so every answer token is predicted
-by attention over the kept tokens only. To spare the shared CPU, the context is prefilled once per sample
-and its per-layer K/V (and last 64 queries) are handed to every policy's `select`, exactly as
-`hf.patch(kv=...)` does after its own prefill; one policy is also run end to end through
-`model(context, use_cache=True)` on the first sample and must give the same cache. ACT changes the
-prefill itself, so it runs end to end. Decode tokens/s: greedy steps after the answer, against the
-unpatched model (SDPA, DynamicCache) on the same context in the same run.
+    # several short runs (one per depth) as one table + plot
+    python benchmarks/kv.py merge OUT run_a/kv_results.json run_b/kv_results.json ...
+    # memory is real: cache_bytes against (1 − r) × dense bytes and the resident memory each cache adds
+    python benchmarks/kv.py memory run/kv_results.json
+    # ACT: sinks per layer, perplexity and passkey with and without the calibration
+    MALLOC_MMAP_THRESHOLD_=65536 nice python benchmarks/kv.py act --length 2048
+
+Memory. `cache_bytes` counts every tensor the cache holds (per-head K/V, the int32 position of each kept
+token, RazorAttention's compensation slots). The bound checked is cache_bytes ≤ (1 − r) × dense × 1.05 +
+fixed, fixed = one compensation slot per compressed KV head (k̂, v̂, N_d: 2·D·4 + 4 bytes in fp32); the
+per-token position (4 bytes over 2·D·4, 0.8% in fp32) sits inside the 5%. RSS added is the process's
+resident memory (/proc/self/statm, after gc) with the cache held minus before it was built; run with
+`MALLOC_MMAP_THRESHOLD_=65536` so glibc maps every buffer ≥ 64 KiB on its own and returns it when freed
+(otherwise freed prefill buffers are reused silently and RSS shows nothing).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import time
-
-import torch
-
-import blockattn
-from blockattn import hf, kv
-from blockattn.bench import tasks
-from blockattn.kv._hf import _store
-from blockattn.kv.base import Policy, Selection
-from blockattn.kv.cache import KVCache, KVLayer
+import os
+import sys
 
 
-@dataclasses.dataclass
-class Capture(Policy):
-    """Keeps everything and records each layer's prefill (last 64 queries, keys, values, scale)."""
-    compresses = False
-
-    def __post_init__(self):
-        self.layers = {}
-
-    def select(self, layer, query, key, value, scale):
-        self.layers[layer] = (query[:, :, -64:].clone(), key, value, scale)
-        batch, heads, n, _ = key.shape
-        return Selection([torch.arange(n).expand(batch, n)] * heads)
-
-
-def build_cache(policy, captured, n) -> KVCache:
-    cache = KVCache(policy)
-    for layer in sorted(captured):
-        q, k, v, scale = captured[layer]
-        state = KVLayer()
-        state.lazy_initialization(k, v)
-        state.seen = n
-        _store(state, policy.select(layer, q, k, v, scale), k, v)
-        cache.layers.append(state)
-    return cache
+def merge(out: str, paths: list[str]) -> dict:
+    from blockattn.bench import kv_eval
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    results = kv_eval.merge(parts)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "kv_results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    table = kv_eval.format_table(results)
+    with open(os.path.join(out, "kv_table.md"), "w") as f:
+        f.write(table + "\n")
+    kv_eval.plot(results, os.path.join(out, "kv_accuracy.png"))
+    print(table)
+    return results
 
 
-@torch.no_grad()
-def score(model, cache, question, answer, steps):
-    """(all answer tokens greedy-correct, decode tokens/s over `steps` greedy steps after the answer)."""
-    out = model(question, past_key_values=cache, use_cache=True)
-    ok = int(out.logits[0, -1].argmax()) == int(answer[0, 0])
-    for t in range(answer.shape[1]):
-        out = model(answer[:, t:t + 1], past_key_values=cache, use_cache=True)
-        if t + 1 < answer.shape[1]:
-            ok = ok and int(out.logits[0, -1].argmax()) == int(answer[0, t + 1])
-    token = out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = model(token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-    return ok, steps / (time.perf_counter() - start)
+def memory_table(results: dict, *, head_dim: int = 64, kv_heads: int = 90, dtype_bytes: int = 4) -> str:
+    """Per compressing row and length: bytes held, the bound, RSS added; then the end-to-end rows."""
+    fixed = kv_heads * (2 * head_dim * dtype_bytes + 4)
+    lines = [f"fixed overhead allowed: {fixed} B ({kv_heads} KV heads × one compensation slot)", "",
+             "| policy | L | ratio r | cache_bytes MiB | (1 − r) × dense MiB | held / ((1 − r) × dense) | within bound | "
+             "RSS added MiB |", "|---|---|---|---|---|---|---|---|"]
+    dense = {int(k): v for k, v in results["dense_kv_bytes"].items()}
+    for row in results["rows"]:
+        ratio = row.get("ratio")
+        if ratio is None or row is results["rows"][0]:
+            continue
+        for length in sorted({c["length"] for c in row["cells"]}):
+            cells = [c for c in row["cells"] if c["length"] == length]
+            # the cell closest to its bound (contexts of one length may differ by a few tokens)
+            worst = max(cells, key=lambda c: c["kv_bytes"] / c.get("dense_bytes", dense[length]))
+            held, target = worst["kv_bytes"], (1 - ratio) * worst.get("dense_bytes", dense[length])
+            rss = [c["rss_mib"] for c in cells if c["rss_mib"] == c["rss_mib"]]
+            ok = held <= target * 1.05 + fixed
+            lines.append(f"| {row['policy']} | {length} | {ratio} | {held / 2**20:.2f} | {target / 2**20:.2f} | "
+                         f"{held / target:.3f} | {'yes' if ok else 'NO'} | "
+                         f"{(sum(rss) / len(rss)) if rss else float('nan'):.1f} |")
+    lines += ["", "End to end (`model(context, use_cache=True)`, RSS with the returned cache held minus before):", "",
+              "| run | L | cache_bytes MiB | RSS added MiB |", "|---|---|---|---|"]
+    for length, runs in results.get("end_to_end", {}).items():
+        for name, entry in runs.items():
+            lines.append(f"| {name} | {length} | {entry['kv_bytes'] / 2**20:.2f} | {entry['rss_mib']:.1f} |")
+    return "\n".join(lines)
 
 
-def question_length(tokenizer, ids) -> int:
-    """Tokens of the trailing "\nQuestion: ..." of a multi-needle prompt."""
-    for back in range(1, min(64, len(ids))):
-        if tokenizer.decode(ids[-back:]).lstrip(" ").startswith("\nQuestion"):
-            return back
-    raise ValueError("no trailing question found in the prompt")
+def act(length: int, depths: list[float]) -> None:
+    """ACT on SmolLM2: sinks per layer on real text, perplexity of that text and passkey, with vs without."""
+    import time
 
+    import torch
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.9])
-    parser.add_argument("--policies", nargs="+", default=["streaming", "snapkv", "tova", "knorm", "razor"])
-    parser.add_argument("--tidal", type=int, nargs="*", default=[64, 256], help="TidalDecode top_k values")
-    parser.add_argument("--act", action="store_true", help="also run ACT end to end (one more prefill a sample)")
-    parser.add_argument("--probe-period", type=int, default=1000, help="RazorAttention probe R (4R+1 tokens)")
-    parser.add_argument("--steps", type=int, default=8, help="greedy decode steps timed per run")
-    parser.add_argument("--task", choices=["passkey", "multi_needle"], default="passkey")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="samples per depth (multi_needle: per run)")
-    parser.add_argument("--moa-plan", default=None, help="a MoA plan JSON: adds MoA and the uniform window at the "
-                                                       "same densities (ratios)")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    import blockattn
+    from blockattn import hf, kv
+    from blockattn.bench import kv_eval, tasks
 
     model, tokenizer = blockattn.models.load("smollm2-135m")
-    enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
-    q_len = len(enc(" " + tasks.QUESTION.strip()))
-    configs = [("dense (unpatched SDPA)", None)]
-    configs += [(f"{p}:ratio={r}", kv.get(p, ratio=r, **({"probe_period": args.probe_period} if p == "razor" else {})))
-                for p in args.policies for r in args.ratios]
-    configs += [(f"tidaldecode:top_k={k}", kv.get("tidaldecode", top_k=k)) for k in args.tidal]
-    if args.moa_plan:
-        # max_new=0: both keep their span of the prompt itself, so they hold the same bytes
-        configs += [(f"moa plan:ratio={r}", kv.get("moa", plan=args.moa_plan, ratio=r, max_new=0))
-                    for r in args.ratios]
-        configs += [(f"uniform window (moa, no plan):ratio={r}", kv.get("moa", ratio=r, max_new=0))
-                    for r in args.ratios]
-    if args.act:
-        configs.append(("act (end to end)", "act"))
-    rows = {label: {"ok": 0, "runs": 0, "bytes": [], "tps": [], "error": None} for label, _ in configs}
-    patches = {}
-    for label, policy in configs:   # set up each policy once (RazorAttention's probe runs here)
-        if isinstance(policy, Policy):
-            with hf.patch(model, kv=policy):
-                pass
-            patches[label] = policy
+    ids = tasks.document_ids(tokenizer, length)
+    tail = min(1024, length - 1)
 
-    runs = [(d, s) for d in args.depths for s in args.seeds] if args.task == "passkey" else \
-        [(None, s) for s in args.seeds]
-    for depth, seed in runs:
-        if args.task == "passkey":
-            sample = tasks.passkey(tokenizer, args.length, depth, seed=seed, model=model)
-        else:
-            sample = tasks.multi_needle(tokenizer, args.length, seed=seed, model=model)
-            q_len = question_length(tokenizer, sample.prompt[0])
-        context, question = sample.prompt[:, :-q_len], sample.prompt[:, -q_len:]
-        n = context.shape[1]
-        capture = Capture()
-        start = time.perf_counter()
-        with torch.no_grad(), hf.patch(model, kv=capture):
-            model(context, use_cache=True)
-        seconds = time.perf_counter() - start
-        print(f"depth {depth} seed {seed}: context of {n} tokens prefilled in {seconds:.1f} s", flush=True)
-        dense_bytes = sum(2 * k.numel() * k.element_size() for _, k, _, _ in capture.layers.values())
-        for label, policy in configs:
-            row = rows[label]
-            if row["error"]:
-                continue
-            try:
-                if policy is None:
-                    from transformers import DynamicCache
-                    cache = DynamicCache()
-                    for layer in sorted(capture.layers):
-                        _, k, v, _ = capture.layers[layer]
-                        cache.update(k, v, layer)
-                    held = kv.cache_bytes(cache)
-                    ok, tps = score(model, cache, question, sample.answer, args.steps)
-                elif policy == "act":
-                    with torch.no_grad(), hf.patch(model, kv="act"):
-                        cache = model(context, use_cache=True).past_key_values
-                        held = kv.cache_bytes(cache)
-                        ok, tps = score(model, cache, question, sample.answer, args.steps)
-                else:
-                    with hf.patch(model, kv=policy):
-                        cache = build_cache(policy, capture.layers, n)
-                        held = kv.cache_bytes(cache)
-                        ok, tps = score(model, cache, question, sample.answer, args.steps)
-            except ValueError as error:
-                row["error"] = str(error).split(";")[0][:90]
-                continue
-            row["ok"] += ok
-            row["runs"] += 1
-            row["bytes"].append(held / dense_bytes)
-            row["tps"].append(tps)
-        if (depth, seed) != runs[0]:
-            continue
-        # the shortcut equals the real path: one policy end to end (first sample)
-        check = kv.get("knorm", ratio=0.7)
-        with torch.no_grad(), hf.patch(model, kv=check):
-            real = model(context, use_cache=True).past_key_values
-            shortcut = build_cache(check, capture.layers, n)
-        assert real.lengths() == shortcut.lengths() and all(
-            torch.equal(a, b) for x, y in zip(real.layers, shortcut.layers) for a, b in zip(x.positions, y.positions))
-        del capture
+    def nll(policy):
+        """Per-token NLL of the last `tail` tokens; ACT acts on `use_cache` calls (its prefill calibration)."""
+        with torch.no_grad():
+            if policy is None:
+                logits = model(ids, use_cache=True, logits_to_keep=tail + 1).logits
+            else:
+                with hf.patch(model, kv=policy):
+                    logits = model(ids, use_cache=True, logits_to_keep=tail + 1).logits
+        return torch.nn.functional.cross_entropy(logits[0, :-1].double(), ids[0, -tail:], reduction="none")
 
-    print(f"\nSmolLM2-135M, {args.task} at {args.length} tokens, depths {args.depths}, seeds {args.seeds}, "
-          f"decode steps {args.steps}\n")
-    print("| policy | passkey | KV bytes held / dense | decode tok/s |")
-    print("|---|---|---|---|")
-    for label, _ in configs:
-        row = rows[label]
-        if row["error"] and not row["runs"]:
-            print(f"| {label} | n/a: {row['error']} | | |")
-            continue
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        print(f"| {label} | {row['ok']}/{row['runs']} | {mean(row['bytes']):.3f} | {mean(row['tps']):.1f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    start = time.perf_counter()
+    dense = nll(None)
+    policy = kv.get("act")
+    calibrated = nll(policy)
+    keep_all = nll(kv.get("streaming"))   # the patched path with nothing changed: the engine's own error
+    per_layer = {layer: sum(int(s.numel()) for s in sinks[0]) for layer, sinks in sorted(policy.sinks_found.items())}
+    heads = sum(len(sinks[0]) for sinks in policy.sinks_found.values())
+    found = [s for sinks in policy.sinks_found.values() for s in sinks[0]]
+    print(f"ACT (beta={policy.beta}, tau={policy.tau}), SmolLM2-135M, {length} tokens of real text "
+          f"(tasks.document_ids), perplexity on the last {tail}; {time.perf_counter() - start:.0f} s")
+    print(f"non-initial sinks found per layer (summed over its 9 heads; {heads} calibrated heads, "
+          f"{sum(1 for s in found if s.numel())} with a sink): " +
+          " ".join(f"{layer}:{count}" for layer, count in per_layer.items()))
+    positions = torch.cat([s for s in found if s.numel()]) if any(s.numel() for s in found) else torch.zeros(0)
+    top = torch.bincount(positions.long()).topk(min(8, positions.numel())) if positions.numel() else None
+    if top is not None:
+        print("most frequent sink positions (heads): " + ", ".join(
+            f"{int(p)} {tokenizer.decode(ids[0, int(p)])!r} ({int(c)})" for c, p in zip(top.values, top.indices)))
+    ppl = lambda x: float(torch.exp(x.mean()))  # noqa: E731
+    print(f"perplexity: unpatched {ppl(dense):.4f}; patched, nothing changed {ppl(keep_all):.4f}; "
+          f"ACT {ppl(calibrated):.4f} (mean NLL delta vs unpatched {float((calibrated - dense).mean()):+.4f})")
+    if not depths:
+        return
+    config = kv_eval.KVEvalConfig(lengths=(length,), depths=tuple(depths), ratios=(0.5,), decode_steps=0,
+                                  verify=False)
+    results = kv_eval.run_kv_eval(model, tokenizer, ["act"], config, progress=False)
+    for row in results["rows"]:
+        print(f"passkey at {length}, depths {depths}: {row['policy']}: "
+              f"{sum(c['found'] for c in row['cells'])}/{len(row['cells'])}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("merge", help="several kv_results.json as one table and plot")
+    m.add_argument("out")
+    m.add_argument("results", nargs="+")
+    mem = sub.add_parser("memory", help="cache_bytes vs (1 − r) × dense and RSS added, from kv_results.json")
+    mem.add_argument("results", nargs="+")
+    a = sub.add_parser("act", help="ACT: sinks per layer, perplexity and passkey with vs without")
+    a.add_argument("--length", type=int, default=2048)
+    a.add_argument("--depths", type=float, nargs="*", default=[],
+                   help="also passkey at these depths, ACT vs dense (default none: `blockattn eval --kv act` does it)")
+    args = parser.parse_args(argv)
+    if args.command == "merge":
+        merge(args.out, args.results)
+    elif args.command == "memory":
+        from blockattn.bench import kv_eval
+        parts = []
+        for path in args.results:
+            with open(path) as f:
+                parts.append(json.load(f))
+        print(memory_table(kv_eval.merge(parts) if len(parts) > 1 else parts[0]))
+    else:
+        act(args.length, args.depths)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

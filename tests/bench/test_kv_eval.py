@@ -109,3 +109,25 @@ def test_tiny_run_on_smollm2(model_and_tokenizer, tmp_path):
     assert "| knorm:ratio=0.5 | 2/2 |" in table or "| knorm:ratio=0.5 | 0/2 |" in table
     path = kv_eval.plot(results, str(tmp_path / "kv.png"))
     assert os.path.getsize(path) > 1000
+
+
+def test_a_policy_that_cannot_set_up_leaves_the_model_unpatched(tmp_path):
+    """kv/_hf.py: `hf.patch(kv=...)` raising in the policy's setup must not leave the model patched."""
+    import json
+
+    import torch
+
+    from blockattn import hf
+    from tests.kv.common import VOCAB, tiny_llama
+    model = tiny_llama()
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"spans": {"0.5": [[[0.0, 0.5]] * 2] * 2}}))
+    ids = torch.randint(0, VOCAB, (1, 40))
+    with torch.no_grad():
+        ref = model(ids, use_cache=True)
+        with pytest.raises(ValueError, match="no plan for density"):
+            hf.patch(model, kv=f"moa:plan={plan},ratio=0.9")
+        again = model(ids, use_cache=True)
+    assert type(again.past_key_values) is type(ref.past_key_values)
+    assert torch.equal(again.logits, ref.logits)
+    assert not hasattr(model, "_blockattn_previous")

@@ -393,7 +393,8 @@ def run_kv_eval(model, tokenizer, policies, config: KVEvalConfig | None = None, 
                     continue
                 finally:
                     cache = None
-                cell["kv_fraction"] = cell["kv_bytes"] / dense_bytes[ctx.length]
+                cell["dense_bytes"] = dense_bytes[ctx.length]
+                cell["kv_fraction"] = cell["kv_bytes"] / cell["dense_bytes"]
                 row["cells"].append(cell)
         del capture, prefilled
     bar.close()

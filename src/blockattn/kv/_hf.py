@@ -74,7 +74,14 @@ def install(model, policy: Policy, modules) -> Runtime:
     for module in modules:
         setattr(module, ATTR, runtime)
     setattr(model, HOOK_ATTR, model.register_forward_pre_hook(runtime.pre_forward, with_kwargs=True))
-    policy.setup(model, runtime)
+    try:
+        policy.setup(model, runtime)
+    except BaseException:
+        # hf.patch raises before returning its Patch, so no `with` exit will undo it: undo it here, or the
+        # model stays patched (and every later unpatched call meets a KVCache)
+        from blockattn.integrations.hf import unpatch
+        unpatch(model)
+        raise
     return runtime
 
 
