@@ -641,8 +641,10 @@ class BlockLayout:
         partial = keep & (ids >= 0)
         if bool(partial.any()):
             used, inverse = torch.unique(ids[partial], return_inverse=True)
-            tile_masks, merged = (masks[used].contiguous(), torch.arange(len(used), device=device)) if trusted \
-                else _unique_masks(masks[used])
+            # every mask used (the packed builders' case): no copy of what can be hundreds of MB
+            kept = masks if len(used) == len(masks) else masks[used]
+            tile_masks, merged = (kept.contiguous(), torch.arange(len(used), device=device)) if trusted \
+                else _unique_masks(kept)
             ids_dense = torch.full(dense.shape, -1, dtype=torch.int32, device=device)
             ids_dense[tb[partial], th[partial], tq[partial], tk[partial]] = merged[inverse].to(torch.int32)
             tile_mask_ids = torch.gather(ids_dense, 3, indices.clamp(min=0).long())

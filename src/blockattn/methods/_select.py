@@ -50,15 +50,26 @@ def cumulative_threshold(scores: Tensor, threshold: float, *, forced: Tensor | N
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
+_ARGMAX_TOP_K = 4  # top_k by repeated arg-max up to this k
+
+
 def top_k(scores: Tensor, k: int, *, allowed: Tensor, forced: Tensor | None = None) -> Tensor:
     """bool mask of the `k` highest-scoring allowed blocks per row (fewer where fewer are allowed);
     `forced` blocks are always kept and count toward `k`."""
     keyed = scores.masked_fill(~allowed, float("-inf"))
     if forced is not None:
-        keyed = keyed.masked_fill(forced, float("inf"))
+        keyed = keyed.masked_fill_(forced, float("inf"))
     k = min(k, scores.shape[-1])
-    chosen = keyed.topk(k, dim=-1).indices
-    mask = torch.zeros_like(allowed).scatter(-1, chosen, True)
+    if k > _ARGMAX_TOP_K:
+        chosen = keyed.topk(k, dim=-1).indices
+        return torch.zeros_like(allowed).scatter_(-1, chosen, True) & allowed
+    # a few best per row: k arg-max passes beat torch.topk's per-row partial sort on many short rows
+    # (MoBA: 3 of 32 blocks for every query token); the same set unless two scores tie exactly
+    mask = torch.zeros_like(allowed)
+    for _ in range(k):
+        best = keyed.argmax(-1, keepdim=True)
+        mask.scatter_(-1, best, True)
+        keyed.scatter_(-1, best, float("-inf"))
     return mask & allowed
 
 
@@ -109,11 +120,35 @@ def stripe_layout(words: Tensor, *, axis: str, q_len: int, k_len: int, block_q: 
     full = ((words & range_words) == range_words).all(-1)
     def to_masks(unique):
         bits = unpack_bits(unique, size)
-        return bits.unsqueeze(-1).expand(-1, block_q, block_k) if axis == "rows" else \
-            bits.unsqueeze(1).expand(-1, block_q, block_k)
+        return _row_masks(bits, block_k) if axis == "rows" else _column_masks(bits, block_q)
 
     return _packed_layout(listed, full, words, to_masks, q_len=q_len, k_len=k_len, block_q=block_q,
                           block_k=block_k, causal=causal, allow_empty_rows=True)
+
+
+_BYTES_SET = 0x0101010101010101  # eight True bytes as one int64
+
+
+def _row_masks(rows: Tensor, block_k: int) -> Tensor:
+    """bool `[U, bq, block_k]` whose row i is all True where `rows[u, i]`: written contiguously, eight
+    bytes (mask entries) per int64 store where block_k allows, not through an expanded view."""
+    count, block_q = rows.shape
+    if block_k % 8:
+        return rows.unsqueeze(-1).expand(count, block_q, block_k).contiguous()
+    words = rows.to(torch.int64) * _BYTES_SET
+    return words.unsqueeze(-1).expand(count, block_q, block_k // 8).contiguous().view(torch.bool) \
+        .view(count, block_q, block_k)
+
+
+def _column_masks(columns: Tensor, block_q: int) -> Tensor:
+    """bool `[U, block_q, bk]` whose every row is `columns[u]`, written contiguously (int64 stores
+    where bk allows)."""
+    count, block_k = columns.shape
+    if block_k % 8:
+        return columns.unsqueeze(1).expand(count, block_q, block_k).contiguous()
+    words = columns.contiguous().view(torch.int64)                      # [U, bk / 8]
+    return words.unsqueeze(1).expand(count, block_q, block_k // 8).contiguous().view(torch.bool) \
+        .view(count, block_q, block_k)
 
 
 def column_layout(columns: Tensor, *, q_len: int, block_q: int, block_k: int, causal: bool = True) -> "BlockLayout":

@@ -46,6 +46,8 @@ from blockattn import _checks
 from blockattn._checks import check_qk
 from blockattn.methods.base import BlockScorer, BlockScores, PrefillMethod
 
+_CHUNK_ELEMENTS = 1 << 22  # chunk-attention logits formed at once (16 MiB)
+
 
 @register("longheads")
 @dataclasses.dataclass
@@ -80,21 +82,34 @@ class LongHeads(BlockScorer, PrefillMethod):
         pad = n_chunks * w - length
         heads_kv = k.shape[1]
         group = heads // heads_kv
-        # chunks as a batch axis and heads third from last: one fused SDPA call (GQA: no key copies)
+        # The chunk summary is the mean of the chunk's attention outputs, mean_i(P_i) V_c: only the
+        # probabilities' column means are needed, so the chunk attention is one logits GEMM, a softmax and
+        # a row-vector product (half the attention's FLOPs, no output per token). Chunks in bands bound
+        # the logits' memory; the query heads a key head serves are stacked row-wise (no key copies).
         split = [torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(batch, x.shape[1], n_chunks, w, dim)
-                 .transpose(1, 2) for x in (q, k, k if v is None else v)]                # [B, nC, H|Hkv, w, D]
+                 for x in (q, k, k if v is None else v)]                                  # [B, H|Hkv, nC, w, D]
+        queries = split[0].view(batch, heads_kv, group, n_chunks, w, dim)
+        keys, values = split[1], split[2]
         valid = (torch.arange(n_chunks * w, device=q.device) < length).view(n_chunks, w)
-        mask = valid.view(1, n_chunks, 1, 1, w).expand(batch, -1, -1, -1, -1).reshape(-1, 1, 1, w) if pad else None
-        flat = [x.reshape(batch * n_chunks, x.shape[2], w, dim) for x in split]  # 4-D: the fused CPU kernel
-        outputs = torch.nn.functional.scaled_dot_product_attention(*flat, attn_mask=mask, enable_gqa=group > 1)
-        outputs = outputs.view(batch, n_chunks, heads, w, dim)
-        summary = (outputs * valid.view(1, n_chunks, 1, w, 1)).sum(3) / valid.sum(-1).view(1, -1, 1, 1)
-        keys = split[1]                                                                   # [B, nC, Hkv, w, D]
-        summary = summary.view(batch, n_chunks, heads_kv, group, dim)
-        pool = torch.einsum("bckgd,bckwd->bckgw", summary, keys) * dim ** -0.5
-        pool = torch.softmax(pool.masked_fill(~valid.view(1, n_chunks, 1, 1, w), float("-inf")), -1)
-        chunk_keys = torch.einsum("bckgw,bckwd->bckgd", pool, keys)                     # [B, nC, Hkv, g, D]
-        return chunk_keys.reshape(batch, n_chunks, heads, dim).transpose(1, 2)
+        counts = valid.sum(-1)
+        mean_probs = torch.empty(batch, heads_kv, n_chunks, group, w, device=q.device)
+        band = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * w * w))
+        for first in range(0, n_chunks, band):
+            stop = min(n_chunks, first + band)
+            rows = queries[:, :, :, first:stop].permute(0, 1, 3, 2, 4, 5).reshape(batch, heads_kv, stop - first,
+                                                                                   group * w, dim)
+            logits = (rows @ keys[:, :, first:stop].transpose(-1, -2)).mul_(dim ** -0.5)  # [B, Hkv, b, g*w, w]
+            if pad and stop == n_chunks:  # the last chunk's padding keys take no part
+                logits[:, :, -1].masked_fill_(~valid[-1], float("-inf"))
+            probs = torch.softmax(logits, -1).view(batch, heads_kv, stop - first, group, w, w)
+            if pad and stop == n_chunks:  # nor do its padding queries
+                probs[:, :, -1].masked_fill_(~valid[-1].view(1, 1, w, 1), 0.0)
+            mean_probs[:, :, first:stop] = probs.sum(4) / counts[first:stop].view(1, 1, -1, 1, 1)
+        summary = mean_probs @ values                                                     # [B, Hkv, nC, g, D]
+        pool = (summary @ keys.transpose(-1, -2)) * dim ** -0.5                           # [B, Hkv, nC, g, w]
+        pool = torch.softmax(pool.masked_fill(~valid.view(1, 1, n_chunks, 1, w), float("-inf")), -1)
+        chunk_keys = pool @ keys                                                          # [B, Hkv, nC, g, D]
+        return chunk_keys.transpose(2, 3).reshape(batch, heads, n_chunks, dim)
 
     def gates(self, q: Tensor, k: Tensor, v: Tensor | None = None) -> Tensor:
         """bool `[B, Hq, L, nChunks]`: the chunks each query token attends to."""
