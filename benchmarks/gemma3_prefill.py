@@ -88,12 +88,16 @@ def main(argv=None):
                     row["density_full"] = full.density
                     row["select_share"] = total.select_seconds / max(total.select_seconds + total.attend_seconds,
                                                                      1e-12)
+                    # Amdahl: what the full layers' attention (selection included) costs of the whole prefill
+                    # bounds what any method on those layers can gain: 1 / (1 - share) when it costs nothing
+                    row["full_share"] = (full.select_seconds + full.attend_seconds) / seconds
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     lines = [f"Gemma 3 270M prefill, {args.dtype}, {cpu_name()}, {torch.get_num_threads()} threads; "
              f"one prefill of real text per row (best of {args.repeats}), logits_to_keep=1", "",
              "| L | row | prefill s | vs SDPA | vs structure | density (full layers) | selection share | "
-             "peak RSS GiB | last-logit rel. diff vs first row |", "|" + "---|" * 9]
+             "full layers' attention share of prefill | peak RSS GiB | last-logit rel. diff vs first row |",
+             "|" + "---|" * 10]
     for row in rows:
         same = [r for r in rows if r["length"] == row["length"]]
         sdpa = next((r["seconds"] for r in same if r["row"].startswith("unpatched")), float("nan"))
@@ -102,7 +106,8 @@ def main(argv=None):
         vs_sdpa = fmt(sdpa / row["seconds"], ".2f") + "x" * (sdpa == sdpa)
         lines.append(f"| {row['length']} | {row['row']} | {row['seconds']:.2f} | {vs_sdpa}"
                      f" | {structure / row['seconds']:.2f}x | {fmt(row.get('density_full', float('nan')), '.3f')} | "
-                     f"{fmt(row.get('select_share', float('nan')), '.3f')} | {row['peak_rss_gib']:.2f} | "
+                     f"{fmt(row.get('select_share', float('nan')), '.3f')} | {fmt(row.get('full_share', float('nan')), '.3f')} | "
+                     f"{row['peak_rss_gib']:.2f} | "
                      f"{row['logit_diff']:.2e} |")
     table = "\n".join(lines)
     print(table)
