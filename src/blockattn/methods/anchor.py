@@ -44,7 +44,7 @@ from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn import _checks
 from blockattn._checks import check_qk
-from blockattn.methods._select import column_layout
+from blockattn.methods._select import column_layout, cpu_has_bf16_units
 from blockattn.methods.base import PrefillMethod
 
 _ANCHOR_ROWS = 256  # query rows whose anchors are computed at once
@@ -82,6 +82,11 @@ class AnchorAttention(PrefillMethod):
         keys = k.float()
         # scaled once; the query heads of a key head are stacked row-wise so each GEMM reads its keys once
         queries = (q.float() * scale).view(batch, heads_kv, group_heads, length, dim)
+        # Anchors: the GEMMs find each query's best key in a low-precision copy (bf16 on CPUs with bf16
+        # units), then its logit is recomputed from that key in fp32, so an anchor is exact unless two keys
+        # tie within bf16 rounding (then it is the other key's exact logit, as close).
+        dtype = torch.bfloat16 if q.device.type == "cpu" and cpu_has_bf16_units() else torch.float32
+        keys_lp, queries_lp = keys.to(dtype), queries.to(dtype)
         n_q = -(-length // block)
         anchors = torch.empty(batch, heads_kv, group_heads, length, device=q.device)
         init = min(block, length)
@@ -92,15 +97,23 @@ class AnchorAttention(PrefillMethod):
             for a in range(start, stop, _ANCHOR_ROWS):
                 b = min(stop, a + _ANCHOR_ROWS)
                 first = max(start, init)
-                window = torch.cat([keys[:, :, :init], keys[:, :, first:max(first, b)]], dim=2)
                 positions = torch.cat([torch.arange(init, device=q.device),
                                        torch.arange(first, max(first, b), device=q.device)])
-                logits = (queries[:, :, :, a:b].reshape(batch, heads_kv, group_heads * (b - a), dim)
-                          @ window.transpose(-1, -2)).view(batch, heads_kv, group_heads, b - a, -1)
+                window = torch.cat([keys_lp[:, :, :init], keys_lp[:, :, first:max(first, b)]], dim=2)
+                window = window.view(batch * heads_kv, -1, dim)
+                rows = queries_lp[:, :, :, a:b].reshape(batch * heads_kv, group_heads * (b - a), dim)
+                logits = torch.empty(batch * heads_kv, group_heads * (b - a), len(positions), dtype=dtype,
+                                     device=q.device)
+                for i in range(batch * heads_kv):  # torch.mm on 2-D views: bmm copies the transposed keys
+                    torch.mm(rows[i], window[i].t(), out=logits[i])
+                logits = logits.view(batch, heads_kv, group_heads, b - a, -1)
                 past = int((positions < a).sum())  # columns every row of the band sees
                 future = positions[past:].view(1, -1) > torch.arange(a, b, device=q.device).view(-1, 1)
                 logits[..., past:].masked_fill_(future, float("-inf"))
-                anchors[..., a:b] = logits.amax(-1)
+                best = positions[logits.max(-1).indices]  # [B, Hkv, g, b - a] (bf16 argmax is slow)
+                chosen = keys.gather(2, best.view(batch, heads_kv, -1, 1).expand(-1, -1, -1, dim))
+                anchors[..., a:b] = (queries[:, :, :, a:b] * chosen.view(batch, heads_kv, group_heads, b - a,
+                                                                         dim)).sum(-1)
         anchors = anchors.view(batch, heads, length)
         pad = n_q * block - length
         rows = torch.nn.functional.pad(torch.ones(length, device=q.device), (0, pad)).view(n_q, block).sum(-1)
