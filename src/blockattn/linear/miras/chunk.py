@@ -7,14 +7,15 @@ recurrences are linear, so they unroll into lower-triangular decay matrices, E[t
 Π_{s<j≤t} η_j, and every token's accumulator is A_t = (chunk-start terms) + Σ_{r≤t} F[t, r] a_r ⊗ b_r.
 The read-out y_t = M_{φ(A_t)}(q_t) never forms A_t where φ is linear (W_t h = A_t h is a C × C
 "attention" over the factors, as in the Titans paper's parallel form); Moneta's ℓ_q map needs
-only every A_t's norm, Memora's softmax every A_t itself (one `[C, C] @ [C, P]` product per chunk).
-Only the chunk boundary is sequential: O(L/C) steps.
+only every A_t's norm, Memora's softmax every A_t itself (`accumulators.py`). Only the chunk
+boundary is sequential: O(L/C) steps.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from blockattn.linear.miras.accumulators import ChunkAccumulators
 from blockattn.linear.miras.common import MemoryState, MirasParts, check_inputs
 from blockattn.linear.miras.common import initial_state as make_state
 from blockattn.linear.miras.parts import flatten, unflatten
@@ -27,49 +28,6 @@ def _decay_matrix(gates: Tensor) -> tuple[Tensor, Tensor]:
     lower = torch.ones(size, size, dtype=torch.bool, device=gates.device).tril()
     diff = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~lower, float("-inf"))
     return torch.exp(diff), torch.exp(cum)
-
-
-def _dense(coefs, bases, mix, a, b):
-    """Every token's matrix, flat `[N, C, r·c]`: coefs `[N, C, nb]` @ bases `[N, nb, r·c]` + mix @ (a ⊗ b)."""
-    return coefs @ bases + mix @ (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)
-
-
-class ChunkAccumulators:
-    """The accumulators of one chunk's C tokens, kept implicit: per memory matrix i,
-    A_t = Σ_j coefs[t, j] bases[j] + Σ_{r≤t} mix[t, r] a_r ⊗ b_r with `factors[i] = (a [N, C, r], b [N, C, c])`."""
-
-    def __init__(self, shapes, coefs: Tensor, bases: list[Tensor], mix: Tensor, factors: list[tuple[Tensor, Tensor]]):
-        self.shapes, self.coefs, self.mix, self.factors = shapes, coefs, mix, factors
-        # per matrix `[N, nb, r, c]`
-        self.bases = [torch.stack(mats, dim=1) for mats in zip(*(unflatten(base, shapes) for base in bases))]
-
-    def matvec(self, i: int, h: Tensor) -> Tensor:
-        """A_t h_t for h `[N, C, c]` -> `[N, C, r]`, without forming A_t."""
-        a, b = self.factors[i]
-        out = (self.mix * (h @ b.transpose(-1, -2))) @ a
-        for j in range(self.coefs.shape[-1]):
-            out = out + self.coefs[..., j, None] * (h @ self.bases[i][:, j].transpose(-1, -2))
-        return out
-
-    def dense(self, i: int) -> Tensor:
-        """Every token's A_t, flat `[N, C, r·c]` (for the retention maps that are not linear)."""
-        return _dense(self.coefs, self.bases[i].flatten(2), self.mix, *self.factors[i])
-
-    def power_sums(self, i: int, p: float) -> Tensor:
-        """Σ |A_t|^p over each token's whole matrix, `[N, C]`."""
-        dense = self.dense(i)
-        if p == 4:  # Moneta's default: two squarings are several times faster than a float power
-            return dense.square().square().sum(-1)
-        return (dense.abs() ** p).sum(-1)
-
-    def map_matvec(self, i: int, h: Tensor, fn) -> Tensor:
-        """fn(A_t) h_t with `fn` acting on every token's matrix `[N, C, r, c]`."""
-        return (fn(self.dense(i).unflatten(-1, self.shapes[i])) * h.unsqueeze(-2)).sum(-1)
-
-    def combine(self, coefs: Tensor, mix: Tensor) -> Tensor:
-        """Σ_j coefs[j] bases[j] + Σ_r mix[r] a_r ⊗ b_r for coefs `[N, nb]`, mix `[N, C]`: flat `[N, P]`."""
-        return flatten([(coefs[..., None, None] * base).sum(1) + (a * mix.unsqueeze(-1)).transpose(-1, -2) @ b
-                        for base, (a, b) in zip(self.bases, self.factors)])
 
 
 def memory_chunk(q: Tensor, k: Tensor, v: Tensor, *, parts: MirasParts, lr, decay, momentum=None, delta=None,

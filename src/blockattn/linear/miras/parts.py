@@ -169,7 +169,7 @@ class L2Retention:
         return accum
 
     def chunk_matvec(self, chunk, i: int, h: Tensor) -> Tensor:
-        """W_t h_t for every token of a chunk (`chunk.py`'s `ChunkAccumulators`): W = A is linear, so
+        """W_t h_t for every token of a chunk (`accumulators.ChunkAccumulators`): W = A is linear, so
         the product never forms W_t."""
         return chunk.matvec(i, h)
 
@@ -201,7 +201,7 @@ class KLRetention:
 
     def chunk_matvec(self, chunk, i: int, h: Tensor) -> Tensor:
         # the row softmax is not linear in A_t: every token's matrix is formed
-        return chunk.map_matvec(i, h, lambda a: torch.softmax(a, dim=-1))
+        return chunk.softmax_matvec(i, h)
 
 
 # ----------------------------------------------------------------------------- learning rules
