@@ -100,8 +100,11 @@ class HiPAttention(Method):
         n_q = -(-q_len // bq)
         heads_kv = k.shape[1]
         keys = k.float()
-        queries = torch.nn.functional.pad(q.float(), (0, 0, 0, n_q * bq - q_len)).view(batch, heads, n_q, bq, dim)
-        valid_rows = (torch.arange(n_q * bq, device=q.device) < q_len).view(n_q, bq)
+        # padding rows repeat the last query, so a block's best score needs no row mask
+        queries = q.float()
+        if n_q * bq != q_len:
+            queries = torch.cat([queries, queries[:, :, -1:].expand(-1, -1, n_q * bq - q_len, -1)], 2)
+        queries = queries.view(batch, heads, n_q, bq, dim)
         visible = self.search_blocks(q_len, k_len, q.device).view(1, 1, n_q, 1)
         slot = torch.arange(budget, device=q.device).view(1, 1, 1, -1)
         starts = (slot * visible) // budget
@@ -119,8 +122,8 @@ class HiPAttention(Method):
             # representatives of a key head's query heads gathered in one go (no per-query-head key copy)
             rep_keys = keys.gather(2, representative.reshape(batch, heads_kv, -1, 1).expand(-1, -1, -1, dim))
             rep_keys = rep_keys.view(batch, heads, n_q, -1, dim)
-            scores = (queries @ rep_keys.transpose(-1, -2)).masked_fill(~valid_rows.view(1, 1, n_q, bq, 1),
-                                                                        float("-inf")).amax(3)
+            # candidates x queries: the best over the block's queries is a contiguous reduction
+            scores = (rep_keys @ queries.transpose(-1, -2)).amax(-1)
             scores = scores.masked_fill(~nonempty, float("-inf"))
             chosen_ids = scores.topk(budget, dim=-1).indices
             chosen = torch.zeros_like(nonempty).scatter_(-1, chosen_ids, True) & nonempty
