@@ -118,7 +118,7 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
         out = _padded(plan, module, query, key, value, attention_mask, scaling, causal, layer, window)
     else:
         out = _attend(plan, query, key, value, scaling, causal, layer, window)
-    hooks = getattr(module, HOOKS_ATTR, None)  # blockattn.analysis observes or edits heads (analysis/hooks.py)
+    hooks = module.__dict__.get(HOOKS_ATTR)  # analysis/hooks.py observes or edits heads; a dict lookup: ~free
     if hooks is not None:
         out = hooks(module, query, key, value, out, attention_mask, scaling, causal, layer, window)
     return out.transpose(1, 2).contiguous(), None
