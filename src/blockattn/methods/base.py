@@ -176,7 +176,7 @@ class BlockScorer(Method):
       tensor broadcastable to the rows, e.g. one per head) of the row's total mass, forced blocks first
       (XAttention);
     - "top_k": per row, the `_keep_value()` best allowed blocks, forced ones among them (MoBA, LongHeads);
-    - "above": every block whose score exceeds `_keep_value()`, and the forced ones (SALE).
+    - "above": every allowed block whose score exceeds `_keep_value()`, and the forced ones (SALE).
 
     Layout: score rows of one token (`block_q == 1`, per-token gates over key groups) become row masks
     of `tile_size` tiles (`row_gate_layout`); block rows and columns become the layout's tiles.
@@ -207,6 +207,8 @@ class BlockScorer(Method):
             keep = top_k(scores, value, allowed=allowed.expand_as(scores), forced=forced)
         elif self.keep_rule == "above":
             keep = scores > value
+            if blocks.allowed is not None:
+                keep = keep & blocks.allowed
             if forced is not None:
                 keep = keep | forced
         else:
