@@ -160,7 +160,8 @@ def kq_ov(model: MultiHeadSoftmaxICL) -> tuple[Tensor, Tensor]:
 def pattern_stats(kq: Tensor, ov: Tensor) -> dict:
     """The paper's patterns as numbers. Per head: omega (mean of the x-block diagonal), `offdiag`
     (off-diagonal share of the x-block's energy), `spread` (std / |mean| of that diagonal: 0 when
-    homogeneous), `y_share` (the y row and column's share of the KQ energy), mu (the OV last entry) and
+    homogeneous), `y_share` (the key-y row's share of the energy of the columns that act: the query's y
+    slot is always 0, so the last column gets no gradient and keeps its init), mu (the OV last entry) and
     `last_share` (its share of the OV energy). Across heads: `zero_sum` = |sum mu| / sum |mu| and
     `effective_step` = sum mu omega (the debiased GD step the heads implement)."""
     d = kq.shape[-1] - 1
@@ -174,7 +175,7 @@ def pattern_stats(kq: Tensor, ov: Tensor) -> dict:
         heads.append(dict(omega=float(omega[h]), mu=float(mu[h]),
                           offdiag=float((energy[h] - diag[h].pow(2).sum()) / energy[h]),
                           spread=float(diag[h].std() / diag[h].mean().abs()),
-                          y_share=float(1 - energy[h] / kq[h].pow(2).sum()),
+                          y_share=float(kq[h, d, :d].pow(2).sum() / kq[h, :, :d].pow(2).sum()),
                           last_share=float(mu[h] ** 2 / ov[h].pow(2).sum())))
     return dict(heads=heads, zero_sum=float(mu.sum().abs() / mu.abs().sum()),
                 effective_step=float((mu * omega).sum()))
@@ -254,7 +255,8 @@ def _plot_matrices(stats_by_model: dict, matrices: dict, path: str) -> str:
                 ax.set_yticks(range(kq.shape[-1]),
                               [f"x{i}" for i in range(kq.shape[-1] - 1)] + ["y"], fontsize=6)
             col += 1
-    fig.suptitle("KQ (rows: key token z_l, cols: query z_q) and OV per head", fontsize=9)
+    fig.suptitle("KQ (rows: key token z_l, cols: query z_q; the query's y slot is always 0, so the last column "
+                 "keeps its init) and OV per head", fontsize=9)
     return save(fig, path)
 
 
@@ -316,7 +318,7 @@ def experiment(*, heads=(1, 2, 4), config: ICLConfig | None = None, steps: int |
 
 def table(result: dict) -> str:
     """Markdown tables of the patterns per head and the errors per n."""
-    lines = ["| model | head | omega | x-block off-diag share | diag spread | y row/col share | mu | OV last-entry share |",
+    lines = ["| model | head | omega | x-block off-diag share | diag spread | key-y row share | mu | OV last-entry share |",
              "|---|---|---|---|---|---|---|---|"]
     for name, s in result["stats"].items():
         for h, st in enumerate(s["heads"]):
