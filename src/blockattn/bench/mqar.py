@@ -443,19 +443,28 @@ def format_table(results: list[dict]) -> str:
 
 
 def plot_accuracy(results: list[dict], path: str) -> str:
-    """PNG of test accuracy against d_model, one line per mixer."""
+    """PNG of test accuracy against d_model, one line per mixer.
+
+    A row with a `"note"` (e.g. a rerun, or a shorter schedule) is drawn as a star and its mixer's
+    legend entry carries the note, so rows from different runs stay apart on one plot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for m in dict.fromkeys(r["mixer"] for r in results):
         rows = sorted((r for r in results if r["mixer"] == m), key=lambda r: r["d_model"])
-        ax.plot([r["d_model"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=m)
+        notes = list(dict.fromkeys(r["note"] for r in rows if r.get("note")))
+        label = m + (f" ({'; '.join(notes)})" if notes else "")
+        (line,) = ax.plot([r["d_model"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
+        marked = [r for r in rows if r.get("note")]
+        if marked:
+            ax.plot([r["d_model"] for r in marked], [r["accuracy"] for r in marked], linestyle="none", marker="*",
+                    markersize=13, color=line.get_color(), markeredgecolor="black", markeredgewidth=0.6)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("d_model")
     ax.set_ylabel("MQAR accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
