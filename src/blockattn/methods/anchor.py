@@ -90,6 +90,9 @@ class AnchorAttention(PrefillMethod):
         n_q = -(-length // block)
         anchors = torch.empty(batch, heads_kv, group_heads, length, device=q.device)
         init = min(block, length)
+        # one logits buffer for every band (fresh large allocations cost page faults each time)
+        buffer = torch.empty(batch * heads * min(_ANCHOR_ROWS, length) * (init + min(group, length)), dtype=dtype,
+                             device=q.device)
         for start in range(0, length, group):
             stop = min(length, start + group)
             # row bands: a band's rows never see the group's keys after the band (causal), so each band's
@@ -102,8 +105,8 @@ class AnchorAttention(PrefillMethod):
                 window = torch.cat([keys_lp[:, :, :init], keys_lp[:, :, first:max(first, b)]], dim=2)
                 window = window.view(batch * heads_kv, -1, dim)
                 rows = queries_lp[:, :, :, a:b].reshape(batch * heads_kv, group_heads * (b - a), dim)
-                logits = torch.empty(batch * heads_kv, group_heads * (b - a), len(positions), dtype=dtype,
-                                     device=q.device)
+                logits = buffer[:batch * heads_kv * group_heads * (b - a) * len(positions)].view(
+                    batch * heads_kv, group_heads * (b - a), len(positions))
                 for i in range(batch * heads_kv):  # torch.mm on 2-D views: bmm copies the transposed keys
                     torch.mm(rows[i], window[i].t(), out=logits[i])
                 logits = logits.view(batch, heads_kv, group_heads, b - a, -1)
