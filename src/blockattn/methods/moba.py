@@ -5,7 +5,8 @@ that lies entirely in its past by the dot product with the block's mean-pooled k
 the `top_k` best blocks; the block holding the query itself is always one of them (attended
 causally) and future blocks never are. Gating is per query token, so the layout keeps MoBA's exact
 token mask: key tiles of `tile_size` tokens, each listed for the query blocks in which some token
-chose it, with a row mask for the tokens that did.
+chose it, with a row mask for the tokens that did. A `BlockScorer` with per-token rows: top-k over the
+allowed (past and current) blocks, the current one forced.
 
 Checks done: the token mask equals a float64 per-token loop implementation of this rule in
 tests/methods/test_moba.py. Side by side with the official reference `moba_attn_varlen_naive`

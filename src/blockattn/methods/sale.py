@@ -21,7 +21,7 @@ quantizer in `quant_triton.py`, `flash_fwd_int4_sparse_kernel_v2.h`, `softmax.h`
    head dense, and prompts of at most `dense_below` (1024) tokens run dense, as the official code does.
 
 The layout uses the kernel's tiles (64 query x 32 key tokens): sink, local window and kept blocks,
-causal. Deliberate differences: the reference statistics and comparisons are float32 (the kernel's
+causal (a `BlockScorer` keeping the blocks "above" log(threshold), the sink and window forced). Deliberate differences: the reference statistics and comparisons are float32 (the kernel's
 are fp16); per-head thresholds from the official calibration (start at 0.008, halve until the
 output error is small) are not computed: `threshold` is one value for all heads, and its default
 1e-3 is our choice (the README example uses 0.004). In a prompt the selection is block-granular:

@@ -8,10 +8,14 @@ rows is the sum of the S x S cell's antidiagonal of Q K^T. Those strided scores 
 (block_size/S)^2 cell group into block scores; each query block then keeps the fewest key blocks
 whose scores reach `threshold` of the row's total, counting the diagonal block (its own tokens,
 causal only) first; the first block is always kept as well, outside the count, as the official
-`find_blocks_chunked` does for prompts within one estimation chunk (16k tokens).
+`find_blocks_chunked` does for prompts within one estimation chunk (16k tokens). A `BlockScorer`:
+`_score_blocks` gives the block scores with the diagonal forced and block 0 always kept, the base
+class applies the cumulative threshold.
 
-Checks done: the selection equals a float64 loop implementation of this rule in
-tests/methods/test_xattention.py. Side by side with the official torch path
+Checks done: with fp32 scoring (`onednn_scoring=False`) the selection equals a float64 loop
+implementation of this rule in tests/methods/test_xattention.py; with the default bf16 scoring (CPUs
+with bf16 units) the scores agree with it within bf16 rounding and the keep rule, applied to those
+scores, matches it exactly. Side by side with the official torch path
 (`xattn_estimate(..., use_triton=False)` of mit-han-lab/x-attention, run on CPU outside the repo
 with its `.to("cuda")` calls pointed at the CPU; random 1k/2k-token inputs, thresholds 0.5/0.9/0.95,
 block 128, stride 8): the official selection is a superset of ours, one extra block per row at
