@@ -309,7 +309,8 @@ def experiment(*, heads=(1, 2, 4), config: ICLConfig | None = None, steps: int |
         stats[name] = pattern_stats(*matrices[name])
     rows = evaluate(models, lengths, config, prompts=prompts, seed=seed + 1000)
     os.makedirs(out, exist_ok=True)
-    return dict(config=asdict(config), seed=seed, train_seconds=seconds, train_cpu_seconds=cpu_seconds, stats=stats, rows=rows,
+    return dict(config=asdict(config), seed=seed, train_seconds=seconds, train_cpu_seconds=cpu_seconds, stats=stats,
+                rows=rows,
                 final_loss={k: sum(v[-100:]) / len(v[-100:]) for k, v in losses.items()}, losses=losses,
                 kq={k: m[0].tolist() for k, m in matrices.items()}, ov={k: m[1].tolist() for k, m in matrices.items()},
                 plots=[_plot_matrices(stats, matrices, os.path.join(out, "icl_regression_patterns.png")),
@@ -318,7 +319,8 @@ def experiment(*, heads=(1, 2, 4), config: ICLConfig | None = None, steps: int |
 
 def table(result: dict) -> str:
     """Markdown tables of the patterns per head and the errors per n."""
-    lines = ["| model | head | omega | x-block off-diag share | diag spread | key-y row share | mu | OV last-entry share |",
+    lines = ["| model | head | omega | x-block off-diag share | diag spread | key-y row share | mu | "
+             "OV last-entry share |",
              "|---|---|---|---|---|---|---|---|"]
     for name, s in result["stats"].items():
         for h, st in enumerate(s["heads"]):

@@ -367,7 +367,8 @@ def table(result: dict) -> str:
     lines = [f"classifier held-out accuracy {result['classifier_accuracy']:.3f}; DiT {result['steps']} steps of "
              f"{result['batch']} (final eps MSE {result['final_loss']:.4f}), classifier + DiT training "
              f"{result['train_seconds']:.0f} s wall / {result['train_cpu_seconds']:.0f} s CPU; HeadHunter "
-             f"{result['hunt_seconds']:.0f} s, sweep {result['sweep_seconds']:.0f} s; guidance w = {result['guidance']}, "
+             f"{result['hunt_seconds']:.0f} s, sweep {result['sweep_seconds']:.0f} s; "
+             f"guidance w = {result['guidance']}, "
              f"{result['sample_steps']} DDIM steps", "",
              "| round | head added (layer.head) | confidence | best / median / worst candidate |", "|---|---|---|---|"]
     for i, r in enumerate(result["hunt"]["history"]):
