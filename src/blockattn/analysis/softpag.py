@@ -139,7 +139,7 @@ def ddim_sample(model: nn.Module, schedule: NoiseSchedule, count: int, *, steps:
         if guided:
             with perturbed(model, heads, strength):
                 eps = eps + guidance * (eps - model(x, tt))
-        a, a_prev = alpha_bar[t], (alpha_bar[times[i + 1]] if i + 1 < len(times) else torch.tensor(1.0))
+        a, a_prev = alpha_bar[t], (alpha_bar[times[i + 1]] if i + 1 < len(times) else torch.ones((), device=device))
         x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # consistent with the clipped x0
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
