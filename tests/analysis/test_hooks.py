@@ -206,6 +206,8 @@ def test_bad_input():
         analysis.hooks(model)
     with pytest.raises(TypeError, match="nn.Module"):
         analysis.hooks("model")
+    with hf.patch(model, "dense", kv="knorm:ratio=0.5"), pytest.raises(ValueError, match="kv="):
+        analysis.hooks(model)  # a shrunken cache's positions are not token positions
     with hf.patch(model, "dense"), analysis.hooks(model) as h:
         with pytest.raises(ValueError, match="already has"):
             analysis.hooks(model)
