@@ -49,6 +49,14 @@ def _layers(spec):
     return layers
 
 
+def _layer_text(layer) -> str:
+    if not isinstance(layer, list):
+        return f"layer {layer}"
+    if layer == list(range(layer[0], layer[-1] + 1)):
+        return f"layers {layer[0]}-{layer[-1]} ({len(layer)} gates)"
+    return f"layers {', '.join(map(str, layer))}"
+
+
 def _landmark_table(result) -> str:
     rows = ["| evaluation | blocks read per query | accuracy |", "|---|---|---|"]
     for label, acc in result["accuracy"].items():
@@ -80,11 +88,12 @@ def _seer_table(result) -> str:
         rows.append(f"| {r['density']} | {r['selector']} | {r['recall']:.3f} | {r['output_error']:.3f} | "
                     f"{r['block_kl']:.4f} | {r['measured_density']:.3f} |")
     if len(result.get("per_layer", {})) > 1:
-        rows.append(f"\nmeans over layers {sorted(result['per_layer'])}; trained-gate recall per layer at density "
+        rows.append(f"\nmeans over the {len(result['per_layer'])} layers; trained-gate recall per layer at density "
                     f"0.25: " + ", ".join(f"{i}: {d[0.25]:.2f}" for i, d in sorted(result["per_layer"].items())))
-    rows.append(f"\n{result['model']} layer {result['layer']}, L = {result['length']}, {result['train_windows']} "
+    per = " per layer" if isinstance(result["layer"], list) else ""
+    rows.append(f"\n{result['model']} {_layer_text(result['layer'])}, L = {result['length']}, {result['train_windows']} "
                 f"training / {result['eval_windows']} held-out windows; capture {result['capture_seconds']:.0f} s, "
-                f"{result['steps']} gate steps in {result['train_seconds']:.0f} s")
+                f"{result['steps']} gate steps{per} in {result['train_seconds']:.0f} s")
     return "\n".join(rows)
 
 
@@ -102,7 +111,8 @@ def _plot_seer(result, path):
     right.set_xlabel("target density")
     right.set_ylabel("attention recall (held out)")
     right.legend(fontsize=8)
-    fig.suptitle(f"blockattn train seer: {result['model']} layer {result['layer']}")
+    fig.suptitle(f"blockattn train seer: {result['model']} {_layer_text(result['layer'])}"
+                 + (" (loss and recall: means over the layers)" if isinstance(result["layer"], list) else ""))
     return save(fig, path)
 
 
