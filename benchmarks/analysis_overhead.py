@@ -35,10 +35,10 @@ def main():
     torch.set_num_threads(args.threads)
     model, _ = models.load(args.model)
     patch = hf.patch(model, "dense")
-    modules = [m for m in hf.attention_modules(model)]
+    modules = hf.attention_modules(model)
     heads = model.config.num_attention_heads
-    ablated = {(layer, head): "zero" for layer, head in
-               [divmod(i, heads) for i in torch.randperm(len(modules) * heads, generator=torch.Generator().manual_seed(0))[:14].tolist()]}
+    chosen = torch.randperm(len(modules) * heads, generator=torch.Generator().manual_seed(0))[:14].tolist()
+    ablated = {divmod(i, heads): "zero" for i in chosen}
     print(f"{args.model} patched dense, prefill, {args.threads} thread(s); {cpu_description()}")
     lookup_s = min(timeit.repeat(lambda: modules[0].__dict__.get(HOOKS_ATTR), number=100_000, repeat=5)) / 100_000
     print(f"hook point: one __dict__ lookup {lookup_s * 1e9:.0f} ns x {len(modules)} layers = "

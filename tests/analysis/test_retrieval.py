@@ -113,7 +113,8 @@ def test_needle_span_and_prompt():
         assert e - s == len(answer) and s <= exact <= s + len(answer) // 10  # up to 10% early, as the official rule
         needle_ids = tok(" " + needle.needle, add_special_tokens=False).input_ids
         at = next(i for i in range(len(ids)) if ids[i:i + len(needle_ids)] == needle_ids)
-        assert depth == 100 or at == 0 or tok.convert_ids_to_tokens(ids[at - 1]) == "."  # at a sentence break (100: the end)
+        # at a sentence break (at 100% depth: appended to the end)
+        assert depth == 100 or at == 0 or tok.convert_ids_to_tokens(ids[at - 1]) == "."
     with pytest.raises(ValueError, match="no room"):
         retrieval.needle_prompt(tok, needle, 210, 50, haystack)
 

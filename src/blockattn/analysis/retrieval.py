@@ -140,7 +140,8 @@ def needle_prompt(tokenizer, needle: Needle, length: int, depth: float, haystack
     if room <= len(needle_ids):
         raise ValueError(f"length {length} leaves no room for the needle after the {buffer}-token buffer")
     if len(haystack_ids) + len(needle_ids) < room:
-        raise ValueError(f"the haystack has {len(haystack_ids)} tokens, fewer than the {room} a {length}-token prompt needs")
+        raise ValueError(f"the haystack has {len(haystack_ids)} tokens, fewer than the {room} a {length}-token "
+                         "prompt needs")
     context = haystack_ids[:room - len(needle_ids)]
     if depth >= 100:
         ids = context + needle_ids

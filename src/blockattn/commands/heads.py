@@ -14,7 +14,8 @@ def add_arguments(parser):
     parser.add_argument("--scores", default=None, help="read scores from a JSON file written by --save instead of "
                                                        "measuring them")
     parser.add_argument("--mask-check", action="store_true",
-                        help="mask the top heads vs as many random non-retrieval heads; passkey and multi-needle accuracy")
+                        help="mask the top heads vs as many random non-retrieval heads; passkey and multi-needle "
+                             "accuracy")
     parser.add_argument("--mask-lengths", type=int, nargs="+", default=[1000, 2000])
     parser.add_argument("--mask-depths", type=int, nargs="+", default=[10, 30, 50, 70, 90])
     parser.add_argument("--fraction", type=float, default=0.05, help="fraction of heads masked (the top ones)")
