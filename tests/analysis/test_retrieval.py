@@ -133,6 +133,11 @@ def test_failed_samples_are_not_counted_and_bad_input():
     assert result.scores.shape == (2, 4) and len(result.samples) == 2
     assert result.counted == 0 and not result.scores.any()  # a random model retrieves nothing: nothing counts
     assert not hasattr(model, "_blockattn_previous")  # patched for the search only
+    planted = retrieval.RetrievalResult(torch.tensor([[0.0, 0.5, 0.2, 0.0], [0.3, 0.0, 0.0, 0.9]]), [])
+    assert torch.equal(planted.kv_head_scores(2), torch.tensor([[0.5, 0.2], [0.3, 0.9]]))
+    assert planted.retrieval_heads() == [(1, 3), (0, 1), (1, 0), (0, 2)]
+    with pytest.raises(ValueError, match="kv_heads"):
+        planted.kv_head_scores(3)
     with pytest.raises(ValueError, match="lengths"):
         analysis.retrieval_scores(model, tok, lengths=[100])
     with pytest.raises(ValueError, match="depths"):

@@ -75,6 +75,14 @@ class RetrievalResult:
     def retrieval_heads(self, threshold: float = THRESHOLD) -> list[tuple[int, int]]:
         return [(layer, head) for layer, head, score in self.top(self.scores.numel()) if score > threshold]
 
+    def kv_head_scores(self, kv_heads: int) -> Tensor:
+        """`[layers, kv_heads]`: per KV head, its best query head's score (query head h reads KV head
+        h // (heads / kv_heads), transformers' grouping), for policies that keep or drop KV heads."""
+        layers, heads = self.scores.shape
+        if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"kv_heads must be a positive divisor of the {heads} query heads, got {kv_heads!r}")
+        return self.scores.view(layers, kv_heads, heads // kv_heads).amax(-1)
+
 
 def retrieval_scores(model, tokenizer, **options) -> Tensor:
     """`[layers, query heads]` retrieval scores; options as `retrieval_search`."""
