@@ -445,22 +445,32 @@ def format_table(results: list[dict]) -> str:
 def plot_accuracy(results: list[dict], path: str) -> str:
     """PNG of test accuracy against d_model, one line per mixer.
 
-    A row with a `"note"` (e.g. a rerun, or a shorter schedule) is drawn as a star and its mixer's
-    legend entry carries the note, so rows from different runs stay apart on one plot."""
+    A row with a `"note"` (e.g. a rerun, or a shorter schedule) is drawn with a large marker, one
+    shape per distinct note, and its mixer's legend entry carries the note, so rows from different
+    runs stay apart on one plot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for m in dict.fromkeys(r["mixer"] for r in results):
+    mixers = list(dict.fromkeys(r["mixer"] for r in results))
+    colours = plt.get_cmap("tab20" if len(mixers) > 10 else "tab10")
+    shapes = dict(zip(dict.fromkeys(r["note"] for r in results if r.get("note")), "*DXPv^<>"))
+    for n, m in enumerate(mixers):
         rows = sorted((r for r in results if r["mixer"] == m), key=lambda r: r["d_model"])
         notes = list(dict.fromkeys(r["note"] for r in rows if r.get("note")))
         label = m + (f" ({'; '.join(notes)})" if notes else "")
-        (line,) = ax.plot([r["d_model"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
-        marked = [r for r in rows if r.get("note")]
-        if marked:
-            ax.plot([r["d_model"] for r in marked], [r["accuracy"] for r in marked], linestyle="none", marker="*",
-                    markersize=13, color=line.get_color(), markeredgecolor="black", markeredgewidth=0.6)
+        colour = colours(n % colours.N)
+        # a mixer measured only in one noted run shows that run's marker in the legend too
+        shape = shapes[notes[0]] if len(notes) == 1 and all(r.get("note") for r in rows) else "o"
+        ax.plot([r["d_model"] for r in rows], [r["accuracy"] for r in rows], marker=shape, color=colour, label=label)
+        for note in notes:
+            marked = [r for r in rows if r.get("note") == note]
+            ax.plot([r["d_model"] for r in marked], [r["accuracy"] for r in marked], linestyle="none",
+                    marker=shapes.get(note, "*"), markersize=11, color=colour, markeredgecolor="black",
+                    markeredgewidth=0.6)
+    dims = sorted({r["d_model"] for r in results})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(dims, [str(d) for d in dims])
     ax.set_xlabel("d_model")
     ax.set_ylabel("MQAR accuracy")
     ax.set_ylim(-0.02, 1.02)
