@@ -1,4 +1,4 @@
-"""The token loop against hand-written recurrences in float64 (independent of autograd and of `parts.backward`)."""
+"""The token loop against hand-written recurrences in float64 (independent of autograd and of the memories' `grad_factors`)."""
 import torch
 
 from blockattn.linear.miras import (GradientDescent, KLRetention, L2Bias, L2Retention, LinearMemory, LqRetention,

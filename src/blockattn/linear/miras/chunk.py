@@ -18,7 +18,7 @@ from torch import Tensor
 from blockattn.linear.miras.accumulators import ChunkAccumulators
 from blockattn.linear.miras.common import MemoryState, MirasParts, check_inputs
 from blockattn.linear.miras.common import initial_state as make_state
-from blockattn.linear.miras.parts import flatten, unflatten
+from blockattn.linear.miras.parts import unflatten
 
 
 def _decay_matrix(gates: Tensor) -> tuple[Tensor, Tensor]:
