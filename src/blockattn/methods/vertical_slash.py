@@ -108,8 +108,8 @@ class VerticalSlash(PrefillMethod):
         # (a diagonal's real score is at most `last`, the number of rows summed)
         slash[..., :forced] = last + 1 + forced - torch.arange(forced, dtype=slash.dtype, device=q.device)
         if sizes is None:
-            sizes = (torch.full((heads,), self.vertical_size, device=q.device),
-                     torch.full((heads,), self.slash_size, device=q.device))
+            return (keep_top(vertical, min(length, max(self.vertical_size, _FORCED_COLUMNS))),
+                    keep_top(slash, min(length, max(self.slash_size, 50))))
         v_size = sizes[0].to(q.device).clamp(min=_FORCED_COLUMNS).clamp(max=length)
         s_size = sizes[1].to(q.device).clamp(min=50).clamp(max=length)
         return keep_top(vertical, v_size), keep_top(slash, s_size)
@@ -197,8 +197,12 @@ class VerticalSlash(PrefillMethod):
                              block_k=block, causal=True)
 
 
-def keep_top(scores: Tensor, sizes: Tensor) -> Tensor:
-    """bool mask of the top `sizes[h]` entries of each head's rows of `scores [B, H, ..., N]` (`sizes` int `[H]`)."""
+def keep_top(scores: Tensor, sizes: Tensor | int) -> Tensor:
+    """bool mask of the top `sizes[h]` entries of each head's rows of `scores [B, H, ..., N]` (`sizes` int `[H]`,
+    or one int for every head)."""
+    if isinstance(sizes, int):
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(
+            -1, scores.topk(sizes, dim=-1).indices, True)
     most = int(sizes.max())
     top = scores.topk(most, dim=-1).indices  # sorted: a head's first sizes[h] are its top sizes[h]
     rank_ok = torch.arange(most, device=scores.device) < sizes.view(-1, *([1] * (scores.dim() - 2)))
