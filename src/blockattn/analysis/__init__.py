@@ -23,6 +23,15 @@ _EXPORTS = {
     "retrieval_scores": "retrieval",
     "retrieval_search": "retrieval",
     "RetrievalResult": "retrieval",
+    "ICLConfig": "icl_regression",
+    "MultiHeadSoftmaxICL": "icl_regression",
+    "sample_prompts": "icl_regression",
+    "debiased_gd": "icl_regression",
+    "kq_ov": "icl_regression",
+    "pattern_stats": "icl_regression",
+    "softpag_attention": "softpag",
+    "perturbed": "softpag",
+    "head_hunter": "softpag",
 }
 
 
