@@ -633,20 +633,27 @@ class BlockLayout:
         dense = torch.zeros(batch, heads, n_q, n_k, dtype=torch.bool, device=device)
         if full is not None:
             dense |= full
-        dense[tb[keep], th[keep], tq[keep], tk[keep]] = True
+        # trusted builders pass only tiles to keep: no boolean indexing (a nonzero per tensor)
+        dense[(tb, th, tq, tk) if trusted else (tb[keep], th[keep], tq[keep], tk[keep])] = True
         if causal or window is not None:
             dense &= _analytic_block_support(q_len, k_len, block_q, block_k, causal, _check_window(window), device)
         counts, indices = _block_lists(dense)
         tile_mask_ids = tile_masks = None
         partial = keep & (ids >= 0)
         if bool(partial.any()):
-            used, inverse = torch.unique(ids[partial], return_inverse=True)
+            every = trusted and bool(partial.all())
+            at = (tb, th, tq, tk) if every else (tb[partial], th[partial], tq[partial], tk[partial])
+            listed_ids = ids if every else ids[partial]
+            if trusted and bool((torch.bincount(listed_ids, minlength=len(masks)) > 0).all()):
+                used, inverse = torch.arange(len(masks), device=device), listed_ids  # no sort
+            else:
+                used, inverse = torch.unique(listed_ids, return_inverse=True)
             # every mask used (the packed builders' case): no copy of what can be hundreds of MB
             kept = masks if len(used) == len(masks) else masks[used]
             tile_masks, merged = (kept.contiguous(), torch.arange(len(used), device=device)) if trusted \
                 else _unique_masks(kept)
             ids_dense = torch.full(dense.shape, -1, dtype=torch.int32, device=device)
-            ids_dense[tb[partial], th[partial], tq[partial], tk[partial]] = merged[inverse].to(torch.int32)
+            ids_dense[at] = merged[inverse].to(torch.int32)
             tile_mask_ids = torch.gather(ids_dense, 3, indices.clamp(min=0).long())
         return cls(counts, indices, q_len=q_len, k_len=k_len, block_q=block_q, block_k=block_k, causal=causal,
                    window=window, tile_mask_ids=tile_mask_ids, tile_masks=tile_masks,
