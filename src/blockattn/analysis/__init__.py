@@ -32,6 +32,9 @@ _EXPORTS = {
     "softpag_attention": "softpag",
     "perturbed": "softpag",
     "head_hunter": "softpag",
+    "rank_heads": "circuits",
+    "find_circuit": "circuits",
+    "circuit_overlap": "circuit_reuse",
 }
 
 

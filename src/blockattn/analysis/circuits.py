@@ -1,0 +1,486 @@
+"""SAE circuit identification (O'Neill & Bui, "Sparse Autoencoders Enable Scalable and Reliable Circuit
+Identification in Language Models", arXiv 2405.12522; official code charlieoneill11/sae-circuits).
+
+The rule, as the official code has it (src/sae.py, train.py, node.py, edge.py, main.py, configs/config.yaml):
+- Every prompt gives R [heads_total, d_model]: each head's *result* at the last position, i.e. its output
+  before o_proj projected through its own slice of W_O into the residual stream.
+- The dataset is positives (prompts the model solves) then negatives (matched prompts it cannot solve).
+- One SAE shared by all heads: d_model -> 200 features, x - b -> unit-norm linear (with bias) -> ReLU ->
+  unit-norm linear (no bias) -> + b, with b one tied bias initialised at zero. "Unit norm" is along each
+  weight's input dimension (the code's `normalize(weight, dim=-1)`), kept by projecting the gradient off
+  each row and renormalising before every forward.
+- Loss = MSE + 0.02 * mean over (example, head) of the codes' L1 norm; Adam lr 1e-3; 500 full-batch epochs
+  on 10 examples (here 5 positives + 5 negatives: the code draws 10 at random from the shuffled set).
+- code(example, head) = argmax feature, computed on every example. Node score of a head = |U+|, the number
+  of codes it shows on positives and never on negatives; edge score of a head pair = the number of code
+  pairs seen on positives and never on negatives.
+
+Tasks, generated offline: indirect object identification (Wang et al. 2022: ABBA/BABA positives, ABC
+negatives with a third name) and colored objects (Ippolito & Callison-Burch style "On the table, I see a
+red pen, a blue cup and a green book. What color is the cup? Answer:"; negatives ask about an object
+that is not on the table). Circuit reuse (Merullo et al. 2024) lives in `circuit_reuse.py`.
+"""
+from __future__ import annotations
+
+import random
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+NAMES = ("Mary John Tom James Anna Sarah David Paul Lisa Kate Mark Emma Peter Laura Alice Bob Jack Susan Robert "
+         "Linda Michael Daniel Rachel Steve Kevin Amy Sam Chris Jessica George").split()
+PLACES = "store park school office garden beach restaurant hospital station house".split()
+GIFTS = "drink book ring kiss bone letter basketball apple".split()
+IOI_TEMPLATES = (
+    "When {A} and {B} went to the {place}, {S} gave a {obj} to",
+    "After {A} and {B} went to the {place}, {S} gave a {obj} to",
+    "Then, {A} and {B} had a long day at the {place}. {S} gave a {obj} to",
+    "While {A} and {B} were working at the {place}, {S} handed a {obj} to",
+    "Friends {A} and {B} found a {obj} at the {place}. {S} gave it to",
+)
+COLORS = "red blue green yellow black white purple orange pink brown".split()
+OBJECTS = "pen cup book ball key phone hat bag box plate shoe lamp coin sock fork bowl clock".split()
+SURFACES = "table desk floor shelf".split()
+COLOR_TEMPLATE = "On the {surface}, I see {items}. What color is the {ask}? Answer:"
+
+FEATURES, L1, LR, EPOCHS, EXAMPLES = 200, 0.02, 1e-3, 500, 10  # configs/config.yaml
+
+
+class Prompt(NamedTuple):
+    """One task prompt. `answer` is the right next word (IO name / color), `foil` the word it competes with
+    (the subject / the most likely other listed color is chosen at scoring time); `candidates` are all the
+    words the task could answer with (the two names / the listed colors)."""
+    text: str
+    answer: str
+    foil: str
+    candidates: tuple[str, ...]
+    kind: str
+
+
+# ------------------------------------------------------------------------------------------- prompts
+def _count(name, n):
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1, got {n}")
+
+
+def ioi_prompts(n: int, kind: str = "ABBA", *, seed: int = 0, templates=IOI_TEMPLATES) -> list[Prompt]:
+    """`n` IOI prompts. ABBA: "When A and B ..., B gave a drink to" (answer A); BABA: "When B and A ..., B gave
+    ..." (answer A); ABC: "When A and B ..., C gave ..." (three distinct names: nothing to identify, the
+    negative set; `answer` A, `foil` B are kept only to score it the same way)."""
+    _count("n", n)
+    if kind not in ("ABBA", "BABA", "ABC"):
+        raise ValueError(f"kind must be 'ABBA', 'BABA' or 'ABC', got {kind!r}")
+    rng = random.Random(f"ioi-{kind}-{seed}")
+    prompts = []
+    for i in range(n):
+        io, s, c = rng.sample(NAMES, 3)
+        first, second = (io, s) if kind in ("ABBA", "ABC") else (s, io)
+        text = templates[i % len(templates)].format(A=first, B=second, S=c if kind == "ABC" else s,
+                                                    place=rng.choice(PLACES), obj=rng.choice(GIFTS))
+        prompts.append(Prompt(text, io, s, (io, s), kind))
+    return prompts
+
+
+def _article(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def colored_objects_prompts(n: int, *, negative: bool = False, seed: int = 0, count: int = 3,
+                            shots: int = 3) -> list[Prompt]:
+    """`n` colored-objects prompts with `count` distinct colored objects; the answer is the asked object's
+    color. `negative`: the question asks about an object that is not on the surface (nothing to find).
+    `shots` solved examples (fixed, from their own seed) precede each question: zero-shot SmolLM2-135M
+    answers "Answer:" with no color at all (measured: top-1 0/40), 3-shot it names one (40% right, chance 33%)."""
+    _count("n", n)
+    _count("count", count)
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+        raise ValueError(f"shots must be an int >= 0, got {shots!r}")
+    demos = _colored(shots, False, random.Random("colored-shots"), count)
+    prefix = "".join(f"{d.text} {d.answer}\n" for d in demos)
+    prompts = _colored(n, negative, random.Random(f"colored-{negative}-{seed}"), count)
+    return [p._replace(text=prefix + p.text) for p in prompts]
+
+
+def _colored(n, negative, rng, count):
+    prompts = []
+    for _ in range(n):
+        colors = rng.sample(COLORS, count)
+        objects = rng.sample(OBJECTS, count + 1)
+        shown = [f"{_article(c)} {c} {o}" for c, o in zip(colors, objects)]
+        items = ", ".join(shown[:-1]) + " and " + shown[-1] if count > 1 else shown[0]
+        target = rng.randrange(count)
+        ask = objects[count] if negative else objects[target]
+        text = COLOR_TEMPLATE.format(surface=rng.choice(SURFACES), items=items, ask=ask)
+        foil = colors[(target + 1) % count] if count > 1 else colors[target]
+        prompts.append(Prompt(text, colors[target], foil, tuple(colors), "negative" if negative else "positive"))
+    return prompts
+
+
+def task_prompts(task: str, n: int, *, seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
+    """(positives, negatives), `n` each: IOI alternates ABBA and BABA against ABC; colored objects against
+    questions about an absent object."""
+    if task == "ioi":
+        abba, baba = ioi_prompts(n, "ABBA", seed=seed), ioi_prompts(n, "BABA", seed=seed)
+        return [p for pair in zip(abba, baba) for p in pair][:n], ioi_prompts(n, "ABC", seed=seed)
+    if task == "colored_objects":
+        return (colored_objects_prompts(n, seed=seed), colored_objects_prompts(n, negative=True, seed=seed))
+    raise ValueError(f"task must be 'ioi' or 'colored_objects', got {task!r}")
+
+
+def word_id(tokenizer, word: str) -> int:
+    """The single token of " word" (the names, colors and objects here all are one token with the space)."""
+    ids = tokenizer(" " + word, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"{word!r} is {len(ids)} tokens with a leading space for this tokenizer; pick one-token words")
+    return ids[0]
+
+
+# --------------------------------------------------------------------------------- running the model
+def _batches(tokenizer, prompts, batch_size):
+    """Prompts grouped by token length (no padding, so the last position is the same for a whole batch)."""
+    groups: dict[int, list[int]] = {}
+    encoded = [tokenizer(p.text, add_special_tokens=False).input_ids for p in prompts]
+    for i, ids in enumerate(encoded):
+        groups.setdefault(len(ids), []).append(i)
+    for _, members in sorted(groups.items()):
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            yield chunk, torch.tensor([encoded[i] for i in chunk])
+
+
+def _patched(model):
+    from blockattn.analysis.retrieval import _patched as patched
+    return patched(model)
+
+
+def head_results(model, tokenizer, prompts, *, batch_size: int = 32) -> Tensor:
+    """`[N, layers * heads, d_model]` float32: each head's result at the last position (its output before
+    o_proj times its slice of W_O), the SAE's input. Head order is layer-major (index = layer * heads + head)."""
+    from blockattn import analysis
+
+    device = next(model.parameters()).device
+    out = [None] * len(prompts)
+    with torch.no_grad(), _patched(model), analysis.hooks(model) as h:
+        layers, heads = h.layers, h.heads
+        weights = [m.o_proj.weight for m in sorted(h.modules, key=lambda m: m.layer_idx)]
+        for chunk, ids in _batches(tokenizer, prompts, batch_size):
+            h.clear()
+            h.record_outputs(positions=[ids.shape[1] - 1])
+            model(ids.to(device))
+            per_layer = []
+            for layer in range(layers):
+                o = h.outputs[layer][0][:, :, 0].float()  # [B, H, D]
+                w = weights[layer].float().view(-1, heads, o.shape[-1])  # [d_model, H, D]
+                per_layer.append(torch.einsum("bhd,mhd->bhm", o, w))
+            stacked = torch.cat(per_layer, dim=1)
+            for j, i in enumerate(chunk):
+                out[i] = stacked[j]
+    return torch.stack(out)
+
+
+def last_logits(model, tokenizer, prompts, *, edits=None, batch_size: int = 32) -> Tensor:
+    """`[N, vocab]` float32 next-token logits at the last position, with `edits(h, length)` applied to the
+    hooks (e.g. `h.ablate(...)`) before each batch; None runs the model as is."""
+    from blockattn import analysis
+
+    device = next(model.parameters()).device
+    rows = [None] * len(prompts)
+    with torch.no_grad(), _patched(model), analysis.hooks(model) as h:
+        for chunk, ids in _batches(tokenizer, prompts, batch_size):
+            h.restore()
+            if edits is not None:
+                edits(h, ids.shape[1])
+            logits = model(ids.to(device)).logits[:, -1].float()
+            for j, i in enumerate(chunk):
+                rows[i] = logits[j]
+    return torch.stack(rows)
+
+
+def task_metrics(logits: Tensor, tokenizer, prompts) -> dict:
+    """Logit difference answer - foil (IOI: IO - S; colored objects: right color - best other listed color),
+    accuracy among the candidates (the answer beats every other candidate) and top-1 over the vocabulary."""
+    diffs, right, top1 = [], 0, 0
+    for row, p in zip(logits, prompts):
+        answer = row[word_id(tokenizer, p.answer)]
+        others = torch.stack([row[word_id(tokenizer, c)] for c in p.candidates if c != p.answer])
+        diffs.append(float(answer - others.max()))
+        right += int(bool((answer > others).all()))
+        top1 += int(int(row.argmax()) == word_id(tokenizer, p.answer))
+    n = len(prompts)
+    return dict(logit_diff=sum(diffs) / n, accuracy=right / n, top1=top1 / n, n=n)
+
+
+# ---------------------------------------------------------------------------------------- the SAE
+class _UnitNormLinear(nn.Module):
+    """Linear layer whose weight rows stay unit norm: the gradient's component along each row is removed
+    in backward, and rows are renormalised before every forward (Adam's momentum still moves the norm)."""
+
+    def __init__(self, n_in, n_out, *, bias, generator, device):
+        super().__init__()
+        weight = torch.randn(n_out, n_in, generator=generator, device=device)
+        self.weight = nn.Parameter(nn.functional.normalize(weight, dim=-1))
+        if bias:
+            bound = n_in ** -0.5
+            self.bias = nn.Parameter((torch.rand(n_out, generator=generator, device=device) * 2 - 1) * bound)
+        else:
+            self.register_parameter("bias", None)
+        self.weight.register_hook(self._project)
+
+    def _project(self, grad):
+        unit = self.weight.detach() / self.weight.detach().norm(dim=-1, keepdim=True)
+        return grad - (grad * unit).sum(-1, keepdim=True) * unit
+
+    def renormalise(self):
+        with torch.no_grad():
+            self.weight.copy_(nn.functional.normalize(self.weight, dim=-1))
+
+    def forward(self, x):
+        self.renormalise()
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class CircuitSAE(nn.Module):
+    """The shared SAE: `forward(x [..., d_model]) -> (codes [..., features] >= 0, reconstruction)`."""
+
+    def __init__(self, d_model: int, features: int = FEATURES, *, seed: int = 0, device=None):
+        super().__init__()
+        _count("d_model", d_model)
+        _count("features", features)
+        generator = torch.Generator(device=device or "cpu").manual_seed(seed)
+        self.bias = nn.Parameter(torch.zeros(d_model, device=device))  # tied; the official code's zero median
+        self.encoder = _UnitNormLinear(d_model, features, bias=True, generator=generator, device=device)
+        self.decoder = _UnitNormLinear(features, d_model, bias=False, generator=generator, device=device)
+
+    def forward(self, x: Tensor):
+        acts = torch.relu(self.encoder(x - self.bias))
+        return acts, self.decoder(acts) + self.bias
+
+
+def sae_loss(acts: Tensor, recon: Tensor, x: Tensor, l1: float = L1) -> Tensor:
+    """MSE over every element + l1 * the mean over (example, head) rows of the codes' L1 norm."""
+    return nn.functional.mse_loss(recon, x) + l1 * acts.abs().sum(-1).mean()
+
+
+def train_sae(results: Tensor, *, features: int = FEATURES, l1: float = L1, lr: float = LR, epochs: int = EPOCHS,
+              seed: int = 0) -> CircuitSAE:
+    """Full-batch Adam on `results [n, heads, d_model]` (the training examples) for `epochs` steps."""
+    _check_results(results)
+    with torch.enable_grad():
+        sae = CircuitSAE(results.shape[-1], features, seed=seed, device=results.device)
+        opt = torch.optim.Adam(sae.parameters(), lr=lr)
+        x = results.detach().float()
+        for _ in range(epochs):
+            opt.zero_grad()
+            loss = sae_loss(*sae(x), x, l1)
+            loss.backward()
+            opt.step()
+        sae.encoder.renormalise()  # Adam's last step moved the norms; leave the trained SAE on the constraint
+        sae.decoder.renormalise()
+    sae.final_loss = float(loss.detach())
+    return sae
+
+
+def sae_codes(sae: CircuitSAE, results: Tensor) -> Tensor:
+    """`[N, heads]` long: the argmax feature of every (example, head)."""
+    with torch.no_grad():
+        return sae(results.float())[0].argmax(-1)
+
+
+def node_scores(codes: Tensor, n_positive: int, *, normalise: bool = False) -> Tensor:
+    """`[heads]` float: |codes on positives minus codes on negatives| per head (rows `:n_positive` are the
+    positives); `normalise` divides by the number of distinct codes the head shows."""
+    if not 0 < n_positive < codes.shape[0]:
+        raise ValueError(f"n_positive must be in (0, {codes.shape[0]}), got {n_positive}")
+    features = int(codes.max()) + 1
+    seen_pos = torch.zeros(codes.shape[1], features, dtype=torch.bool, device=codes.device)
+    seen_neg = torch.zeros_like(seen_pos)
+    heads = torch.arange(codes.shape[1], device=codes.device).expand_as(codes)
+    seen_pos[heads[:n_positive], codes[:n_positive]] = True
+    seen_neg[heads[n_positive:], codes[n_positive:]] = True
+    unique = (seen_pos & ~seen_neg).sum(-1).float()
+    if normalise:
+        unique = unique / (seen_pos | seen_neg).sum(-1).float()
+    return unique
+
+
+def edge_scores(codes: Tensor, n_positive: int) -> Tensor:
+    """`[heads, heads]` float: per head pair, the number of distinct code pairs on positives never seen on
+    negatives (symmetric; the diagonal is the node score)."""
+    if not 0 < n_positive < codes.shape[0]:
+        raise ValueError(f"n_positive must be in (0, {codes.shape[0]}), got {n_positive}")
+    features = int(codes.max()) + 1
+    pairs = codes[:, :, None] * features + codes[:, None, :]  # [N, H, H]
+    pos, neg = pairs[:n_positive], pairs[n_positive:]
+    new = torch.ones_like(pos, dtype=torch.bool)
+    for j in range(neg.shape[0]):  # O(N H^2) memory, not O(N^2 H^2)
+        new &= pos != neg[j]
+    first = torch.ones_like(new)
+    for i in range(1, pos.shape[0]):
+        first[i] = (pos[i][None] != pos[:i]).all(0)
+    return (new & first).sum(0).float()
+
+
+def _check_results(results):
+    if not isinstance(results, Tensor):
+        raise TypeError(f"results must be a tensor [N, heads, d_model], got {type(results).__name__}")
+    if results.dim() != 3 or not results.is_floating_point():
+        raise ValueError(f"results must be a floating tensor [N, heads, d_model], got {results.dtype} "
+                         f"{list(results.shape)}")
+
+
+class Ranking(NamedTuple):
+    """scores: `[layers, heads]` mean node score over trials; order: (layer, head) pairs best first."""
+    scores: Tensor
+    order: list
+
+    def top(self, k: int) -> list:
+        return self.order[:k]
+
+
+def rank_heads(results: Tensor, n_positive: int, *, heads: int, trials: int = 1, examples: int = EXAMPLES,
+               features: int = FEATURES, epochs: int = EPOCHS, seed: int = 0) -> Ranking:
+    """Rank heads by SAE node score: per trial, train the SAE on `examples` examples (half positives, half
+    negatives, drawn at random), code every example and score |U+|; scores are averaged over `trials`
+    (the official code reports one trial per run). Ties keep layer-major order."""
+    _check_results(results)
+    n = results.shape[0]
+    if not 0 < n_positive < n:
+        raise ValueError(f"n_positive must be in (0, {n}), got {n_positive}")
+    if results.shape[1] % heads:
+        raise ValueError(f"results hold {results.shape[1]} heads, not a multiple of heads={heads}")
+    _count("trials", trials)
+    total = torch.zeros(results.shape[1], dtype=torch.float64, device=results.device)
+    for t in range(trials):
+        g = torch.Generator().manual_seed(seed * 1000 + t)
+        half = examples // 2
+        pos = torch.randperm(n_positive, generator=g)[:examples - half]
+        neg = n_positive + torch.randperm(n - n_positive, generator=g)[:half]
+        train = results[torch.cat([pos, neg]).to(results.device)]
+        sae = train_sae(train, features=features, epochs=epochs, seed=seed * 1000 + t)
+        total += node_scores(sae_codes(sae, results), n_positive).double()
+    scores = (total / trials).float()
+    flat = sorted(range(scores.numel()), key=lambda i: -float(scores[i]))
+    return Ranking(scores.view(-1, heads), [divmod(i, heads) for i in flat])
+
+
+# ------------------------------------------------------------------------------------ ablation check
+def last_position_means(model, tokenizer, prompts, *, batch_size: int = 32) -> Tensor:
+    """`[layers, heads, D]`: each head's mean output (before o_proj) at the last position over `prompts`."""
+    from blockattn import analysis
+
+    device = next(model.parameters()).device
+    with torch.no_grad(), _patched(model), analysis.hooks(model) as h:
+        for _, ids in _batches(tokenizer, prompts, batch_size):
+            h.record_outputs(positions=[ids.shape[1] - 1])
+            model(ids.to(device))
+        return h.mean_outputs()
+
+
+def last_position_edit(heads, replacement):
+    """`edits(h, length)` for `last_logits`: replace the last position's output of each (layer, head) by
+    `replacement(layer, head, out_last [B, D])`, leaving the other positions alone."""
+    def edits(h, length):
+        def make(layer, head):
+            def f(out):
+                out = out.clone()
+                out[:, -1] = replacement(layer, head, out[:, -1]).to(out.dtype)
+                return out
+            return f
+        h.ablate({(layer, head): make(layer, head) for layer, head in heads})
+    return edits
+
+
+def mean_ablation(heads, means: Tensor):
+    """Mean-ablate `heads` at the last position with `means [layers, heads, D]`."""
+    return last_position_edit(heads, lambda layer, head, out: means[layer, head].expand_as(out))
+
+
+def ablation_check(model, tokenizer, ranking: Ranking, prompts, means: Tensor, *, ks, draws: int = 3,
+                   seed: int = 0) -> list[dict]:
+    """Task metrics with no ablation, with the top-k ranked heads mean-ablated, and with k random heads
+    (drawn from the heads outside the top k) mean-ablated, `draws` times, for each k in `ks`."""
+    _count("draws", draws)
+    rows = [dict(condition="none", k=0, heads=[], **task_metrics(last_logits(model, tokenizer, prompts),
+                                                                    tokenizer, prompts))]
+    rng = random.Random(seed)
+    for k in ks:
+        top = ranking.top(k)
+        rows.append(dict(condition="top", k=k, heads=top, **task_metrics(
+            last_logits(model, tokenizer, prompts, edits=mean_ablation(top, means)), tokenizer, prompts)))
+        rest = ranking.order[k:]
+        for d in range(draws):
+            chosen = rng.sample(rest, k)
+            rows.append(dict(condition=f"random {d + 1}", k=k, heads=chosen, **task_metrics(
+                last_logits(model, tokenizer, prompts, edits=mean_ablation(chosen, means)), tokenizer, prompts)))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- pictures
+def plot_scores(scores: Tensor, path: str, *, title: str) -> str:
+    """PNG heatmap of `[layers, heads]` node scores."""
+    from blockattn.plots import figure, save
+
+    layers, heads = scores.shape
+    fig, axes = figure(1, 1, figsize=(max(3.5, 0.45 * heads + 2.0), max(3.5, 0.22 * layers + 1.5)))
+    ax = axes[0, 0]
+    image = ax.imshow(scores.float().cpu().numpy(), cmap="viridis", aspect="auto", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="node score |U+|")
+    ax.set_xlabel("query head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(heads))
+    ax.set_title(title, fontsize=9)
+    return save(fig, path)
+
+
+def plot_ablation(rows_by_task: dict, path: str, *, metric: str = "logit_diff") -> str:
+    """PNG bar chart: `metric` with no ablation, top-k and random-k ablations, one panel per task."""
+    from blockattn.plots import figure, save
+
+    fig, axes = figure(1, len(rows_by_task), figsize=(5.0 * len(rows_by_task), 3.6))
+    for ax, (task, rows) in zip(axes[0], rows_by_task.items()):
+        labels = [("none" if r["k"] == 0 else f"{r['condition']}\nk={r['k']}") for r in rows]
+        colors = ["gray" if r["k"] == 0 else ("tab:red" if r["condition"] == "top" else "tab:blue") for r in rows]
+        ax.bar(range(len(rows)), [r[metric] for r in rows], color=colors)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, fontsize=6, rotation=60)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_title(f"{task}: mean-ablation (red: SAE top-k, blue: random k)", fontsize=8)
+    return save(fig, path)
+
+
+# ------------------------------------------------------------------------------------- whole task
+def find_circuit(model, tokenizer, task: str, *, n: int = 20, held_out: int = 40, trials: int = 1,
+                 seed: int = 0, progress=None) -> dict:
+    """The pipeline on one task: positives = generated prompts the model answers right (first `n`),
+    negatives = `n` matched prompts it cannot solve; head results at the last position; SAE ranking over
+    `trials`; plus `held_out` fresh task prompts (not filtered) and the negatives' last-position head means
+    (the reference for mean-ablation, Wang et al.'s ABC mean for IOI)."""
+    _count("n", n)
+    candidates, negatives = task_prompts(task, 3 * n, seed=seed)
+    logits = last_logits(model, tokenizer, candidates)
+    metrics = task_metrics(logits, tokenizer, candidates)
+    right = [p for p, row in zip(candidates, logits) if _correct(row, tokenizer, p)]
+    if len(right) < 2:
+        raise ValueError(f"the model solves only {len(right)} of {len(candidates)} {task} prompts: no positives")
+    positives, negatives = right[:n], negatives[:min(n, len(right))]
+    if progress:
+        progress(f"{task}: {len(right)}/{len(candidates)} generated prompts right; {len(positives)} positives, "
+                 f"{len(negatives)} negatives")
+    results = head_results(model, tokenizer, positives + negatives)
+    heads = results.shape[1] // len(model.model.layers)
+    ranking = rank_heads(results, len(positives), heads=heads, trials=trials, seed=seed)
+    if progress:
+        progress(f"{task}: SAE ranking done ({trials} trial(s))")
+    test, _ = task_prompts(task, held_out, seed=seed + 1)
+    return dict(task=task, ranking=ranking, results=results, positives=positives, negatives=negatives,
+                generated=metrics, solved=len(right), tried=len(candidates), held_out=test,
+                means=last_position_means(model, tokenizer, negatives))
+
+
+def _correct(row, tokenizer, p):
+    answer = row[word_id(tokenizer, p.answer)]
+    return all(bool(answer > row[word_id(tokenizer, c)]) for c in p.candidates if c != p.answer)
