@@ -57,6 +57,9 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, block_siz
                      backend: str = "auto") -> Tensor:
     """Softmax attention of q, k, v `[B, H, N, D]` over the token mask `[B, H, N, N]`, through the engine."""
     check_qkv_tensors(q, k, v)
+    if not isinstance(mask, Tensor) or mask.dim() != 4 or tuple(mask.shape[2:]) != (q.shape[2], k.shape[2]):
+        raise ValueError(f"mask must be a bool tensor [B|1, H|1, {q.shape[2]}, {k.shape[2]}] for q {list(q.shape)} "
+                         f"and k {list(k.shape)}, got {list(mask.shape) if isinstance(mask, Tensor) else mask!r}")
     return blockattn.attention(q, k, v, mask_layout(mask, block_size).to(q.device), backend=backend)
 
 
