@@ -190,3 +190,31 @@ def test_mean_ablation_edits_only_the_last_position():
         finally:
             handle.remove()
         torch.testing.assert_close(ablated[i], want, atol=1e-5, rtol=1e-5)
+
+
+def test_every_position_mean_ablation_and_attribution_baseline():
+    model, tok = tiny_llama(), WordTokenizer()
+    prompts = circuits.ioi_prompts(2, "BABA")
+    means = circuits.last_position_means(model, tok, prompts, every_position=True)
+    ablated = circuits.last_logits(model, tok, prompts,
+                                   edits=circuits.mean_ablation([(0, 1)], means, every_position=True))
+    ids = torch.tensor([tok(prompts[0].text).input_ids])
+
+    def pre(module, args):
+        x = args[0].clone()
+        x[:, :, 8:16] = means[0, 1]
+        return (x,)
+    handle = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(pre)
+    try:
+        with torch.no_grad():
+            want = model(ids).logits[0, -1]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(ablated[0], want, atol=1e-5, rtol=1e-5)
+    # attribution: a result planted along the (gain-weighted) answer - foil unembedding ranks first
+    results = torch.zeros(2, 8, 32)
+    for i, p in enumerate(prompts):
+        w = model.get_output_embeddings().weight
+        results[i, 6] = (w[circuits.word_id(tok, p.answer)] - w[circuits.word_id(tok, p.foil)]).detach()
+    ranking = circuits.logit_attribution_ranking(model, tok, results, prompts, heads=4)
+    assert ranking.order[0] == (1, 2) and ranking.scores.shape == (2, 4)

@@ -366,15 +366,32 @@ def rank_heads(results: Tensor, n_positive: int, *, heads: int, trials: int = 1,
     return Ranking(scores.view(-1, heads), [divmod(i, heads) for i in flat])
 
 
+def logit_attribution_ranking(model, tokenizer, results: Tensor, prompts, *, heads: int) -> Ranking:
+    """A baseline ranking, not the paper's: |mean direct logit attribution| of each head's last-position
+    result onto the answer - foil unembedding difference (through the final norm's gain; the per-prompt
+    RMS scale is left out, it is one positive factor for every head of a prompt)."""
+    _check_results(results)
+    unembed = model.get_output_embeddings().weight
+    gain = model.model.norm.weight
+    answer = torch.tensor([word_id(tokenizer, p.answer) for p in prompts], device=unembed.device)
+    foil = torch.tensor([word_id(tokenizer, p.foil) for p in prompts], device=unembed.device)
+    with torch.no_grad():
+        direction = (unembed[answer] - unembed[foil]).float() * gain.float()  # [N, d_model]
+        dla = torch.einsum("nhm,nm->nh", results[:len(prompts)].float(), direction).mean(0).abs()
+    flat = sorted(range(dla.numel()), key=lambda i: -float(dla[i]))
+    return Ranking(dla.view(-1, heads), [divmod(i, heads) for i in flat])
+
+
 # ------------------------------------------------------------------------------------ ablation check
-def last_position_means(model, tokenizer, prompts, *, batch_size: int = 32) -> Tensor:
-    """`[layers, heads, D]`: each head's mean output (before o_proj) at the last position over `prompts`."""
+def last_position_means(model, tokenizer, prompts, *, batch_size: int = 32, every_position: bool = False) -> Tensor:
+    """`[layers, heads, D]`: each head's mean output (before o_proj) at the last position over `prompts`
+    (`every_position`: over all their positions)."""
     from blockattn import analysis
 
     device = next(model.parameters()).device
     with torch.no_grad(), _patched(model), analysis.hooks(model) as h:
         for _, ids in _batches(tokenizer, prompts, batch_size):
-            h.record_outputs(positions=[ids.shape[1] - 1])
+            h.record_outputs(positions=None if every_position else [ids.shape[1] - 1])
             model(ids.to(device))
         return h.mean_outputs()
 
@@ -393,28 +410,31 @@ def last_position_edit(heads, replacement):
     return edits
 
 
-def mean_ablation(heads, means: Tensor):
-    """Mean-ablate `heads` at the last position with `means [layers, heads, D]`."""
+def mean_ablation(heads, means: Tensor, *, every_position: bool = False):
+    """Mean-ablate `heads` at the last position (`every_position`: at all positions, the hook API's `[D]`
+    replacement) with `means [layers, heads, D]`."""
+    if every_position:
+        return lambda h, length: h.ablate({(layer, head): means[layer, head] for layer, head in heads})
     return last_position_edit(heads, lambda layer, head, out: means[layer, head].expand_as(out))
 
 
 def ablation_check(model, tokenizer, ranking: Ranking, prompts, means: Tensor, *, ks, draws: int = 3,
-                   seed: int = 0) -> list[dict]:
+                   seed: int = 0, every_position: bool = False) -> list[dict]:
     """Task metrics with no ablation, with the top-k ranked heads mean-ablated, and with k random heads
-    (drawn from the heads outside the top k) mean-ablated, `draws` times, for each k in `ks`."""
+    (drawn from the heads outside the top k) mean-ablated, `draws` times, for each k in `ks`; `means` are
+    last-position means, or with `every_position` all-position means applied at every position."""
     _count("draws", draws)
-    rows = [dict(condition="none", k=0, heads=[], **task_metrics(last_logits(model, tokenizer, prompts),
-                                                                    tokenizer, prompts))]
+    def measure(condition, k, heads):
+        edits = mean_ablation(heads, means, every_position=every_position) if heads else None
+        logits = last_logits(model, tokenizer, prompts, edits=edits)
+        return dict(condition=condition, k=k, heads=list(heads), **task_metrics(logits, tokenizer, prompts))
+
+    rows = [measure("none", 0, [])]
     rng = random.Random(seed)
     for k in ks:
-        top = ranking.top(k)
-        rows.append(dict(condition="top", k=k, heads=top, **task_metrics(
-            last_logits(model, tokenizer, prompts, edits=mean_ablation(top, means)), tokenizer, prompts)))
+        rows.append(measure("top", k, ranking.top(k)))
         rest = ranking.order[k:]
-        for d in range(draws):
-            chosen = rng.sample(rest, k)
-            rows.append(dict(condition=f"random {d + 1}", k=k, heads=chosen, **task_metrics(
-                last_logits(model, tokenizer, prompts, edits=mean_ablation(chosen, means)), tokenizer, prompts)))
+        rows.extend(measure(f"random {d + 1}", k, rng.sample(rest, k)) for d in range(draws))
     return rows
 
 
@@ -441,14 +461,25 @@ def plot_ablation(rows_by_task: dict, path: str, *, metric: str = "logit_diff") 
 
     fig, axes = figure(1, len(rows_by_task), figsize=(5.0 * len(rows_by_task), 3.6))
     for ax, (task, rows) in zip(axes[0], rows_by_task.items()):
-        labels = [("none" if r["k"] == 0 else f"{r['condition']}\nk={r['k']}") for r in rows]
-        colors = ["gray" if r["k"] == 0 else ("tab:red" if r["condition"] == "top" else "tab:blue") for r in rows]
+        def label(r):
+            if r["k"] == 0:
+                return "none"
+            tag = "DLA " if r.get("ranking", "").startswith("DLA") else ""
+            return f"{tag}{r['condition']}\nk={r['k']}"
+
+        def color(r):
+            if r["k"] == 0:
+                return "gray"
+            if r["condition"] != "top":
+                return "tab:blue"
+            return "tab:green" if r.get("ranking", "").startswith("DLA") else "tab:red"
+        labels, colors = [label(r) for r in rows], [color(r) for r in rows]
         ax.bar(range(len(rows)), [r[metric] for r in rows], color=colors)
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels(labels, fontsize=6, rotation=60)
         ax.axhline(0, color="black", linewidth=0.5)
         ax.set_ylabel(metric.replace("_", " "))
-        ax.set_title(f"{task}: mean-ablation (red: SAE top-k, blue: random k)", fontsize=8)
+        ax.set_title(f"{task}: mean-ablation (red: SAE top-k, green: DLA top-k, blue: random k)", fontsize=8)
     return save(fig, path)
 
 
@@ -478,7 +509,9 @@ def find_circuit(model, tokenizer, task: str, *, n: int = 20, held_out: int = 40
     test, _ = task_prompts(task, held_out, seed=seed + 1)
     return dict(task=task, ranking=ranking, results=results, positives=positives, negatives=negatives,
                 generated=metrics, solved=len(right), tried=len(candidates), held_out=test,
-                means=last_position_means(model, tokenizer, negatives))
+                baseline=logit_attribution_ranking(model, tokenizer, results, positives, heads=heads),
+                means=last_position_means(model, tokenizer, negatives),
+                means_all=last_position_means(model, tokenizer, negatives, every_position=True))
 
 
 def _correct(row, tokenizer, p):

@@ -16,6 +16,10 @@ def add_arguments(parser):
     parser.add_argument("--draws", type=int, default=3, help="random head sets per k")
     parser.add_argument("--overlap", type=float, default=0.10, help="top fraction of heads forming a circuit")
     parser.add_argument("--top", type=int, default=15, help="heads listed per task")
+    parser.add_argument("--ablate-at", choices=["all", "last"], default="all",
+                        help="mean-ablate at every position (all-position means) or at the last one only")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also run the ablation check on a direct-logit-attribution ranking (not the paper's)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -54,14 +58,24 @@ def run(args):
         for rank, (layer, head) in enumerate(c["ranking"].top(args.top), 1):
             print(f"{rank:>4}  {layer:>5}  {head:>4}  {float(scores[layer, head]):6.2f}")
         ks = sorted({max(1, round(f * total)) for f in args.fractions})
-        rows = checks[task] = circuits.ablation_check(model, tokenizer, c["ranking"], c["held_out"], c["means"],
-                                                      ks=ks, draws=args.draws, seed=args.seed)
-        progress(f"{task}: ablation check done")
-        print(f"mean-ablation at the last position, {len(c['held_out'])} held-out prompts "
-              f"(mean over the negatives):")
-        print(f"{'condition':<10} {'k':>3}  {'logit diff':>10}  {'accuracy':>8}  {'top-1':>5}")
+        every = args.ablate_at == "all"
+        means = c["means_all"] if every else c["means"]
+        rankings = [("SAE |U+|", c["ranking"])] + ([("DLA baseline", c["baseline"])] if args.baseline else [])
+        rows = []
+        for label, ranking in rankings:
+            if label != "SAE |U+|":
+                print(f"{label}: top {args.top // 3}: {ranking.top(args.top // 3)}")
+            part = circuits.ablation_check(model, tokenizer, ranking, c["held_out"], means, ks=ks, draws=args.draws,
+                                           seed=args.seed, every_position=every)
+            rows += [dict(r, ranking=label) for r in part if label == "SAE |U+|" or r["k"]]
+            progress(f"{task}: ablation check on the {label} ranking done")
+        checks[task] = rows
+        print(f"mean-ablation at {'every position' if every else 'the last position'}, {len(c['held_out'])} held-out "
+              f"prompts (means over the negatives):")
+        print(f"{'ranking':<13} {'condition':<10} {'k':>3}  {'logit diff':>10}  {'accuracy':>8}  {'top-1':>5}")
         for r in rows:
-            print(f"{r['condition']:<10} {r['k']:>3}  {r['logit_diff']:10.3f}  {r['accuracy']:8.3f}  {r['top1']:5.2f}")
+            print(f"{r['ranking']:<13} {r['condition']:<10} {r['k']:>3}  {r['logit_diff']:10.3f}  "
+                  f"{r['accuracy']:8.3f}  {r['top1']:5.2f}")
         saved[task] = dict(scores=scores.tolist(), order=c["ranking"].order, solved=c["solved"], tried=c["tried"],
                            generated=g, ablation=rows)
         if args.out:
