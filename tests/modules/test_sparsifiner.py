@@ -109,6 +109,10 @@ def test_bad_input():
         mask_layout(torch.ones(1, 1, 4, 4))
     with pytest.raises(ValueError, match="mask must be"):
         masked_attention(q, k, k, torch.ones(1, 1, 65, 65, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask"):
+        masked_attention(q, k, k, None)
+    with pytest.raises(ValueError, match="4 dims"):
+        mask_layout(torch.ones(4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="heads"):
         SparsifinerAttention(50, 3, 65)
     attn = SparsifinerAttention(48, 3, 65)

@@ -38,9 +38,11 @@ SCALES = ("heads", "channels")
 
 def mask_layout(mask: Tensor, block_size: int = 16) -> BlockLayout:
     """The `BlockLayout` of a token mask `[B, H, N, N]` (True = attend), every tile listed with its bits."""
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor [B, H, N, N], got "
                         f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}")
+    if mask.dim() != 4:
+        raise ValueError(f"mask must have 4 dims [B, H, N, N], got shape {list(mask.shape)}")
     block_size = int_arg("block_size", block_size)
     batch, heads, q_len, k_len = mask.shape
     n_q, n_k = -(-q_len // block_size), -(-k_len // block_size)
@@ -57,9 +59,11 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, block_siz
                      backend: str = "auto") -> Tensor:
     """Softmax attention of q, k, v `[B, H, N, D]` over the token mask `[B, H, N, N]`, through the engine."""
     check_qkv_tensors(q, k, v)
-    if not isinstance(mask, Tensor) or mask.dim() != 4 or tuple(mask.shape[2:]) != (q.shape[2], k.shape[2]):
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
+    if mask.dim() != 4 or tuple(mask.shape[2:]) != (q.shape[2], k.shape[2]):
         raise ValueError(f"mask must be a bool tensor [B|1, H|1, {q.shape[2]}, {k.shape[2]}] for q {list(q.shape)} "
-                         f"and k {list(k.shape)}, got {list(mask.shape) if isinstance(mask, Tensor) else mask!r}")
+                         f"and k {list(k.shape)}, got {list(mask.shape)}")
     return blockattn.attention(q, k, v, mask_layout(mask, block_size).to(q.device), backend=backend)
 
 
