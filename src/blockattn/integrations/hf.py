@@ -336,7 +336,10 @@ def patch(model, method: str | methods.Method | None = "dense", *, kv=None, laye
         model: a transformers `PreTrainedModel` that supports the attention interface.
         method: registered method name (with `**params` its hyperparameters), a `Method`, or None (dense).
         kv: a KV-cache policy (`blockattn.kv.get(...)`, a name or a spec like "razor:ratio=0.7"): the cache
-            of every `use_cache` call keeps, per KV head, only what the policy keeps (`blockattn.kv`).
+            of every `use_cache` call keeps, per KV head, only what the policy keeps (`blockattn.kv`). On a
+            hybrid model the sliding layers' cache keeps only their window (the last `window - 1` tokens) and
+            the policy acts on the full layers; per layer type: `{"full_attention": spec, "sliding_attention":
+            None}` (None on full layers keeps everything).
         layers: per-layer override, `{layer_idx: spec}` or `callable(layer_idx) -> spec`, where spec is a
             method name, a Method, `(name, params)`, a params dict for `method`, or None for dense.
         layer_types: per layer-type override, `{"sliding_attention": spec, "full_attention": spec}` (specs as

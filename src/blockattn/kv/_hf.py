@@ -6,13 +6,19 @@ attention function hands each layer's call to `attention` below: a prefill chunk
 K/V with the patch's method, then the policy keeps per KV head what it keeps; a later call attends over
 every head's buffer (one engine call per KV head and its query group, on the ragged per-head lengths:
 nothing is padded), then the policy may evict.
+
+Hybrid models (Gemma 3: sliding and full layers): a sliding layer can never attend further back than its
+window, so its cache keeps the last `window - 1` tokens (what the next query sees besides itself, HF's
+rule `q - window < k <= q`), positions kept; the policy acts on the full-attention layers only.
+`kv={"full_attention": spec, "sliding_attention": None}` says it per layer type (None on a full layer:
+keep everything; None is the only choice for sliding layers today).
 """
 from __future__ import annotations
 
 import torch
 
 from blockattn import kv as registry
-from blockattn.kv.base import Policy
+from blockattn.kv.base import Policy, Selection
 
 ATTR = "_blockattn_kv"
 HOOK_ATTR = "_blockattn_kv_hook"
@@ -23,7 +29,7 @@ class Runtime:
     (`observer(layer, query, key, value, scale)` sees every layer's post-RoPE q/k/v, for profiling)."""
 
     def __init__(self, policy: Policy):
-        self.policy = policy
+        self.policy = policy      # the full-attention layers' policy; sliding layers keep their window
         self.cache = None
         self.observer = None
 
@@ -58,9 +64,34 @@ class Runtime:
         return _attention(self, plan, query, key, value, attention_mask, scaling, causal, layer, window)
 
 
+class KeepAll(Policy):
+    """Keep every token (a full layer given `None` in a per-layer-type `kv=` dict)."""
+
+    name = "keep_all"
+    compresses = False
+
+    def select(self, layer, query, key, value, scale):
+        batch, heads, n, _ = key.shape
+        return Selection([torch.arange(n, device=key.device).expand(batch, n)] * heads)
+
+
+def _per_type(kv, modules) -> Policy:
+    """`kv={"full_attention": spec, "sliding_attention": None}` -> the full layers' policy."""
+    from blockattn.integrations.hf import layer_type
+    kinds = {layer_type(m) for m in modules}
+    unknown = set(kv) - kinds
+    if unknown:
+        raise ValueError(f"kv keys {sorted(unknown)} are not layer types of this model; it has {sorted(kinds)}")
+    if kv.get("sliding_attention") is not None:
+        raise ValueError("kv['sliding_attention'] must be None: a sliding layer's cache keeps its window (the "
+                         "last window - 1 tokens); policies act on the full-attention layers")
+    spec = kv.get("full_attention")
+    return KeepAll() if spec is None else registry.parse(spec)
+
+
 def resolve(model, kv, modules, decode) -> Policy:
     """The policy for `patch(kv=...)`, after checking the model has a KV cache to act on."""
-    policy = registry.parse(kv)
+    policy = _per_type(kv, modules) if isinstance(kv, dict) else registry.parse(kv)
     if getattr(model.config, "is_encoder_decoder", False) or not all(getattr(m, "is_causal", False) for m in modules):
         raise ValueError(f"kv policies act on a decoder's KV cache; {type(model).__name__} has none (its attention "
                          "is not causal self-attention)")
@@ -102,8 +133,6 @@ def _attention(runtime: Runtime, plan, query, key, value, attention_mask, scalin
         out = _attend(plan, query, key, value, scaling, causal, layer, window)
         runtime.observer(layer, query, key, value, scale)
         return out
-    if window is not None:
-        raise ValueError(f"layer {layer} is a sliding-window layer; kv policies do not handle those yet")
     if attention_mask is not None:
         raise ValueError("kv policies take batches without padding (attention_mask all ones); run padded "
                          "prompts one at a time")
@@ -112,6 +141,8 @@ def _attention(runtime: Runtime, plan, query, key, value, attention_mask, scalin
     if plan.max_len is not None and state.seen > plan.max_len:
         raise ValueError(f"sequence of {state.seen} tokens exceeds the model's context of {plan.max_len} "
                          "(max_position_embeddings)")
+    if window is not None:
+        return _sliding(plan, state, query, key, value, scaling, causal, layer, int(window))
     policy = runtime.policy
     if state.pending is not None:
         out = policy.prefill_attend(runtime.cache, layer, query, key, value, scale, plan.backend)
@@ -121,6 +152,30 @@ def _attention(runtime: Runtime, plan, query, key, value, attention_mask, scalin
         return out
     out = policy.attend(runtime.cache, state, layer, query, scale, plan.backend)
     policy.after_attend(runtime.cache, state, layer, query, scale)
+    return out
+
+
+def _sliding(plan, state, query, key, value, scaling, causal, layer, window):
+    """A sliding layer: attend over its window (the engine's band), then keep the last `window - 1` tokens,
+    all a later query can see besides itself (HF's DynamicSlidingWindowLayer keeps as many)."""
+    from blockattn.integrations.hf import _attend
+    keep = max(window - 1, 0)
+    if state.pending is not None:
+        out = _attend(plan, query, key, value, scaling, causal, layer, window)
+        n = key.shape[2]
+        index = torch.arange(max(0, n - keep), n, device=key.device).expand(key.shape[0], -1)
+        _store(state, Selection([index] * key.shape[1], capacity=[keep] * key.shape[1]), key, value)
+        return out
+    # the buffers hold the last <= window - 1 tokens and the new ones, contiguous in position: the band of
+    # `_attend` (bottom-right aligned) is exact over them
+    out = _attend(plan, query, torch.stack(state.head_keys, 1), torch.stack(state.head_values, 1), scaling,
+                  causal, layer, window)
+    for h in range(len(state.head_keys)):
+        n = state.head_keys[h].shape[1]
+        if n > keep:
+            # a copy, not a view: the view would pin the longer buffer (and cache_bytes would undercount it)
+            for buffers in (state.head_keys, state.head_values, state.positions):
+                buffers[h] = buffers[h][:, n - keep:].clone()
     return out
 
 
