@@ -32,6 +32,7 @@ _EXPORTS = {
     "softpag_attention": "softpag",
     "perturbed": "softpag",
     "head_hunter": "softpag",
+    "guided_logits": "softpag_text",
     "rank_heads": "circuits",
     "find_circuit": "circuits",
     "circuit_overlap": "circuit_reuse",

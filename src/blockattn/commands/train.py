@@ -3,7 +3,7 @@ import os
 
 HELP = "train a trainable selector's experiment here (landmark, dma, seer, sparsifiner); table, JSON and a PNG"
 
-ANALYSES = ("icl_regression", "softpag")  # blockattn.analysis experiments: each module's experiment() and table()
+ANALYSES = ("icl_regression", "softpag", "softpag_text")  # blockattn.analysis experiments: each module's experiment() and table()
 NAMES = ("landmark", "dma", "seer", "sparsifiner") + ANALYSES
 TINY = {"landmark": dict(steps=3, batch=4, eval_sequences=20),
         "dma": dict(steps=3, batch=8, train_examples=100, test_examples=50, seq_len=32, vocab=64, num_kv_pairs=2),
@@ -17,7 +17,8 @@ def add_arguments(parser):
                                                     "seer: gates distilled on a real model's attention; "
                                                     "sparsifiner: a tiny ViT vs its dense twin; "
                                                     "icl_regression: multi-head softmax attention on in-context "
-                                                    "linear regression; softpag: SoftPAG + HeadHunter on a tiny DiT")
+                                                    "linear regression; softpag: SoftPAG + HeadHunter on a tiny DiT; "
+                                                    "softpag_text: the same on SmolLM2-135M (IOI)")
     parser.add_argument("--model", default="smollm2-135m", help="seer: the model whose attention the gates learn")
     parser.add_argument("--layer", type=int, default=15, help="seer: the layer captured")
     parser.add_argument("--layers", default=None,
