@@ -48,8 +48,8 @@ def memory_table(results: dict, *, head_dim: int = 64, kv_heads: int = 90, dtype
     """Per compressing row and length: bytes held, the bound, RSS added; then the end-to-end rows."""
     fixed = kv_heads * (2 * head_dim * dtype_bytes + 4)
     lines = [f"fixed overhead allowed: {fixed} B ({kv_heads} KV heads × one compensation slot)", "",
-             "| policy | L | ratio r | cache_bytes MiB | (1 − r) × dense MiB | held / ((1 − r) × dense) | within bound | "
-             "RSS added MiB |", "|---|---|---|---|---|---|---|---|"]
+             "| policy | L | ratio r | cache_bytes MiB | (1 − r) × dense MiB | held / ((1 − r) × dense) | "
+             "within bound | RSS added MiB |", "|---|---|---|---|---|---|---|---|"]
     dense = {int(k): v for k, v in results["dense_kv_bytes"].items()}
     for row in results["rows"]:
         ratio = row.get("ratio")
@@ -128,6 +128,55 @@ def act(length: int, depths: list[float]) -> None:
               f"{sum(c['found'] for c in row['cells'])}/{len(row['cells'])}")
 
 
+def run(args) -> None:
+    """`blockattn eval --kv` with the knobs the CLI keeps fixed (decode steps, the end-to-end check)."""
+    import time
+
+    import blockattn
+    from blockattn.bench import kv_eval
+    config = kv_eval.KVEvalConfig(tasks=tuple(args.tasks), lengths=tuple(args.lengths), depths=tuple(args.depths),
+                                  seeds=tuple(args.seeds), ratios=tuple(args.ratios), method=args.method,
+                                  decode_steps=args.decode_steps, verify=not args.no_verify)
+    kv_eval.expand(args.kv, config.ratios)
+    start = time.perf_counter()
+    model, tokenizer = blockattn.models.load("smollm2-135m")
+    results = kv_eval.run_kv_eval(model, tokenizer, args.kv, config, progress=False)
+    results["model"], results["wall_seconds"] = "smollm2-135m", time.perf_counter() - start
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "kv_results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    merge(args.output, [os.path.join(args.output, "kv_results.json")])
+
+
+def rss(spec: str | None, length: int) -> None:
+    """One fresh process, one prefill: RSS before `model(context, use_cache=True)` and after (cache held)."""
+    import gc
+
+    import torch
+
+    import blockattn
+    from blockattn import hf, kv
+    from blockattn.bench import tasks
+    from blockattn.bench.harness import PeakRSS
+    model, tokenizer = blockattn.models.load("smollm2-135m")
+    q_len = len(tokenizer(" " + tasks.QUESTION.strip(), add_special_tokens=False).input_ids)
+    context = tasks.passkey(tokenizer, length, 0.5, model=model).prompt[:, :-q_len]
+    policy = kv.parse(spec) if spec else None
+    patch = hf.patch(model, kv=policy) if policy is not None else None   # setup (RazorAttention's probe) first
+    with torch.no_grad():
+        model(context[:, :64], use_cache=False)                          # warm-up: one-time allocations
+        gc.collect()
+        before = PeakRSS.now() * 1024
+        cache = model(context, use_cache=True, logits_to_keep=1).past_key_values
+        gc.collect()
+        after = PeakRSS.now() * 1024
+    held = kv.cache_bytes(cache) / 2 ** 20
+    print(f"{spec or 'unpatched (DynamicCache)'} at n = {context.shape[1]}: RSS before {before:.1f} MiB, after "
+          f"{after:.1f} MiB, added {after - before:.1f} MiB; cache_bytes {held:.2f} MiB")
+    if patch is not None:
+        patch.__exit__(None, None, None)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,8 +189,26 @@ def main(argv=None):
     a.add_argument("--length", type=int, default=2048)
     a.add_argument("--depths", type=float, nargs="*", default=[],
                    help="also passkey at these depths, ACT vs dense (default none: `blockattn eval --kv act` does it)")
+    r = sub.add_parser("run", help="blockattn eval --kv on SmolLM2 with decode steps and the check selectable")
+    r.add_argument("--kv", nargs="+", required=True)
+    r.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.9])
+    r.add_argument("--tasks", nargs="+", default=["passkey"])
+    r.add_argument("--lengths", type=int, nargs="+", default=[4096])
+    r.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    r.add_argument("--seeds", type=int, nargs="+", default=[0])
+    r.add_argument("--method", default=None)
+    r.add_argument("--decode-steps", type=int, default=4)
+    r.add_argument("--no-verify", action="store_true")
+    r.add_argument("-o", "--output", required=True)
+    q = sub.add_parser("rss", help="RSS before/after one end-to-end prefill in a fresh process")
+    q.add_argument("--policy", default=None, help="a kv spec (default: the unpatched model)")
+    q.add_argument("--length", type=int, default=8000)
     args = parser.parse_args(argv)
-    if args.command == "merge":
+    if args.command == "rss":
+        rss(args.policy, args.length)
+    elif args.command == "run":
+        run(args)
+    elif args.command == "merge":
         merge(args.out, args.results)
     elif args.command == "memory":
         from blockattn.bench import kv_eval

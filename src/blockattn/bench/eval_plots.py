@@ -1,5 +1,6 @@
 """Plots of `blockattn eval` results: a needle-in-a-haystack heatmap per method (accuracy by context
-length x needle depth) and a speed/quality Pareto plot (prefill speedup vs passkey accuracy)."""
+length x needle depth), a speed/quality Pareto plot (prefill speedup vs passkey accuracy), and for
+`eval --kv` accuracy vs KV compression per policy."""
 from __future__ import annotations
 
 import os
@@ -74,6 +75,50 @@ def pareto(results: dict, path: str) -> str:
     ax.set_ylabel("passkey accuracy")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("speed / quality", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _kv_family(row: dict) -> str:
+    """The policy without its ratio: one line of the accuracy-vs-compression plot."""
+    from blockattn.bench.kv_eval import label
+    return label(row["name"], {k: v for k, v in row["params"].items() if k != "ratio"})
+
+
+def kv_accuracy(results: dict, path: str) -> str:
+    """`blockattn eval --kv`: accuracy (y) against the measured compression 1 − KV bytes held / dense (x),
+    one line per policy, one panel per task; dense is the dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    config = results["config"]
+    task_list = list(config["tasks"])
+    fig, axes = plt.subplots(1, len(task_list), figsize=(6.5 * len(task_list), 4.6), squeeze=False)
+    rows = [r for r in results["rows"] if r["cells"]]
+    dense = rows[0] if rows and rows[0]["name"] == "dense" and not rows[0]["params"] else None
+    others = rows[1:] if dense is not None else rows
+    for ax, task in zip(axes[0], task_list):
+        lines = {}
+        for row in others:
+            acc = row["task_accuracy"].get(task)
+            if acc == acc and acc is not None:
+                lines.setdefault(_kv_family(row), []).append((1 - row["kv_fraction"], acc))
+        for i, (name, points) in enumerate(sorted(lines.items())):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="os^vD<>ph*"[i % 10], lw=1.2,
+                    label=name if len(name) < 48 else name[:45] + "...")
+        if dense is not None:
+            ax.axhline(dense["task_accuracy"].get(task, float("nan")), color="k", ls="--", lw=0.8, label="dense")
+        ax.set_xlim(-0.05, 1.0)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("KV compression: 1 − bytes held / dense")
+        ax.set_ylabel(f"{task} accuracy")
+        ax.set_title(f"{task} at {', '.join(map(str, config['lengths']))} tokens ({config['method']} prefill)",
+                     fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

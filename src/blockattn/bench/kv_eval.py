@@ -512,46 +512,10 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def family(row: dict) -> str:
-    """The policy without its ratio: one line of the accuracy-vs-compression plot."""
-    return label(row["name"], {k: v for k, v in row["params"].items() if k != "ratio"})
-
-
 def plot(results: dict, path: str) -> str:
-    """Accuracy (y) against measured compression 1 − KV bytes held / dense (x), one line per policy, one
-    panel per task; dense is the dashed line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    config = results["config"]
-    task_list = list(config["tasks"])
-    fig, axes = plt.subplots(1, len(task_list), figsize=(6.5 * len(task_list), 4.6), squeeze=False)
-    rows = [r for r in results["rows"] if r["cells"]]
-    dense, others = rows[0] if rows and rows[0]["name"] == "dense" else None, rows[1:] if rows else []
-    for ax, task in zip(axes[0], task_list):
-        lines = {}
-        for row in others:
-            acc = row["task_accuracy"].get(task)
-            if acc == acc and acc is not None:
-                lines.setdefault(family(row), []).append((1 - row["kv_fraction"], acc))
-        for i, (name, points) in enumerate(sorted(lines.items())):
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="os^vD<>ph*"[i % 10], lw=1.2,
-                    label=name if len(name) < 48 else name[:45] + "...")
-        if dense is not None:
-            ax.axhline(dense["task_accuracy"].get(task, float("nan")), color="k", ls="--", lw=0.8, label="dense")
-        ax.set_xlim(-0.05, 1.0)
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_xlabel("KV compression: 1 − bytes held / dense")
-        ax.set_ylabel(f"{task} accuracy")
-        ax.set_title(f"{task} at {', '.join(map(str, config['lengths']))} tokens ({config['method']} prefill)",
-                     fontsize=9)
-        ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    """Accuracy against measured compression, one line per policy (`eval_plots.kv_accuracy`)."""
+    from blockattn.bench.eval_plots import kv_accuracy
+    return kv_accuracy(results, path)
 
 
 DEFAULT_TASKS = ["passkey", "perplexity"]   # `blockattn eval`'s own default, which --kv reads as passkey
@@ -598,8 +562,8 @@ def main(args) -> int:
         f.write(table + "\n")
     png = plot(results, os.path.join(args.output, "kv_accuracy.png"))
     print(table)
-    print(f"\nwall time {results['wall_seconds']:.0f} s; wrote kv_results.json, kv_table.md and {os.path.basename(png)} "
-          f"under {args.output}")
+    print(f"\nwall time {results['wall_seconds']:.0f} s; wrote kv_results.json, kv_table.md and "
+          f"{os.path.basename(png)} under {args.output}")
     return 0
 
 
