@@ -119,6 +119,8 @@ def test_per_layer_type_spec_errors_and_plain_models():
         hf.patch(model, kv={"global": None})
     with pytest.raises(ValueError, match="known policies"):
         hf.patch(model, kv={"full_attention": "nope"})
+    with hf.patch(model, kv="knorm"):   # what a policy's setup may read: the layers it acts on
+        assert model.model.layers[0].self_attn._blockattn_kv.policy_layers == [2]
     # a model without sliding layers: the dict's full_attention policy is the policy
     llama = tiny_llama()
     ids = torch.randint(0, 97, (1, 60))

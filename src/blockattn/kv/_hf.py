@@ -32,6 +32,7 @@ class Runtime:
         self.policy = policy      # the full-attention layers' policy; sliding layers keep their window
         self.cache = None
         self.observer = None
+        self.policy_layers: list[int] = []  # the layers the policy acts on (set by install: not the sliding ones)
 
     @property
     def active(self) -> bool:
@@ -101,9 +102,11 @@ def resolve(model, kv, modules, decode) -> Policy:
 
 
 def install(model, policy: Policy, modules) -> Runtime:
+    from blockattn.integrations.hf import layer_type
     runtime = Runtime(policy)
     for module in modules:
         setattr(module, ATTR, runtime)
+    runtime.policy_layers = sorted({m.layer_idx for m in modules if layer_type(m) != "sliding_attention"})
     setattr(model, HOOK_ATTR, model.register_forward_pre_hook(runtime.pre_forward, with_kwargs=True))
     try:
         policy.setup(model, runtime)
