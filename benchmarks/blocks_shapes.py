@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockattn.modules import (ContMixBlock, DynamicConvBlock, NiNBlock, PATBlock, PolarizedSelfAttention)
+from blockattn.modules import (ContMixBlock, DynamicConvBlock, LaMambaBlock, NiNBlock, PATBlock,
+                               PolarizedSelfAttention)
 
 SIZE, CLASSES = 24, 6
 
@@ -78,6 +79,22 @@ class _Tokens(nn.Module):
         return self.block(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, h, w)
 
 
+class _LaMamba(nn.Module):
+    """LaMamba-Diff's block (selective scan + window attention + MLP, adaLN-Zero) on a classifier: no
+    timestep or class to condition on, so its condition is one learned vector (the adaLN biases then act
+    as learned, unconditional shift / scale / gates); 4x4 windows at 12x12, the whole map at 6x6 (the
+    paper: the window is the map when the map is at most the window)."""
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        self.block = LaMambaBlock(channels, heads=2, cond_dim=16, window=4 if size > 8 else size)
+        self.condition = nn.Parameter(torch.zeros(16))
+
+    def forward(self, x):
+        c = self.condition.expand(x.shape[0], -1)
+        return self.block(x.permute(0, 2, 3, 1), c).permute(0, 3, 1, 2)
+
+
 class _ResidualConv(nn.Module):
     def __init__(self, channels: int, convs: int = 2):
         super().__init__()
@@ -110,6 +127,8 @@ def make_block(kind: str, channels: int, size: int) -> nn.Module:
     if kind == "overlock":
         return ContMixBlock(channels, kernel_size=5 if size <= 6 else 7, smk_size=3, num_heads=2,
                             ls_init_value=1.0, res_scale=True)
+    if kind == "lamamba":
+        return _LaMamba(channels, size)
     raise ValueError(f"unknown block {kind!r}")
 
 
@@ -185,7 +204,7 @@ def train(kind, data, seed, epochs, batch):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--blocks", nargs="+", default=["none", "conv", "conv1", "psa", "psa-seq", "pat", "pat-sf",
-                                                        "ninformer", "overlock", "overlock-topdown"])
+                                                        "ninformer", "overlock", "overlock-topdown", "lamamba"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--test", type=int, default=2000)

@@ -41,11 +41,13 @@ from blockattn.patterns import window_attention
 __all__ = ["selective_scan", "SS2D", "WindowAttention", "LaMambaBlock"]
 
 
-def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, *, chunk: int = 32) -> Tensor:
+def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, *, chunk: int = 8) -> Tensor:
     """Mamba's selective scan. x, delta `[Bt, L, Dm]`; A `[Dm, N]` (negative); B, C `[Bt, L, N]`; D `[Dm]`.
 
     Returns y `[Bt, L, Dm]` with `h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t`, `y_t = C_t . h_t + D x_t`.
     """
+    # the parallel form inside a chunk costs O(L * chunk) decays: 8 measured 3.5x faster than 32 (fwd+bwd,
+    # 12x12 maps, 64 channels), with as many Python steps as a 16x16 map has rows
     bt, length, dm = x.shape
     n = A.shape[1]
     state = x.new_zeros(bt, dm, n)
@@ -72,7 +74,7 @@ class SS2D(nn.Module):
     orders = 4
 
     def __init__(self, dim: int, *, d_state: int = 1, ssm_ratio: float = 2.0, dt_rank: int | None = None,
-                 chunk: int = 32):
+                 chunk: int = 8):
         super().__init__()
         self.dim = check_positive_int("dim", dim)
         self.d_state = check_positive_int("d_state", d_state)
