@@ -13,6 +13,7 @@ from blockattn.modules.patnet import PATBlock, PATChannel, PATSelf, PATSpatial
 from blockattn.modules.pointer import PointerAttention, PointerNetwork
 from blockattn.modules.psa import PolarizedSelfAttention
 from blockattn.modules.sentence_attention import EmbeddingAttention, SentenceAttentionBlock
+from blockattn.modules.slice_context import ChannelContext, GlobalSliceContext, SliceEntropyContext
 from blockattn.modules.sparsifiner import SparsifinerAttention, SparsifinerPredictor
 from blockattn.modules.ssl_uvos import SpatioTemporalBlock, hierarchical_cluster, symmetric_kl
 from blockattn.modules.styleswin import StyleSwinDoubleAttention
@@ -27,4 +28,5 @@ __all__ = ["CombinerAttention", "HaloAttention", "NeighborhoodAttention1d", "Nei
            "positional_table_error", "DDRB", "DPENet", "ERPAB",
            "LaMambaBlock", "SS2D", "WindowAttention", "selective_scan",
            "SpatioTemporalBlock", "hierarchical_cluster", "symmetric_kl",
-           "SparsifinerAttention", "SparsifinerPredictor"]
+           "SparsifinerAttention", "SparsifinerPredictor",
+           "ChannelContext", "GlobalSliceContext", "SliceEntropyContext"]
