@@ -151,11 +151,13 @@ def ioi_scores(model, tokenizer, prompts, heads=(), *, strength: float = 1.0, gu
 # --------------------------------------------------------------------------------------------- experiment
 def experiment(*, steps=None, batch=None, model: str = "smollm2-135m", guidance: float = 1.0,
                strengths=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), rounds: int = 3, candidates: int = 30,
-               selection: int = 16, held_out: int = 32, seed: int = 0, tiny: bool = False, out: str = ".",
+               selection: int = 16, held_out: int = 32, random_sets: int = 3, seed: int = 0, tiny: bool = False,
+               out: str = ".",
                progress_factory=None) -> dict:
     """HeadHunter on `selection` IOI prompts over `candidates` heads (one per layer, head index layer mod H,
     when `candidates` equals the layer count; else a seeded sample), then the SoftPAG strength sweep on
-    `held_out` prompts of other seeds for the selected heads and as many random heads (seeded). Writes
+    `held_out` prompts of other seeds for the selected heads and for `random_sets` sets of as many random heads
+    (seeded, drawn from all heads). Writes
     `softpag_text_sweep.png` under `out`."""
     import os
     import random
@@ -167,8 +169,8 @@ def experiment(*, steps=None, batch=None, model: str = "smollm2-135m", guidance:
     if steps is not None or batch is not None:
         raise ValueError("--steps / --batch do not apply to softpag_text (nothing is trained)")
     if tiny:
-        rounds, candidates, selection, held_out, strengths = 1, 3, 4, 4, (0.0, 1.0)
-    start = time.perf_counter()
+        rounds, candidates, selection, held_out, random_sets, strengths = 1, 3, 4, 4, 1, (0.0, 1.0)
+    start, cpu_start = time.perf_counter(), time.process_time()
     lm, tokenizer = models.load(model)
     config = lm.config.get_text_config()
     layers, heads = int(config.num_hidden_layers), int(config.num_attention_heads)
@@ -196,9 +198,11 @@ def experiment(*, steps=None, batch=None, model: str = "smollm2-135m", guidance:
     start = time.perf_counter()
     hunt = head_hunter(pool, objective, rounds=rounds)
     hunt_seconds = time.perf_counter() - start
-    chosen = random.Random(f"softpag-text-random-{seed}").sample([h for h in every if h not in hunt["selected"]],
-                                                                 rounds)
-    head_sets = {"HeadHunter": hunt["selected"], "random": sorted(chosen)}
+    rng = random.Random(f"softpag-text-random-{seed}")
+    others = [h for h in every if h not in hunt["selected"]]
+    head_sets = {"HeadHunter": hunt["selected"]}
+    for i in range(random_sets):
+        head_sets[f"random {i + 1}"] = sorted(rng.sample(others, rounds))
     start = time.perf_counter()
     sweep = {}
     for name, head_set in head_sets.items():
@@ -209,14 +213,18 @@ def experiment(*, steps=None, batch=None, model: str = "smollm2-135m", guidance:
             sweep[name].append(dict(strength=float(u), weak=_measure(weak, test_task), **_measure(logits, test_task)))
     sweep_seconds = time.perf_counter() - start
     samples = []
-    for p in test_prompts[:2]:
+    # the held-out prompts the unguided model gets wrong come first: where guidance can change the text
+    wrong = (test_plain.argmax(-1) != test_task["io"]).tolist()
+    for i in sorted(range(len(test_prompts)), key=lambda i: not wrong[i])[:3]:
+        p = test_prompts[i]
         ids = torch.tensor([tokenizer(p.text, add_special_tokens=False).input_ids])
         for u in (0.0, 1.0):
             new = guided_generate(lm, ids, hunt["selected"], strength=u, guidance=guidance, max_new_tokens=6)
             samples.append(dict(prompt=p.text, strength=u, text=tokenizer.decode(new[0, ids.shape[1]:])))
     result = dict(model=model, seed=seed, guidance=guidance, layers=layers, heads=heads, selection=selection,
                   held_out=held_out, candidates=[list(h) for h in pool], evaluations=evaluations[0],
-                  load_seconds=load_seconds, hunt_seconds=hunt_seconds, sweep_seconds=sweep_seconds,
+                  load_seconds=load_seconds, cpu_seconds=time.process_time() - cpu_start, hunt_seconds=hunt_seconds,
+                  sweep_seconds=sweep_seconds,
                   hunt=dict(selected=[list(h) for h in hunt["selected"]],
                             history=[dict(added=[list(h) for h in r["added"]], score=r["score"],
                                           scores={f"{h[0]}.{h[1]}": s for h, s in r["scores"].items()})
@@ -237,8 +245,9 @@ def _plot(result: dict, path: str) -> str:
         for name, rows in result["sweep"].items():
             heads = ", ".join(f"{h[0]}.{h[1]}" for h in result["head_sets"][name])
             ax.plot([r["strength"] for r in rows], [r[key] for r in rows], marker="o", label=f"{name} ({heads})")
-            ax.plot([r["strength"] for r in rows], [r["weak"][key] for r in rows], marker=".", linestyle=":",
-                    label=f"{name}: weak branch alone")
+            if name in ("HeadHunter", "random 1"):  # the weak branch alone, for two of the sets
+                ax.plot([r["strength"] for r in rows], [r["weak"][key] for r in rows], marker=".", linestyle=":",
+                        label=f"{name}: weak branch alone")
         ax.set_xlabel(f"SoftPAG strength u (guidance w = {result['guidance']})")
         ax.set_ylabel(label, fontsize=8)
         ax.legend(fontsize=6)
@@ -255,7 +264,7 @@ def table(result: dict) -> str:
              f"{b['held_out']['logit_diff']:.2f}, accuracy {b['held_out']['accuracy']:.3f}. guidance w = "
              f"{result['guidance']}; HeadHunter {result['evaluations']} objective runs in "
              f"{result['hunt_seconds']:.0f} s, sweep {result['sweep_seconds']:.0f} s, load + plain "
-             f"{result['load_seconds']:.0f} s (wall)", "",
+             f"{result['load_seconds']:.0f} s (wall); {result['cpu_seconds']:.0f} CPU s in all", "",
              "| round | head added (layer.head) | guided log p(IO) | best / median / worst candidate |",
              "|---|---|---|---|"]
     for i, r in enumerate(result["hunt"]["history"]):
