@@ -476,7 +476,7 @@ def plot_ablation(rows_by_task: dict, path: str, *, metric: str = "logit_diff") 
         labels, colors = [label(r) for r in rows], [color(r) for r in rows]
         ax.bar(range(len(rows)), [r[metric] for r in rows], color=colors)
         ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(labels, fontsize=6, rotation=60)
+        ax.set_xticklabels(labels, fontsize=6, rotation=90)
         ax.axhline(0, color="black", linewidth=0.5)
         ax.set_ylabel(metric.replace("_", " "))
         ax.set_title(f"{task}: mean-ablation (red: SAE top-k, green: DLA top-k, blue: random k)", fontsize=8)
