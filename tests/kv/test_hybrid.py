@@ -126,3 +126,16 @@ def test_per_layer_type_spec_errors_and_plain_models():
     ids = torch.randint(0, 97, (1, 60))
     with torch.no_grad(), hf.patch(llama, kv={"full_attention": "knorm:ratio=0.5"}):
         assert llama(ids, use_cache=True).past_key_values.lengths() == [[30, 30]] * 2
+
+
+def test_chunked_prefill_after_the_first_call_equals_unpatched_logits():
+    # a later chunk longer than decode_max_q goes through the band on the 47 + 40 kept/new tokens
+    model = tiny_gemma3(window=WINDOW)
+    ids = torch.randint(1, 97, (1, 140))
+    with torch.no_grad():
+        ref = model(ids).logits[0, 100:]
+        with hf.patch(model, kv={"full_attention": None}):
+            cache = model(ids[:, :100], use_cache=True).past_key_values
+            out = model(ids[:, 100:], past_key_values=cache, use_cache=True).logits[0]
+    assert cache.get_seq_length() == 140 and cache.lengths()[0] == [WINDOW - 1]
+    assert rel(out, ref) < 1e-5
