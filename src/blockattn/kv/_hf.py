@@ -158,6 +158,14 @@ def _attention(runtime: Runtime, plan, query, key, value, attention_mask, scalin
     return out
 
 
+def window_selection(key, window: int) -> Selection:
+    """What a sliding layer keeps of a prefill's `key [B, Hkv, n, D]`: its last `window - 1` tokens, every
+    head (for code that builds a `KVCache` from captured K/V, as bench/kv_eval.py does)."""
+    keep, n = max(window - 1, 0), key.shape[2]
+    index = torch.arange(max(0, n - keep), n, device=key.device).expand(key.shape[0], -1)
+    return Selection([index] * key.shape[1], capacity=[keep] * key.shape[1])
+
+
 def _sliding(plan, state, query, key, value, scaling, causal, layer, window):
     """A sliding layer: attend over its window (the engine's band), then keep the last `window - 1` tokens,
     all a later query can see besides itself (HF's DynamicSlidingWindowLayer keeps as many)."""
@@ -165,9 +173,7 @@ def _sliding(plan, state, query, key, value, scaling, causal, layer, window):
     keep = max(window - 1, 0)
     if state.pending is not None:
         out = _attend(plan, query, key, value, scaling, causal, layer, window)
-        n = key.shape[2]
-        index = torch.arange(max(0, n - keep), n, device=key.device).expand(key.shape[0], -1)
-        _store(state, Selection([index] * key.shape[1], capacity=[keep] * key.shape[1]), key, value)
+        _store(state, window_selection(key, window), key, value)
         return out
     # the buffers hold the last <= window - 1 tokens and the new ones, contiguous in position: the band of
     # `_attend` (bottom-right aligned) is exact over them
