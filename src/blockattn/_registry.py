@@ -3,9 +3,28 @@ themselves with a decorator when their module is imported; `names()` and `get()`
 modules first, so every plugin is known without an import list to keep in sync."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import pkgutil
+
+
+def split_spec(spec, kind: str) -> tuple[str, dict]:
+    """`"razor:ratio=0.7,sink=4"` -> `("razor", {"ratio": 0.7, "sink": 4})`: a registered name and its
+    parameters (values read as Python literals, else kept as strings). `kind` names the thing in errors."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"{kind} spec must be a non-empty string like 'name' or 'name:key=value,...', got {spec!r}")
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{kind} parameter {item!r} in {spec!r} must look like key=value")
+        try:
+            params[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            params[key.strip()] = value.strip()
+    return name.strip(), params
 
 
 class Registry:

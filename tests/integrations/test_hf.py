@@ -97,6 +97,27 @@ def test_per_layer_and_per_head_specs():
     assert (mixed.double() - expected).norm() / expected.norm() < 1e-5
 
 
+def test_method_spec_strings_equal_keyword_hyperparameters():
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 97, (1, 160))
+    with torch.no_grad():
+        with hf.patch(model, "sliding_window", window=16, block_size=32) as handle:
+            by_keywords = model(ids).logits
+        assert handle.plans[1].method.window == 16
+        with hf.patch(model, "sliding_window:window=16,block_size=32") as handle:
+            by_spec = model(ids).logits
+        assert handle.plans[1].method.window == 16
+        with hf.patch(model, "sliding_window", layers={1: "sliding_window:window=16,block_size=32"}) as handle:
+            assert handle.plans[1].method.window == 16
+        with hf.patch(model, "sliding_window:window=8,block_size=32", window=16) as handle:  # keywords win
+            assert handle.plans[1].method.window == 16
+    assert torch.equal(by_keywords, by_spec)
+    with pytest.raises(ValueError, match="must look like key=value"):
+        hf.patch(model, "sliding_window:window")
+    with pytest.raises(ValueError, match="unknown method"):
+        hf.patch(model, "sliding_windw:window=16")
+
+
 def test_generate_with_cache_and_left_padding_matches_unpatched():
     model = tiny_llama()
     ids = torch.randint(1, 97, (2, 70))

@@ -9,7 +9,6 @@ long-document perplexity against the unpatched model, and encoder (MiniLM) embed
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import os
 import threading
@@ -18,24 +17,14 @@ import time
 import torch
 
 from blockattn import methods as registry
+from blockattn._registry import split_spec
 from blockattn.bench import metrics, tasks
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
     """`"streaming"` or `"streaming:window=512,sink=4"` -> `("streaming", {"window": 512, "sink": 4})`;
     the name and parameters are checked against the registry."""
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"method spec must be a non-empty string like 'name' or 'name:key=value,...', got {spec!r}")
-    name, _, rest = spec.partition(":")
-    params = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"method parameter {item!r} in {spec!r} must look like key=value")
-        try:
-            params[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            params[key.strip()] = value.strip()
+    name, params = split_spec(spec, "method")
     registry.get(name, **params)  # raises ValueError (unknown name, lists known ones) or TypeError (bad params)
     return name, params
 

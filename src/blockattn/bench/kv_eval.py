@@ -29,7 +29,6 @@ times); exact only when freed buffers go back to the OS (glibc: `MALLOC_MMAP_THR
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import gc
 import time
@@ -37,6 +36,7 @@ import time
 import torch
 
 from blockattn import kv
+from blockattn._registry import split_spec
 from blockattn.bench import tasks
 from blockattn.kv.base import Policy, Selection, check_ratio
 
@@ -57,24 +57,6 @@ class KVEvalConfig:
     decode_steps: int = 4
     backend: str = "auto"
     verify: bool = True                 # one compressing policy end to end on the first context
-
-
-def _split(spec: str) -> tuple[str, dict]:
-    """`"razor:ratio=0.7,sink=4"` -> `("razor", {"ratio": 0.7, "sink": 4})` (values as Python literals)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"kv policy spec must be a non-empty string like 'name' or 'name:key=value,...', "
-                         f"got {spec!r}")
-    name, _, rest = spec.partition(":")
-    params = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"kv parameter {item!r} in {spec!r} must look like key=value")
-        try:
-            params[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            params[key.strip()] = value.strip()
-    return name.strip(), params
 
 
 def label(name: str, params: dict) -> str:
@@ -106,7 +88,7 @@ def expand(specs, ratios) -> list[tuple[str, str, dict]]:
                          f"got {specs!r}")
     rows = []
     for spec in specs:
-        name, params = _split(spec)
+        name, params = split_spec(spec, "kv policy")
         try:
             policy = kv.get(name, **params)
         except ValueError:

@@ -68,8 +68,9 @@ def attention_recall(q: Tensor, k: Tensor, layout: BlockLayout, *, scale: float 
 
 
 def measure(method, q: Tensor, k: Tensor, v: Tensor, *, name: str | None = None, backend: str = "auto",
-            repeats: int = 2) -> Quality:
-    """Quality of `method` (a Method object or a registered name) on one attention call."""
+            repeats: int = 2, layer: int | None = None) -> Quality:
+    """Quality of `method` (a Method object or a registered name) on one attention call (of model layer
+    `layer`, for methods calibrated per layer)."""
     if isinstance(method, str):
         method = blockattn.methods.get(method)
     dense_layout = blockattn.patterns.causal(q.shape[2], k.shape[2])
@@ -84,7 +85,7 @@ def measure(method, q: Tensor, k: Tensor, v: Tensor, *, name: str | None = None,
         return result, min(times)
 
     with torch.no_grad():
-        layout, select_ms = best(lambda: method.select(q, k, causal=True))
+        layout, select_ms = best(lambda: method.select(q, k, causal=True, layer=layer))
         out, attend_ms = best(lambda: blockattn.attention(q, k, v, layout, backend=backend))
         dense, dense_ms = best(lambda: blockattn.attention(q, k, v, dense_layout, backend=backend))
         error = float((out.float() - dense.float()).norm() / dense.float().norm())
@@ -109,7 +110,8 @@ def skip_reason(method, q: Tensor, k: Tensor) -> str | None:
 def measure_layers(method, captured: dict, *, name: str | None = None, backend: str = "auto",
                    repeats: int = 2) -> Quality:
     """`measure` on each captured layer `{layer: (q, k, v)}`, averaged over the layers."""
-    per_layer = [measure(method, *qkv, name=name, backend=backend, repeats=repeats) for qkv in captured.values()]
+    per_layer = [measure(method, *qkv, name=name, backend=backend, repeats=repeats, layer=layer)
+                 for layer, qkv in captured.items()]
     mean = {f.name: sum(getattr(r, f.name) for r in per_layer) / len(per_layer)
             for f in dataclasses.fields(Quality) if f.name not in ("method", "length")}
     return Quality(per_layer[0].method, per_layer[0].length, **mean)

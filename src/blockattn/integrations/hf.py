@@ -30,6 +30,7 @@ from torch import Tensor
 
 import blockattn
 from blockattn import methods
+from blockattn._registry import split_spec
 from blockattn.layout import BlockLayout
 
 NAME = "blockattn"
@@ -256,7 +257,8 @@ def _resolve(spec, name_hint: str):
     if spec is None or isinstance(spec, methods.Method):
         return spec
     if isinstance(spec, str):
-        return methods.get(spec)
+        name, params = split_spec(spec, name_hint)
+        return methods.get(name, **params)
     if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict):
         return methods.get(spec[0], **spec[1])
     raise TypeError(f"{name_hint} must be a method name, a Method, a (name, params) pair, a params dict or None; "
@@ -381,6 +383,9 @@ def patch(model, method: str | methods.Method | None = "dense", *, kv=None, laye
     if softcap is not None:
         raise ValueError(f"{type(model).__name__} soft-caps its attention logits (attn_logit_softcapping={softcap}); "
                          "the blockattn engine has no soft-capping, so patching would change the model")
+    if isinstance(method, str):  # a spec "name:key=value,..."; keyword hyperparameters win
+        method, spec_params = split_spec(method, "method")
+        params = {**spec_params, **params}
     method_name = method if isinstance(method, str) else None
     if isinstance(method, str):
         base = methods.get(method, **params)

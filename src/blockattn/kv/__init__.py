@@ -11,7 +11,7 @@ transformers is `_hf.py`.
 """
 from __future__ import annotations
 
-from blockattn._registry import Registry
+from blockattn._registry import Registry, split_spec
 from blockattn.kv.base import Policy, ScorerPolicy, Selection
 
 _REGISTRY = Registry("kv policy", "policies", __name__, __path__, internal=("base", "cache", "_hf"))
@@ -35,18 +35,8 @@ def parse(spec) -> Policy:
     if not isinstance(spec, str):
         raise TypeError(f"kv must be a policy name, a spec string like 'razor:ratio=0.7' or a blockattn.kv "
                         f"Policy, got {type(spec).__name__}")
-    import ast
-    name, _, rest = spec.partition(":")
-    params = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"kv parameter {item!r} in {spec!r} must look like key=value")
-        try:
-            params[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            params[key.strip()] = value.strip()
-    return get(name.strip(), **params)
+    name, params = split_spec(spec, "kv policy")
+    return get(name, **params)
 
 
 def cache_bytes(cache) -> int:
