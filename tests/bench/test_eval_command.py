@@ -89,3 +89,16 @@ def test_eval_refuses_a_length_past_the_context_and_a_grid_only_method(capsys):
     assert "context of 8192" in cli_error(capsys, ["eval", "--lengths", "9000", "--methods", "dense", "--no-progress"])
     err = cli_error(capsys, ["eval", "--lengths", "256", "--methods", "vmoba", "--no-progress"])
     assert "cannot" in err or "grid" in err
+
+
+def test_default_methods_are_the_ones_a_causal_lm_can_run():
+    from blockattn import methods
+    from blockattn.commands.eval import FIRST, default_methods
+    names = default_methods()
+    assert names[0] == "dense" and names[1:1 + len(FIRST)] == list(FIRST)
+    assert "vmoba" not in names and "seer" not in names  # grid-only; needs a gate file
+    for name in names:
+        method = methods.get(name)
+        assert True in method.causal_modes and not method.needs_grid
+    left_out = set(methods.training_free()) - set(names)
+    assert left_out and all(methods.get(n).needs_grid or True not in methods.get(n).causal_modes for n in left_out)

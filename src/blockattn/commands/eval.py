@@ -55,6 +55,15 @@ def add_arguments(parser):
                         help="with --kv: the prefill method spec (default dense)")
 
 
+def default_methods() -> list[str]:
+    """dense, then every training-free method that can serve a causal LM (grid-only and bidirectional-only
+    ones are left out of the default run; named explicitly they are refused with the reason)."""
+    from blockattn import methods as registry
+    names = [n for n in registry.training_free() if n != "dense"]
+    serving = [n for n in names if True in registry.get(n).causal_modes and not registry.get(n).needs_grid]
+    return ["dense"] + [n for n in FIRST if n in serving] + [n for n in serving if n not in FIRST]
+
+
 def run(args):
     import json
     import os
@@ -68,9 +77,7 @@ def run(args):
         from blockattn.bench.kv_eval import main
         return main(args)
     quick = getattr(args, "quick", False)
-    names = [n for n in registry.training_free() if n != "dense"]
-    specs = args.methods or (QUICK["methods"] if quick else
-                             ["dense"] + [n for n in FIRST if n in names] + [n for n in names if n not in FIRST])
+    specs = args.methods or (QUICK["methods"] if quick else default_methods())
     if args.budget < 0:
         raise ValueError(f"--budget must be >= 0 minutes, got {args.budget}")
     parsed = [harness.parse_method(s) for s in specs]  # fail on bad names/params before loading the model
