@@ -139,3 +139,66 @@ def test_chunked_prefill_after_the_first_call_equals_unpatched_logits():
             out = model(ids[:, 100:], past_key_values=cache, use_cache=True).logits[0]
     assert cache.get_seq_length() == 140 and cache.lengths()[0] == [WINDOW - 1]
     assert rel(out, ref) < 1e-5
+
+
+def _naive_razor_budget(types, retrieval, ratio, n, kv_heads=1):
+    """RazorAttention's ratio budget written out: counted over the full layers' KV heads only; returns the
+    tokens (sinks + window, not the compensation slot) each full layer's head keeps."""
+    governed = [i for i, t in enumerate(types) if t == "full_attention"]
+    total = len(governed) * kv_heads
+    full = len([h for h in retrieval if h[0] in governed])
+    per_head = int(((1 - ratio) * total * n - full * n) / (total - full))
+    return {(layer, h): n if (layer, h) in retrieval else per_head - 1 for layer in governed for h in range(kv_heads)}
+
+
+@pytest.mark.parametrize("types, params", [
+    (("sliding_attention", "sliding_attention", "full_attention", "sliding_attention"), {"ratio": 0.7}),
+    # a retrieval head named in a sliding layer governs nothing there and takes no budget
+    (("sliding_attention", "sliding_attention", "full_attention", "sliding_attention"),
+     {"ratio": 0.7, "retrieval_heads": [(0, 0)]}),
+    # two full layers, one probe-chosen retrieval head among them (round(0.5 * 2) = 1)
+    (("sliding_attention", "full_attention", "sliding_attention", "full_attention"),
+     {"ratio": 0.4, "induction_ratio": 0.5, "echo_ratio": 0.0})])
+def test_razor_budget_counts_only_the_full_layers(types, params):
+    import warnings
+    model = tiny_gemma3(window=WINDOW, types=types)
+    n, ratio = 200, params["ratio"]
+    policy = kv.get("razor", probe_period=12, **params)
+    ids = torch.randint(1, 97, (1, n))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")   # it does compress: no "nothing is compressed" warning
+        with hf.patch(model, kv=policy):
+            cache = model(ids, use_cache=True).past_key_values
+    governed = [i for i, t in enumerate(types) if t == "full_attention"]
+    assert policy.governed == governed and policy.note is None
+    retrieval = set(policy.retrieval_heads)
+    if policy.scores is not None:   # the probe's heads: the top scores among the full layers' heads only
+        chosen = set()
+        for scores, fraction in zip(policy.scores[::-1], (policy.induction_ratio, policy.echo_ratio)):
+            ranked = sorted(governed, key=lambda layer: -float(scores[layer, 0]))
+            chosen |= {(layer, 0) for layer in ranked[:round(fraction * len(governed))]}
+        assert retrieval == chosen
+        assert len(chosen) == (1 if len(governed) == 2 else 0)   # 14 % of one head rounds to none
+    expected = _naive_razor_budget(types, retrieval, ratio, n)
+    for layer, kind in enumerate(types):
+        held = cache.layers[layer].lengths()
+        assert held == ([WINDOW - 1] if kind == "sliding_attention" else [expected[(layer, 0)]]), (layer, held)
+    token, position = 2 * 16 * 4, 4   # K and V (head_dim 16, fp32, one KV head); an int32 position
+    full_bytes = sum(cache.layers[layer].nbytes() for layer in governed)
+    dense_full = len(governed) * n * token
+    overhead = len(governed) * (token + 4) + sum(expected.values()) * position   # comp slot + count, positions
+    assert full_bytes <= (1 - ratio) * dense_full * 1.05 + overhead
+    assert full_bytes >= (1 - ratio) * dense_full * 0.9   # and it is not over-compressed either
+
+
+@pytest.mark.parametrize("params", [{"retrieval_heads": [(2, 0)]}, {"induction_ratio": 1.0}])
+def test_razor_says_plainly_when_every_full_head_is_retrieval(params):
+    model = tiny_gemma3(window=WINDOW)
+    policy = kv.get("razor", ratio=0.7, probe_period=12, **params)
+    ids = torch.randint(1, 97, (1, 120))
+    with torch.no_grad(), pytest.warns(UserWarning, match="every governed KV head.*nothing is compressed.*0.7"):
+        with hf.patch(model, kv=policy):
+            cache = model(ids, use_cache=True).past_key_values
+    assert policy.retrieval_heads == [(2, 0)]   # the probe chose among the full layer's heads only
+    assert "1 of 1" in policy.note and "[2]" in policy.note
+    assert cache.lengths() == [[WINDOW - 1], [WINDOW - 1], [120], [WINDOW - 1]]

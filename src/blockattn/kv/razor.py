@@ -11,11 +11,17 @@ and folds the dropped middle into one compensation token k̂ = mean k, v̂ = mea
 q·k̂/√d + log N_d (eq. 5: it stands for the N_d tokens it replaces). The window is the paper's
 max(S_0, N/C) by default; with `ratio` it is sized so that the whole cache (retrieval heads at full
 length included) drops by `ratio`.
+
+Hybrid models (Gemma 3): the policy governs only `runtime.policy_layers` (the full-attention layers; a
+sliding layer keeps its window whatever the policy says), so the head fractions, the choice of retrieval
+heads and the `ratio` budget are all counted over the governed layers' KV heads only. When every governed
+head is a retrieval head nothing is compressed: setup warns and `note` says so.
 """
 from __future__ import annotations
 
 import dataclasses
 import random
+import warnings
 
 import torch
 
@@ -53,27 +59,43 @@ class RazorAttention(Policy):
         if self.probe_period is not None:
             check_int("probe_period", self.probe_period, 2)
         self.scores = None   # (echo, induction), each [L, H_kv], after the probe
+        self.note = None     # set at setup when the policy cannot compress (every governed head retrieval)
 
     # ------------------------------------------------------------------ head search
     def setup(self, model, runtime):
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.layers, self.kv_heads = config.num_hidden_layers, getattr(config, "num_key_value_heads",
                                                                        config.num_attention_heads)
+        # the layers this policy decides for; sliding layers keep their window and are no part of the budget
+        governed = getattr(runtime, "policy_layers", None)
+        self.governed = list(governed) if governed else list(range(self.layers))
         if self.retrieval_heads is not None:
             self._retrieval = {tuple(h) for h in self.retrieval_heads}
-            return
-        echo, induction = probe_scores(model, runtime, self.probe_period, self.seed)
-        self.scores = (echo, induction)
-        self._retrieval = choose_heads(echo, induction, self.induction_ratio, self.echo_ratio)
-        self.retrieval_heads = sorted(self._retrieval)
+        else:
+            echo, induction = probe_scores(model, runtime, self.probe_period, self.seed)
+            self.scores = (echo, induction)
+            self._retrieval = choose_heads(echo, induction, self.induction_ratio, self.echo_ratio,
+                                           layers=self.governed)
+            self.retrieval_heads = sorted(self._retrieval)
+        total, full = self._counts()
+        self.note = None
+        if full == total:
+            self.note = (f"razor: every governed KV head ({full} of {total}, layers {self.governed}) is a retrieval "
+                         f"head, so nothing is compressed" +
+                         (f" and ratio={self.ratio} is not reached" if self.ratio is not None else ""))
+            warnings.warn(self.note, stacklevel=2)
+
+    def _counts(self) -> tuple[int, int]:
+        """(governed KV heads, retrieval heads among them): what the budget is counted over."""
+        governed = set(self.governed)
+        return len(governed) * self.kv_heads, sum(1 for layer, _ in self._retrieval if layer in governed)
 
     # ------------------------------------------------------------------ compression
     def window(self, n: int) -> int:
         """Recent tokens a non-retrieval head keeps out of `n` (its budget minus sinks and the compensation slot)."""
         if self.ratio is None:
             return max(self.buffer, n // self.compression)
-        total = self.layers * self.kv_heads
-        full = len(self._retrieval)
+        total, full = self._counts()
         if full == total:
             return n
         # full·n + (total − full)·b = (1 − ratio)·total·n, b = sink + window + the compensation slot
@@ -162,13 +184,18 @@ def echo_induction(query, key, period: int, offset: int, scale: float) -> tuple[
     return mean_prob(cols_echo), mean_prob(cols_echo + 1)
 
 
-def choose_heads(echo, induction, induction_ratio: float, echo_ratio: float) -> set[tuple[int, int]]:
-    """Top round(induction_ratio·L·H_kv) heads by induction ∪ top round(echo_ratio·L·H_kv) by echo."""
-    total = echo.numel()
+def choose_heads(echo, induction, induction_ratio: float, echo_ratio: float,
+                 layers=None) -> set[tuple[int, int]]:
+    """Top round(induction_ratio·N) heads by induction ∪ top round(echo_ratio·N) by echo, over the N
+    KV heads of `layers` (None: all L·H_kv)."""
+    layers = list(range(echo.shape[0])) if layers is None else sorted(layers)
+    rows = torch.tensor(layers, dtype=torch.long)
+    total = len(layers) * echo.shape[1]
     heads = set()
     for scores, fraction in ((induction, induction_ratio), (echo, echo_ratio)):
         count = round(fraction * total)
         if count:
-            for flat in scores.flatten().topk(count).indices.tolist():
-                heads.add(divmod(flat, scores.shape[1]))
+            for flat in scores[rows].flatten().topk(count).indices.tolist():
+                row, head = divmod(flat, scores.shape[1])
+                heads.add((layers[row], head))
     return heads
