@@ -23,10 +23,17 @@ def naive_moba_mask(q, k, *, block_size, top_k):
                 current = pos // block_size
                 past = sorted(range(current), key=lambda i: (-float(q[b, h, t] @ means[i]), i))
                 chosen = [current] + past[:top_k - 1]
-                for i in chosen:
-                    for j in range(i * block_size, min((i + 1) * block_size, k_len)):
-                        mask[b, h, t, j] = j <= pos
+                for i in chosen:  # the whole block, up to the query itself (causal inside its own block)
+                    mask[b, h, t, i * block_size:min((i + 1) * block_size, k_len, pos + 1)] = True
     return mask
+
+
+def masked_attention_float64(q, k, v, mask):
+    """Softmax attention over an explicit token mask, in float64, key heads repeated for their query groups."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(group, 1) for t in (k, v))
+    logits = (q.double() @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return logits.masked_fill(~mask, float("-inf")).softmax(-1) @ v
 
 
 @pytest.mark.parametrize("q_len,k_len,block_size,top_k,tile", [
@@ -36,6 +43,21 @@ def test_token_mask_equals_naive_rule(q_len, k_len, block_size, top_k, tile):
     q, k = torch.randn(1, 4, q_len, 8, generator=g), torch.randn(1, 2, k_len, 8, generator=g)
     layout = MoBA(block_size=block_size, top_k=top_k, tile_size=tile).select(q, k)
     assert torch.equal(layout.to_token_mask(), naive_moba_mask(q, k, block_size=block_size, top_k=top_k))
+
+
+@pytest.mark.parametrize("q_len,k_len", [(1600, 1600), (300, 1600)])
+def test_defaults_equal_naive_rule_and_float64_attention(q_len, k_len):
+    """The paper's defaults (block 512, top-3, 64-token tiles): each MoBA block spans 8 tiles, so a
+    query tile's row masks are shared across several tiles and blocks; the last block is partial."""
+    g = torch.Generator().manual_seed(q_len + k_len)
+    q = torch.randn(1, 4, q_len, 16, generator=g)
+    k, v = torch.randn(1, 2, k_len, 16, generator=g), torch.randn(1, 2, k_len, 16, generator=g)
+    method = MoBA()
+    assert (method.block_size, method.top_k, method.tile_size) == (512, 3, 64)
+    mask = naive_moba_mask(q, k, block_size=512, top_k=3)
+    assert torch.equal(method.select(q, k).to_token_mask(), mask)
+    out = blockattn.sparse_attention(q, k, v, "moba")
+    assert torch.allclose(out.double(), masked_attention_float64(q, k, v, mask), atol=1e-5)
 
 
 def test_properties_top_k_count_current_block_causal():
