@@ -131,3 +131,74 @@ def test_a_policy_that_cannot_set_up_leaves_the_model_unpatched(tmp_path):
     assert type(again.past_key_values) is type(ref.past_key_values)
     assert torch.equal(again.logits, ref.logits)
     assert not hasattr(model, "_blockattn_previous")
+
+
+class _Chars:
+    """A tokenizer without files: printable ASCII characters are ids 1..95 (vocabulary 97)."""
+
+    class _Out:
+        def __init__(self, ids):
+            self.input_ids = ids
+
+    def __call__(self, text, add_special_tokens=False):
+        return self._Out([ord(c) - 31 if 32 <= ord(c) < 127 else 96 for c in text])
+
+    def decode(self, ids):
+        return "".join(chr(int(i) + 31) if 1 <= int(i) <= 95 else "?" for i in ids)
+
+
+def test_tiny_run_on_a_hybrid_gemma3_keeps_sliding_windows_and_compresses_the_full_layer(monkeypatch):
+    from blockattn.bench import tasks
+    from tests.integrations.test_hf import tiny_gemma3
+    monkeypatch.setattr(kv_eval, "_rss_mib", lambda: 0.0)   # its gc.collect() calls are most of this test's time
+    window, length, ratio = 48, 256, 0.7
+    model = tiny_gemma3(window=window)   # layers: sliding, sliding, full, sliding; one KV head of dim 16
+    tokenizer = _Chars()
+    config = kv_eval.KVEvalConfig(lengths=(length,), depths=(0.5,), ratios=(ratio,), decode_steps=2)
+    with pytest.warns(UserWarning, match="nothing is compressed"):
+        results = kv_eval.run_kv_eval(model, tokenizer, ["knorm", "razor:probe_period=12",
+                                                         "razor:probe_period=12,induction_ratio=1.0"],
+                                      config, progress=False)
+    dense, knorm, razor, all_retrieval = results["rows"]
+    n = length - len(tokenizer(" " + tasks.QUESTION.strip()).input_ids)
+    token, position = 2 * 16 * 4, 4   # K and V in fp32; the int32 position of a kept token
+    # dense: every layer, sliding ones included, holding every context token
+    assert results["dense_kv_bytes"][length] == 4 * n * token == dense["cells"][0]["kv_bytes"]
+    for row in (knorm, razor, all_retrieval):
+        assert row["error"] is None and row["cells"], row["policy"]
+    # sliding layers keep window - 1 tokens; the full layer keeps int(0.3 n) (knorm), or sinks + window + one
+    # compensation slot (razor: its budget is the full layer's own, no retrieval head rounds out of 14 % of 1)
+    sliding = 3 * (window - 1) * (token + position)
+    assert knorm["cells"][0]["kv_bytes"] == sliding + int((1 - ratio) * n) * (token + position)
+    per_head = int((1 - ratio) * n)
+    assert razor["cells"][0]["kv_bytes"] == sliding + (per_head - 1) * (token + position) + token + 4
+    assert results["verified"] == "knorm:ratio=0.7"   # the shortcut kept what the real path keeps, every layer
+    assert razor["note"] is None
+    assert all_retrieval["cells"][0]["kv_bytes"] == sliding + n * (token + position)
+    assert "nothing is compressed" in all_retrieval["note"]
+    assert "nothing is compressed" in kv_eval.format_table(results)
+
+
+def test_build_cache_equals_the_patched_prefill_on_a_hybrid_model():
+    import torch
+
+    from blockattn import hf, kv
+    from tests.integrations.test_hf import tiny_gemma3
+    model = tiny_gemma3(window=24)
+    ids = torch.randint(1, 97, (1, 90))
+    for spec in ("snapkv:ratio=0.6,window_size=8", "streaming:ratio=0.5"):
+        capture = kv_eval.Capture()
+        with torch.no_grad():
+            with hf.patch(model, kv=capture):
+                model(ids, use_cache=False)
+            policy = kv.parse(spec)
+            with hf.patch(model, kv=policy):
+                real = model(ids, use_cache=True).past_key_values
+                shortcut = kv_eval.build_cache(policy, capture.layers, 90, capture.windows)
+        assert sorted(capture.layers) == [0, 1, 2, 3] and capture.windows == {0: 24, 1: 24, 3: 24}
+        assert real.lengths() == shortcut.lengths() == [[23], [23], [shortcut.lengths()[2][0]], [23]]
+        assert shortcut.lengths()[2][0] < 90
+        for a, b in zip(real.layers, shortcut.layers):
+            assert torch.equal(a.positions[0], b.positions[0])
+            assert torch.equal(a.head_keys[0], b.head_keys[0]) and torch.equal(a.head_values[0], b.head_values[0])
+        assert kv.cache_bytes(real) == kv.cache_bytes(shortcut)

@@ -111,29 +111,45 @@ def expand(specs, ratios) -> list[tuple[str, str, dict]]:
 
 @dataclasses.dataclass
 class Capture(Policy):
-    """Keeps everything and records each layer's prefill (last 64 queries, keys, values, scale)."""
+    """Records every layer's prefill (last 64 queries, keys, values, scale), sliding layers of a hybrid
+    model included, and each sliding layer's window (`windows`): it observes the patch's prefill (the same
+    attention the cache path runs) rather than selecting, since sliding layers never reach a policy."""
     compresses = False
 
     def __post_init__(self):
         self.layers = {}
+        self.windows = {}   # sliding layer -> its window (Gemma 3); empty on a model without sliding layers
+
+    def setup(self, model, runtime):
+        from blockattn.kv._hf import ATTR
+        self.windows = {m.layer_idx: int(m.sliding_window) for m in model.modules()
+                        if getattr(m, ATTR, None) is runtime and getattr(m, "sliding_window", None)}
+        runtime.observer = self.observe
+
+    def observe(self, layer, query, key, value, scale):
+        self.layers[layer] = (query[:, :, -64:].clone(), key, value, scale)
 
     def select(self, layer, query, key, value, scale):
-        self.layers[layer] = (query[:, :, -64:].clone(), key, value, scale)
+        self.observe(layer, query, key, value, scale)
         batch, heads, n, _ = key.shape
         return Selection([torch.arange(n, device=key.device).expand(batch, n)] * heads)
 
 
-def build_cache(policy: Policy, captured: dict, n: int):
-    """The `KVCache` that `hf.patch(kv=policy)` would hold after a prefill whose K/V were `captured`."""
-    from blockattn.kv._hf import _store
+def build_cache(policy: Policy, captured: dict, n: int, windows: dict | None = None):
+    """The `KVCache` that `hf.patch(kv=policy)` would hold after a prefill whose K/V were `captured`:
+    a layer in `windows` (a hybrid model's sliding layer -> its window) keeps its window as the patch's
+    sliding layers do (`window_selection`), the policy selects on the others (`Runtime.policy_layers`)."""
+    from blockattn.kv._hf import _store, window_selection
     from blockattn.kv.cache import KVCache, KVLayer
+    windows = windows or {}
     cache = KVCache(policy)
     for layer in sorted(captured):
         q, k, v, scale = captured[layer]
         state = KVLayer()
         state.lazy_initialization(k, v)
         state.seen = n
-        _store(state, policy.select(layer, q, k, v, scale), k, v)
+        selection = window_selection(k, windows[layer]) if layer in windows else policy.select(layer, q, k, v, scale)
+        _store(state, selection, k, v)
         cache.layers.append(state)
     return cache
 
@@ -300,6 +316,7 @@ def run_kv_eval(model, tokenizer, policies, config: KVEvalConfig | None = None, 
             continue
         if name == "razor":
             razor_heads[shared] = policy.retrieval_heads
+        row["note"] = getattr(policy, "note", None)   # e.g. razor with every governed head retrieval
         policy_of[text] = policy
 
     work = contexts(tokenizer, model, config)
@@ -310,8 +327,8 @@ def run_kv_eval(model, tokenizer, policies, config: KVEvalConfig | None = None, 
         n = ctx.ids.shape[1]
         capture = Capture()
         start = time.perf_counter()
-        with torch.no_grad(), patch(capture):
-            model(ctx.ids, use_cache=True, logits_to_keep=1)
+        with torch.no_grad(), patch(capture):   # observed, not cached: no second copy of the K/V
+            model(ctx.ids, use_cache=False, logits_to_keep=1)
         prefill = time.perf_counter() - start
         prefill_seconds.setdefault(ctx.length, prefill)
         dense_bytes[ctx.length] = sum(2 * k.numel() * k.element_size() for _, k, _, _ in capture.layers.values())
@@ -363,7 +380,7 @@ def run_kv_eval(model, tokenizer, policies, config: KVEvalConfig | None = None, 
                             else:
                                 before = _rss_mib()
                                 start = time.perf_counter()
-                                cache = build_cache(policy, capture.layers, n)
+                                cache = build_cache(policy, capture.layers, n, capture.windows)
                                 seconds = prefill + time.perf_counter() - start
                                 cell["rss_mib"] = _rss_mib() - before
                             cell["kv_bytes"] = kv.cache_bytes(cache)
@@ -398,7 +415,7 @@ def _verify(model, ctx, capture, rows, policy_of, patch, record):
                 before = _rss_mib()
                 real = model(ctx.ids, use_cache=True, logits_to_keep=1).past_key_values
                 record[row["policy"]] = {"kv_bytes": kv.cache_bytes(real), "rss_mib": _rss_mib() - before}
-                shortcut = build_cache(policy, capture.layers, ctx.ids.shape[1])
+                shortcut = build_cache(policy, capture.layers, ctx.ids.shape[1], capture.windows)
             except ValueError:
                 continue   # this policy cannot run at this length; its row records why
         same = real.lengths() == shortcut.lengths() and all(
@@ -490,7 +507,9 @@ def format_table(results: dict) -> str:
                      f"{fmt(at.get('rss_mib'), '.1f')} | {fmt(at.get('ttft_s'), '.2f')} | "
                      f"{fmt(at.get('decode_tokens_per_s'), '.2f')} | {fmt(at.get('decode_vs_dense'), '.2f')}x |")
     stopped = [r for r in results["rows"] if r["error"] and r["cells"]]
-    lines += [""] * bool(stopped) + [f"- {r['policy']} stopped early: {r['error'][:200]}" for r in stopped]
+    noted = [r for r in results["rows"] if r.get("note")]
+    lines += [""] * bool(stopped or noted) + [f"- {r['policy']} stopped early: {r['error'][:200]}" for r in stopped]
+    lines += [f"- {r['policy']}: {r['note'][:200]}" for r in noted]
     return "\n".join(lines)
 
 
