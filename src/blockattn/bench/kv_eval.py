@@ -15,9 +15,11 @@ not fix) runs at every ratio.
 The context is prefilled once (with `method`, through the patched model, keeping everything) and its
 per-layer K/V handed to every policy's `select`, exactly what `hf.patch(model, method, kv=policy)` does
 after its own prefill; with `verify`, one compressing policy also runs end to end on the first context
-and must give the same cache. Policies that change the prefill itself (ACT) run end to end. Multi-needle
-questions about one document share its prefill (several questions, one context, as kvpress's pipeline):
-the document built for the first question, holding every fact, serves them all.
+and must give the same cache. On a hybrid model (Gemma 3) the sliding layers keep their window
+(`window_selection`) and the policy selects on the full layers only, as the patch does; the dense row's
+bytes count every layer at full length. Policies that change the prefill itself (ACT) run end to end.
+Multi-needle questions about one document share its prefill (several questions, one context, as kvpress's
+pipeline): the document built for the first question, holding every fact, serves them all.
 
 Time to first token = the context prefill + the policy's selection + the question chunk. For the dense
 row (the unpatched model over a transformers DynamicCache) it is measured end to end once per length;
