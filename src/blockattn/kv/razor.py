@@ -68,9 +68,13 @@ class RazorAttention(Policy):
                                                                        config.num_attention_heads)
         # the layers this policy decides for; sliding layers keep their window and are no part of the budget
         governed = getattr(runtime, "policy_layers", None)
-        self.governed = list(governed) if governed else list(range(self.layers))
+        self.governed = list(governed) if governed is not None else list(range(self.layers))
+        heads = len(self.governed) * self.kv_heads
         if self.retrieval_heads is not None:
             self._retrieval = {tuple(h) for h in self.retrieval_heads}
+        elif round(self.induction_ratio * heads) == round(self.echo_ratio * heads) == 0:
+            # too few governed heads for any fraction to round to one (Gemma 3 270M: 14 % of 3): no probe to run
+            self._retrieval, self.retrieval_heads = set(), []
         else:
             echo, induction = probe_scores(model, runtime, self.probe_period, self.seed)
             self.scores = (echo, induction)
