@@ -6,7 +6,7 @@ import blockattn
 from blockattn.methods.moba import MoBA
 
 
-def naive_moba_mask(q, k, *, block_size, top_k):
+def naive_moba_mask(q, k, *, block_size, top_k, sink=False):
     """Loop over query tokens: score past blocks by <q, mean(K_block)>, keep top_k with the current block."""
     q, k = q.double(), k.double()
     batch, heads, q_len, _ = q.shape
@@ -22,7 +22,7 @@ def naive_moba_mask(q, k, *, block_size, top_k):
                 pos = t + k_len - q_len
                 current = pos // block_size
                 past = sorted(range(current), key=lambda i: (-float(q[b, h, t] @ means[i]), i))
-                chosen = [current] + past[:top_k - 1]
+                chosen = [current] + past[:top_k - 1] + ([0] if sink else [])
                 for i in chosen:  # the whole block, up to the query itself (causal inside its own block)
                     mask[b, h, t, i * block_size:min((i + 1) * block_size, k_len, pos + 1)] = True
     return mask
@@ -60,6 +60,25 @@ def test_defaults_equal_naive_rule_and_float64_attention(q_len, k_len):
     assert torch.allclose(out.double(), masked_attention_float64(q, k, v, mask), atol=1e-5)
 
 
+@pytest.mark.parametrize("q_len,k_len,block_size,top_k,tile", [(200, 200, 32, 2, 16), (1600, 1600, 512, 3, 64),
+                                                                (90, 300, 64, 1, 32)])
+def test_sink_option_adds_the_first_block(q_len, k_len, block_size, top_k, tile):
+    g = torch.Generator().manual_seed(k_len + top_k)
+    q, k = torch.randn(1, 2, q_len, 8, generator=g), torch.randn(1, 1, k_len, 8, generator=g)
+    v = torch.randn(1, 1, k_len, 8, generator=g)
+    params = dict(block_size=block_size, top_k=top_k, tile_size=tile)
+    mask = naive_moba_mask(q, k, **params_of(params), sink=True)
+    assert torch.equal(MoBA(**params, sink=True).select(q, k).to_token_mask(), mask)
+    assert not torch.equal(mask, naive_moba_mask(q, k, **params_of(params)))  # the option changes something here
+    out = blockattn.sparse_attention(q, k, v, "moba", **params, sink=True)
+    assert torch.allclose(out.double(), masked_attention_float64(q, k, v, mask), atol=1e-5)
+    assert MoBA().sink is False
+
+
+def params_of(params):
+    return dict(block_size=params["block_size"], top_k=params["top_k"])
+
+
 def test_properties_top_k_count_current_block_causal():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 3, 512, 16, generator=g), torch.randn(2, 3, 512, 16, generator=g)
@@ -90,3 +109,8 @@ def test_attention_through_moba_layout_is_exact():
 def test_bad_parameters(params, message):
     with pytest.raises(ValueError, match=message):
         blockattn.methods.get("moba", **params)
+
+
+def test_sink_must_be_bool():
+    with pytest.raises(TypeError, match="sink"):
+        blockattn.methods.get("moba", sink=1)

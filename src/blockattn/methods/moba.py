@@ -8,6 +8,11 @@ token mask: key tiles of `tile_size` tokens, each listed for the query blocks in
 chose it, with a row mask for the tokens that did. A `BlockScorer` with per-token rows: top-k over the
 allowed (past and current) blocks, the current one forced.
 
+`sink=True` (off by default, not in the paper) also keeps the first block for every query, outside the
+`top_k` count: MoBA is trained with its gate, and a model trained with dense attention puts about a third
+of its attention on the first tokens (the attention sink; SmolLM2-135M's answer queries in
+docs/bench/retrieval_prose.md), which the gate rarely picks.
+
 Checks done: the token mask equals a float64 per-token loop implementation of this rule in
 tests/methods/test_moba.py. Side by side with the official reference `moba_attn_varlen_naive`
 (MoonshotAI/MoBA, moba/moba_naive.py, pure torch, run on CPU outside the repo): attention through
@@ -33,17 +38,22 @@ class MoBA(BlockScorer):
         block_size: MoBA key-block size in tokens (paper: 512 in its 8K-context experiments).
         top_k: blocks each query attends to, the current block included (paper: 3).
         tile_size: the engine's tile (block_q = block_k); must divide block_size.
+        sink: also keep the first block (the attention sink of a model trained dense) for every query, on
+            top of the `top_k` gated ones (not MoBA's rule; default False).
     """
 
     block_size: int = 512
     top_k: int = 3
     tile_size: int = 64
+    sink: bool = False
 
     causal_modes = (True,)
     keep_rule = "top_k"
 
     def __post_init__(self):
         self.check_positive_ints("block_size", "top_k", "tile_size")
+        if not isinstance(self.sink, bool):
+            raise TypeError(f"sink must be a bool, got {type(self.sink).__name__}")
         if self.block_size % self.tile_size:
             raise ValueError(f"block_size ({self.block_size}) must be a multiple of tile_size ({self.tile_size})")
 
@@ -69,4 +79,7 @@ class MoBA(BlockScorer):
         past = block_ids.view(1, -1) < current.view(-1, 1)
         is_current = block_ids.view(1, -1) == current.view(-1, 1)
         # every token keeps its own (current) block, so no row of the layout is empty
-        return BlockScores(scores, 1, self.block_size, allowed=past | is_current, forced=is_current)
+        always = None
+        if self.sink:  # the first block, for every query (it is in every query's past or is its own block)
+            always = block_ids.view(1, -1) == 0
+        return BlockScores(scores, 1, self.block_size, allowed=past | is_current, forced=is_current, always=always)
