@@ -51,3 +51,31 @@ def test_seer_keeps_the_method_contract(gate_file, density):
 def test_seer_by_spec_refuses_a_gate_file_for_another_model(gate_file):
     with pytest.raises(ValueError, match="tiny"):
         methods.get("seer", gates=gate_file, block_size=32)  # default model smollm2-135m
+
+
+def test_seer_inverts_the_models_rope_not_the_gates_block_rope(tmp_path):
+    """The gate's block RoPE theta and the model's RoPE theta are different numbers; selection on post-RoPE
+    q/k must invert the model's (a gate trained on SmolLM2, theta 100000, read 10000 before this test)."""
+    from blockattn.modules.seer_gate import _rope_tables
+    torch.manual_seed(4)
+    gate = SeerAttentionGate(4, 2, 16, block_size=32, gate_dim=16, rope_theta=1e4, model_rope_theta=1e5)
+    gate.trained_steps += 1
+    path = save_gates({0: gate}, str(tmp_path / "g.pt"), model="tiny")
+    q_nope, k_nope = torch.randn(1, 4, 256, 16), torch.randn(1, 2, 256, 16)
+    cos, sin = _rope_tables(256, 16, 1e5, "cpu")
+    rot = lambda x: x * cos + torch.cat([-x[..., 8:], x[..., :8]], -1) * sin  # noqa: E731
+    method = methods.get("seer", gates=path, model="tiny", block_size=32, density=0.25)
+    layout = method.select(rot(q_nope), rot(k_nope), layer=0)
+    assert torch.equal(layout.to_dense(), gate.select(q_nope, k_nope, density=0.25).to_dense())
+
+
+def test_model_rope_theta_reads_old_and_new_transformers_configs():
+    from types import SimpleNamespace
+
+    from blockattn.modules.seer_gate import model_rope_theta
+    assert model_rope_theta(SimpleNamespace(rope_theta=5e5)) == 5e5
+    assert model_rope_theta(SimpleNamespace(rope_parameters={"rope_theta": 1e5, "rope_type": "default"})) == 1e5
+    with pytest.raises(ValueError, match="plain RoPE"):
+        model_rope_theta(SimpleNamespace(rope_parameters={"rope_theta": 1e5, "rope_type": "llama3"}))
+    with pytest.raises(ValueError, match="no rope_theta"):
+        model_rope_theta(SimpleNamespace())

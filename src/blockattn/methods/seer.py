@@ -6,7 +6,7 @@ top k = max(1, floor((1 - sqrt(1 - density)) nb)) blocks by gate logits (the off
 or the blocks whose softmaxed score exceeds `threshold`; the diagonal block is always kept (a stated
 deviation) and, by default, the last two query-block rows are dense (`last_block_dense`). The
 attention function sees post-RoPE q/k, so the gate's inputs are recovered by inverting plain RoPE
-with the gate's saved theta (SmolLM2 uses no RoPE scaling). Prefill only (q_len = k_len).
+with the model's theta saved in the gate file (`model_rope_theta`; SmolLM2: 100000, no scaling). Prefill only (q_len = k_len).
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ class SeerAttention(Method):
             raise ValueError(f"seer has gates for layers {sorted(gates)}, not layer {layer!r}; patch only those "
                              f"layers (hf.patch(..., layers={{...}}))")
         gate = gates[layer].to(q.device)
-        cos, sin = _rope_tables(q.shape[2], q.shape[3], gate.rope_theta, q.device)
+        cos, sin = _rope_tables(q.shape[2], q.shape[3], gate.model_rope_theta, q.device)
         q_nope, k_nope = invert_rope(q.float(), cos, sin), invert_rope(k.float(), cos, sin)
         with torch.no_grad():
             return gate.select(q_nope, k_nope, density=self.density, threshold=self.threshold,

@@ -79,7 +79,7 @@ class SeerAttentionGate(nn.Module):
 
     def __init__(self, heads_q: int, heads_kv: int, head_dim: int, *, block_size: int = 64, gate_dim: int = 128,
                  q_pool: tuple[str, ...] = ("avg",), k_pool: tuple[str, ...] = ("max", "min", "avg"),
-                 rope_theta: float = 10000.0, force_double: bool = False):
+                 rope_theta: float = 10000.0, force_double: bool = False, model_rope_theta: float | None = None):
         super().__init__()
         for name, value in (("heads_q", heads_q), ("heads_kv", heads_kv), ("head_dim", head_dim),
                             ("block_size", block_size), ("gate_dim", gate_dim)):
@@ -94,6 +94,9 @@ class SeerAttentionGate(nn.Module):
                 raise ValueError(f"{name} must be a non-empty tuple of {POOLS}, got {pools!r}")
         self.heads_q, self.heads_kv, self.head_dim = heads_q, heads_kv, head_dim
         self.block_size, self.gate_dim, self.rope_theta = block_size, gate_dim, float(rope_theta)
+        # the model's own RoPE, which SeerAttention inverts to recover the pre-RoPE q/k the gate reads (the
+        # gate's block RoPE uses `rope_theta`; both are the model's theta when trained by seer_train)
+        self.model_rope_theta = float(rope_theta if model_rope_theta is None else model_rope_theta)
         self.q_pool, self.k_pool = tuple(q_pool), tuple(k_pool)
         # the official "double" case projects q too; the single case keeps pooled q and gives k one
         # map per query head
@@ -145,7 +148,7 @@ class SeerAttentionGate(nn.Module):
     def config(self) -> dict:
         return dict(heads_q=self.heads_q, heads_kv=self.heads_kv, head_dim=self.head_dim,
                     block_size=self.block_size, gate_dim=self.gate_dim, q_pool=list(self.q_pool),
-                    k_pool=list(self.k_pool), rope_theta=self.rope_theta)
+                    k_pool=list(self.k_pool), rope_theta=self.rope_theta, model_rope_theta=self.model_rope_theta)
 
 
 def save_gates(gates: dict[int, SeerAttentionGate], path: str, *, model: str) -> str:
@@ -178,6 +181,21 @@ def load_gates(path: str, *, model: str, block_size: int | None = None) -> dict[
         gate.load_state_dict(state)
         gates[int(layer)] = gate
     return gates
+
+
+def model_rope_theta(config) -> float:
+    """The RoPE base of a transformers config: `rope_theta`, or (transformers >= 4.5x) the one in
+    `rope_parameters`; only plain RoPE (no scaling) is inverted exactly."""
+    theta = getattr(config, "rope_theta", None)
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if theta is None:
+        theta = parameters.get("rope_theta") if isinstance(parameters, dict) else None
+    if theta is None:
+        raise ValueError(f"{type(config).__name__} has no rope_theta (nor rope_parameters['rope_theta'])")
+    kind = parameters.get("rope_type", "default") if isinstance(parameters, dict) else "default"
+    if kind != "default":
+        raise ValueError(f"SeerAttention inverts plain RoPE only; this model uses rope_type={kind!r}")
+    return float(theta)
 
 
 def block_max_ground_truth(q: Tensor, k: Tensor, *, block_size: int = 64, scale: float | None = None) -> Tensor:

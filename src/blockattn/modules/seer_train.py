@@ -20,7 +20,7 @@ import torch
 import blockattn
 from blockattn.layout import BlockLayout
 from blockattn.modules.seer_gate import (SeerAttentionGate, _pool, block_max_ground_truth, gate_loss, invert_rope,
-                                         select_blocks)
+                                         model_rope_theta, select_blocks)
 
 DENSITIES = (0.1, 0.25, 0.5)
 
@@ -192,7 +192,7 @@ def run(*, model_name: str = "smollm2-135m", layer: int | None = 15, layers=None
     capture_seconds = time.perf_counter() - start
     shape = dict(heads_q=config.num_attention_heads, heads_kv=config.num_key_value_heads,
                  head_dim=config.hidden_size // config.num_attention_heads,
-                 rope_theta=float(getattr(config, "rope_theta", 10000.0)))
+                 rope_theta=model_rope_theta(config))
     gates, losses, per_layer, rows_by_layer, train_seconds = {}, {}, {}, [], 0.0
     for index in layers:
         start = time.perf_counter()
