@@ -167,6 +167,21 @@ def test_head_results_sum_to_o_proj_output_and_split_by_head():
             torch.testing.assert_close(got[i, layer * 4:(layer + 1) * 4].sum(0), y[0, -1], atol=1e-5, rtol=1e-5)
 
 
+def logits_with_o_proj_input_set(model, ids, layer, columns, value, *, positions):
+    """The naive twin of mean-ablation: last-position logits with layer `layer`'s o_proj input set to
+    `value` at `positions` in `columns` (one head's slice), by a plain forward pre-hook."""
+    def pre(module, args):
+        x = args[0].clone()
+        x[:, positions, columns] = value
+        return (x,)
+    handle = model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(pre)
+    try:
+        with torch.no_grad():
+            return model(ids).logits[0, -1]
+    finally:
+        handle.remove()
+
+
 def test_mean_ablation_edits_only_the_last_position():
     model, tok = tiny_llama(), WordTokenizer()
     prompts = circuits.ioi_prompts(3, "ABBA")
@@ -178,17 +193,7 @@ def test_mean_ablation_edits_only_the_last_position():
     # the naive twin: replace the o_proj input slice of head 2, layer 1, at the last position only
     for i, p in enumerate(prompts):
         ids = torch.tensor([tok(p.text).input_ids])
-
-        def pre(module, args):
-            x = args[0].clone()
-            x[:, -1, 16:24] = means[1, 2]
-            return (x,)
-        handle = model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(pre)
-        try:
-            with torch.no_grad():
-                want = model(ids).logits[0, -1]
-        finally:
-            handle.remove()
+        want = logits_with_o_proj_input_set(model, ids, 1, slice(16, 24), means[1, 2], positions=-1)
         torch.testing.assert_close(ablated[i], want, atol=1e-5, rtol=1e-5)
 
 
@@ -199,17 +204,7 @@ def test_every_position_mean_ablation_and_attribution_baseline():
     ablated = circuits.last_logits(model, tok, prompts,
                                    edits=circuits.mean_ablation([(0, 1)], means, every_position=True))
     ids = torch.tensor([tok(prompts[0].text).input_ids])
-
-    def pre(module, args):
-        x = args[0].clone()
-        x[:, :, 8:16] = means[0, 1]
-        return (x,)
-    handle = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(pre)
-    try:
-        with torch.no_grad():
-            want = model(ids).logits[0, -1]
-    finally:
-        handle.remove()
+    want = logits_with_o_proj_input_set(model, ids, 0, slice(8, 16), means[0, 1], positions=slice(None))
     torch.testing.assert_close(ablated[0], want, atol=1e-5, rtol=1e-5)
     # attribution: a result planted along the (gain-weighted) answer - foil unembedding ranks first
     results = torch.zeros(2, 8, 32)
