@@ -79,3 +79,16 @@ def test_model_rope_theta_reads_old_and_new_transformers_configs():
         model_rope_theta(SimpleNamespace(rope_parameters={"rope_theta": 1e5, "rope_type": "llama3"}))
     with pytest.raises(ValueError, match="no rope_theta"):
         model_rope_theta(SimpleNamespace())
+
+
+def test_seer_on_meta_never_fails_on_a_device_mismatch(gate_file):
+    """The contract test's meta leg for the one registered method it cannot build from defaults."""
+    from tests.methods.test_contract import is_device_mismatch
+    method = methods.get("seer", gates=gate_file, model="tiny", block_size=32, density=0.25)
+    q, k = torch.randn(2, 4, 256, 16, device="meta"), torch.randn(2, 2, 256, 16, device="meta")
+    try:
+        layout = method.select(q, k, layer=3)
+    except (RuntimeError, NotImplementedError) as error:  # a data-dependent size: meta cannot compute it
+        assert not is_device_mismatch(error), error
+    else:
+        assert layout.q_len == 256
