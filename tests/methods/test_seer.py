@@ -51,6 +51,19 @@ def test_seer_keeps_the_method_contract(gate_file, density):
 def test_seer_by_spec_refuses_a_gate_file_for_another_model(gate_file):
     with pytest.raises(ValueError, match="tiny"):
         methods.get("seer", gates=gate_file, block_size=32)  # default model smollm2-135m
+    with pytest.raises(TypeError, match="force_diagonal"):
+        methods.get("seer", gates=gate_file, model="tiny", block_size=32, force_diagonal="yes")
+
+
+def test_seer_forces_the_diagonal_only_when_asked(gate_file):
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 4, 512, 16, generator=g), torch.randn(1, 2, 512, 16, generator=g)
+    official = methods.get("seer", gates=gate_file, model="tiny", block_size=32, density=0.1).select(q, k, layer=0)
+    forced = methods.get("seer", gates=gate_file, model="tiny", block_size=32, density=0.1,
+                         force_diagonal=True).select(q, k, layer=0)
+    eye = torch.eye(16, dtype=torch.bool)
+    assert torch.equal(forced.to_dense(), official.to_dense() | eye)
+    assert not bool(official.to_dense()[..., eye].all())  # an untrained gate skips some diagonal blocks
 
 
 def test_seer_inverts_the_models_rope_not_the_gates_block_rope(tmp_path):

@@ -1,5 +1,6 @@
 """SeerAttention gate: the AttnGate against a plain per-head transcription, the block-max ground truth
 against a brute-force pool of the dense probabilities, the nz_ratio rule, selection, training and files."""
+import itertools
 import math
 
 import pytest
@@ -59,6 +60,47 @@ def test_topk_rule_and_density():
         assert abs(layout.density("causal") - rho) < 0.03
 
 
+def _official_mask(scores, *, nz_ratio=None, threshold=None, last_block_dense=True):
+    """A plain re-creation of the official get_sparse_attn_mask_from_nz_ratio / _from_threshold
+    (seer_attn/modules/common.py): top-k on the gate scores (masked entries included) or scores > threshold,
+    the last two block rows set dense, then tril."""
+    n = scores.shape[-1]
+    if nz_ratio is not None:
+        topk = int((1 - math.sqrt(1 - nz_ratio)) * n) or 1
+        mask = torch.zeros(scores.shape, dtype=torch.bool)
+        for index in itertools.product(*(range(s) for s in scores.shape[:-1])):
+            mask[index + (scores[index].argsort(descending=True)[:topk],)] = True
+    else:
+        mask = scores > threshold
+    if last_block_dense:
+        mask[:, :, -2:, :] = True
+    return mask.tril()
+
+
+@pytest.mark.parametrize("rule", [dict(nz_ratio=0.1), dict(nz_ratio=0.25), dict(nz_ratio=0.5),
+                                  dict(threshold=0.02), dict(threshold=0.3)])
+@pytest.mark.parametrize("last_block_dense", [True, False])
+def test_selection_equals_the_official_rule(rule, last_block_dense):
+    torch.manual_seed(5)
+    n, block = 13, 4
+    future = torch.ones(n, n, dtype=torch.bool).triu(1)
+    logits = torch.randn(2, 3, n, n).masked_fill(future, -1e9)  # the official gate masks with -1e9
+    if "nz_ratio" in rule:
+        layout = select_blocks(logits, length=n * block - 1, block_size=block, density=rule["nz_ratio"],
+                               last_block_dense=last_block_dense)
+        want = _official_mask(logits, last_block_dense=last_block_dense, **rule)
+    else:  # threshold mode: the official gate softmaxes its masked scores first
+        layout = select_blocks(logits, length=n * block - 1, block_size=block, threshold=rule["threshold"],
+                               last_block_dense=last_block_dense)
+        want = _official_mask(torch.softmax(logits, -1), last_block_dense=last_block_dense, **rule)
+    assert torch.equal(layout.to_dense(), want)
+    if rule.get("threshold") == 0.3:  # some rows keep nothing, as in the official code: allowed, output zero
+        assert not bool(want.any(-1).all()) and layout.allow_empty_rows
+    forced = select_blocks(logits, length=n * block - 1, block_size=block, density=rule.get("nz_ratio"),
+                           threshold=rule.get("threshold"), last_block_dense=last_block_dense, force_diagonal=True)
+    assert torch.equal(forced.to_dense(), want | torch.eye(n, dtype=torch.bool))
+
+
 def test_density_one_is_dense_and_diagonal_is_always_kept():
     torch.manual_seed(1)
     q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
@@ -67,7 +109,7 @@ def test_density_one_is_dense_and_diagonal_is_always_kept():
     full = blockattn.attention(q, k, v, blockattn.BlockLayout.from_dense(torch.ones(5, 5, dtype=torch.bool), q_len=40,
                                k_len=40, block_q=8, block_k=8, causal=True))
     torch.testing.assert_close(blockattn.attention(q, k, v, layout), full)
-    sparse = gate.select(q, k, threshold=0.99, last_block_dense=False, allow_untrained=True)
+    sparse = gate.select(q, k, threshold=0.99, last_block_dense=False, force_diagonal=True, allow_untrained=True)
     assert bool(sparse.to_dense()[0, :, torch.arange(5), torch.arange(5)].all())
 
 

@@ -3,8 +3,9 @@
 Rule: each layer's gate (`blockattn.modules.seer_gate.SeerAttentionGate`, trained by
 `blockattn train seer`) scores key blocks from block-pooled pre-RoPE q/k; a query-block row keeps its
 top k = max(1, floor((1 - sqrt(1 - density)) nb)) blocks by gate logits (the official nz_ratio rule),
-or the blocks whose softmaxed score exceeds `threshold`; the diagonal block is always kept (a stated
-deviation) and, by default, the last two query-block rows are dense (`last_block_dense`). The
+or the blocks whose softmaxed score exceeds `threshold`; by default the last two query-block rows are
+dense (`last_block_dense`) and the diagonal block is not forced (both as the official code;
+`force_diagonal=True` adds it). The
 attention function sees post-RoPE q/k, so the gate's inputs are recovered by inverting plain RoPE
 with the model's theta saved in the gate file (`model_rope_theta`; SmolLM2: 100000, no scaling). Prefill only (q_len = k_len).
 """
@@ -37,6 +38,7 @@ class SeerAttention(Method):
         threshold: keep blocks with softmaxed gate score above it (official LongBench value 2e-3).
         block_size: the gates' block size (official: 64); a file for another is refused.
         last_block_dense: make the last two query-block rows dense (official default True).
+        force_diagonal: also keep each row's diagonal block (not in the official rule; default False).
     """
 
     within_block_lookahead = True  # the gate scores block-pooled queries
@@ -46,6 +48,7 @@ class SeerAttention(Method):
     threshold: float | None = None
     block_size: int = 64
     last_block_dense: bool = True
+    force_diagonal: bool = False
 
     causal_modes = (True,)
     required = ("gates",)
@@ -65,6 +68,9 @@ class SeerAttention(Method):
         elif isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
                 or not 0 <= self.threshold < 1:
             raise ValueError(f"threshold must lie in [0, 1), got {self.threshold!r}")
+        for name in ("last_block_dense", "force_diagonal"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         _load(self.gates, self.model, self.block_size)  # a wrong file fails here, not mid-forward
 
     def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer: int | None) -> BlockLayout:
@@ -78,4 +84,4 @@ class SeerAttention(Method):
         q_nope, k_nope = invert_rope(q.float(), cos, sin), invert_rope(k.float(), cos, sin)
         with torch.no_grad():
             return gate.select(q_nope, k_nope, density=self.density, threshold=self.threshold,
-                               last_block_dense=self.last_block_dense)
+                               last_block_dense=self.last_block_dense, force_diagonal=self.force_diagonal)

@@ -13,11 +13,13 @@ the model's causal attention probabilities (`block_max_ground_truth`, computed o
 time in O(L nb) memory), and the loss is 10 x KL(target || softmax(gate)) with `mean` reduction
 over the rows past the first quarter (`gate_loss`); only the gate trains.
 
-Selection (`select_blocks`): `density` keeps per query-block row the top k = max(1, floor((1 -
-sqrt(1 - density)) nb)) blocks by gate logits (the official nz_ratio rule), or `threshold` keeps
-blocks whose softmaxed score exceeds it; the last two query-block rows are dense by default
-(`last_block_dense`). The diagonal block is always kept (a stated deviation: the official code
-does not force it, and a thresholded row could otherwise select nothing).
+Selection (`select_blocks`), as the official `get_sparse_attn_mask_from_nz_ratio` / `_threshold`
+(`seer_attn/modules/common.py`): `density` keeps per query-block row the top k = max(1, floor((1 -
+sqrt(1 - density)) nb)) blocks by gate logits (the nz_ratio rule), or `threshold` keeps blocks whose
+softmaxed score exceeds it; the last two query-block rows are dense by default (`last_block_dense`),
+then the block-causal part is kept. The diagonal block is not forced (official); `force_diagonal`
+adds it. A top-k row never ends empty (its valid blocks outrank the masked ones); a thresholded row
+can only when `threshold >= 1 / nb`, and such rows are allowed (their output is zero).
 """
 from __future__ import annotations
 
@@ -135,7 +137,7 @@ class SeerAttentionGate(nn.Module):
         return logits.masked_fill(future, float("-inf"))
 
     def select(self, q_nope: Tensor, k_nope: Tensor, *, density: float | None = None,
-               threshold: float | None = None, last_block_dense: bool = True,
+               threshold: float | None = None, last_block_dense: bool = True, force_diagonal: bool = False,
                allow_untrained: bool = False) -> BlockLayout:
         """The layout this gate selects (see `select_blocks`); an untrained gate is refused unless
         `allow_untrained` (e.g. for the untrained baseline)."""
@@ -143,7 +145,8 @@ class SeerAttentionGate(nn.Module):
             raise ValueError("this SeerAttentionGate has not been trained (trained_steps = 0); train it or load "
                              "trained gates, or pass allow_untrained=True for an untrained baseline")
         return select_blocks(self(q_nope, k_nope), length=q_nope.shape[2], block_size=self.block_size,
-                             density=density, threshold=threshold, last_block_dense=last_block_dense)
+                             density=density, threshold=threshold, last_block_dense=last_block_dense,
+                             force_diagonal=force_diagonal)
 
     def config(self) -> dict:
         return dict(heads_q=self.heads_q, heads_kv=self.heads_kv, head_dim=self.head_dim,
@@ -238,10 +241,11 @@ def topk_for_density(density: float, blocks: int) -> int:
 
 
 def select_blocks(logits: Tensor, *, length: int, block_size: int = 64, density: float | None = None,
-                  threshold: float | None = None, last_block_dense: bool = True) -> BlockLayout:
+                  threshold: float | None = None, last_block_dense: bool = True,
+                  force_diagonal: bool = False) -> BlockLayout:
     """A causal per-head `BlockLayout` from gate logits `[B, Hq, nb, nb]`: top-k by logits per row for
-    `density`, or softmax score > `threshold`; the diagonal block always, the last two rows dense
-    when `last_block_dense`."""
+    `density`, or softmax score > `threshold`; the last two rows dense when `last_block_dense`, the
+    diagonal block added when `force_diagonal` (not the official rule)."""
     if (density is None) == (threshold is None):
         raise ValueError("give exactly one of density and threshold")
     n = _cdiv(length, block_size)
@@ -257,8 +261,10 @@ def select_blocks(logits: Tensor, *, length: int, block_size: int = 64, density:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
             raise ValueError(f"threshold must lie in [0, 1), got {threshold!r}")
         keep = torch.softmax(logits, -1) > threshold
-    keep = (keep & causal) | torch.eye(n, dtype=torch.bool, device=logits.device)
     if last_block_dense:
-        keep[:, :, -2:] = causal[-2:]
+        keep[:, :, -2:] = True
+    keep = keep & causal
+    if force_diagonal:
+        keep |= torch.eye(n, dtype=torch.bool, device=logits.device)
     return BlockLayout.from_dense(keep, q_len=length, k_len=length, block_q=block_size, block_k=block_size,
-                                  causal=True)
+                                  causal=True, allow_empty_rows=threshold is not None and not force_diagonal)
