@@ -5,8 +5,8 @@ harness's document, one seed per window; the forward stops after that layer); pr
 from inverting the model's own rotary embedding. The gate (Qavg_Kmaxminavg, gate_dim 128, block 64)
 trains on the block-max ground truth with the official loss (AdamW lr 1e-3, 20 warm-up steps then
 cosine, one window per step, base model frozen) and is compared on held-out windows, at densities
-0.1 / 0.25 / 0.5 with the nz_ratio top-k rule (last rows not forced dense, so only selection
-differs), with the untrained gate, a training-free pooled score (avg-pooled post-RoPE q . k, as
+0.1 / 0.25 / 0.5 with the nz_ratio top-k rule (last rows not forced dense and the diagonal kept for
+every selector, so only selection differs), with the untrained gate, a training-free pooled score (avg-pooled post-RoPE q . k, as
 MoBA/Quest), and the oracle top-k of the ground truth: attention recall (mean over queries of the
 probability mass inside the kept tiles) and the layer output's relative error through the engine.
 """
@@ -159,8 +159,9 @@ def evaluate(trained, untrained, windows, *, densities=DENSITIES, block_size=64)
                           "pooled q.k (MoBA-like)": pooled_logits(q, k, block_size),
                           "oracle top-k": torch.log(w["target"])}
             for name, logits in candidates.items():
+                # last rows not dense and the diagonal kept for every selector: they differ only in what they choose
                 layout = select_blocks(logits, length=length, block_size=block_size, density=density,
-                                       last_block_dense=False)
+                                       last_block_dense=False, force_diagonal=True)
                 out = blockattn.attention(q, k, v, layout)
                 error = float((out - dense).norm() / dense.norm())
                 kl = float(gate_loss(logits, w["target"], scale=1.0)) if name != "oracle top-k" else 0.0
