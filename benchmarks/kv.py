@@ -136,7 +136,7 @@ def run(args) -> None:
     from blockattn.bench import kv_eval
     config = kv_eval.KVEvalConfig(tasks=tuple(args.tasks), lengths=tuple(args.lengths), depths=tuple(args.depths),
                                   seeds=tuple(args.seeds), ratios=tuple(args.ratios), method=args.method,
-                                  decode_steps=args.decode_steps, verify=not args.no_verify)
+                                  decode_steps=args.decode_steps, verify=not args.no_verify, needles=args.needles)
     kv_eval.expand(args.kv, config.ratios)
     start = time.perf_counter()
     model, tokenizer = blockattn.models.load("smollm2-135m")
@@ -196,6 +196,7 @@ def main(argv=None):
     r.add_argument("--lengths", type=int, nargs="+", default=[4096])
     r.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     r.add_argument("--seeds", type=int, nargs="+", default=[0])
+    r.add_argument("--needles", type=int, default=4, help="multi_needle: facts per document, each asked once")
     r.add_argument("--method", default=None)
     r.add_argument("--decode-steps", type=int, default=4)
     r.add_argument("--no-verify", action="store_true")

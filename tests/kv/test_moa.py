@@ -42,10 +42,12 @@ def test_influence_blocks_equal_brute_force_removal():
     assert torch.allclose(got[0].double(), expected, rtol=1e-4, atol=1e-7)
 
 
-def test_profile_gradients_match_eager_autograd():
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_profile_gradients_match_eager_autograd(checkpoint):
     model = tiny_llama(layers=2, heads=4, kv_heads=2)
     ids = torch.randint(0, VOCAB, (1, 16))
-    got = cal.influence_on(model, ids, 10, block=4)
+    got = cal.influence_on(model, ids, 10, block=4, checkpoint=checkpoint)
+    assert all("forward" not in vars(m) for m in model.modules())     # the recompute wrappers are gone
     eager = transformers.LlamaForCausalLM(model.config).eval()
     eager.load_state_dict(model.state_dict())
     eager.set_attn_implementation("eager")
@@ -99,3 +101,22 @@ def test_elastic_per_head_cache_against_the_oracle():
         kv.get("moa", plan=plan, ratio=0.7).spans()
     with pytest.raises(ValueError, match="must exceed the sink"):
         kv.get("moa", ratio=0.5, sink=64, min_cache=64)
+
+
+def test_calibrate_profiles_only_the_lengths_it_lacks(monkeypatch):
+    model = tiny_llama(layers=2, kv_heads=2)
+    profiled = []
+
+    def fake_profile(model, tokenizer, n, samples, seed=0, checkpoint=False):
+        profiled.append((n, checkpoint))
+        return torch.rand(2, 2, n // 64, n // 64)
+
+    monkeypatch.setattr(cal, "profile", fake_profile)
+    saved = {1024: torch.rand(2, 2, 16, 16), 4096: torch.rand(2, 2, 64, 64)}
+    plan = cal.calibrate(model, None, lengths=(1024, 2048), influence=saved, densities=(0.5,), checkpoint=True)
+    assert profiled == [(2048, True)]
+    assert sorted(plan["influence"]) == [1024, 2048] and plan["influence"][1024] is saved[1024]
+    assert plan["loss"]["0.5"] >= 0 and len(plan["spans"]["0.5"]) == 2
+    with pytest.warns(UserWarning, match="not informed by the profile"):   # a budget beyond the profile
+        cal.calibrate(model, None, lengths=(1024, 2048), influence=saved | plan["influence"], densities=(0.5,),
+                      budget_length=4096)
