@@ -155,8 +155,9 @@ def o_proj_io(model, ids):
 def test_head_results_sum_to_o_proj_output_and_split_by_head():
     model, tok = tiny_llama(), WordTokenizer()
     prompts = circuits.ioi_prompts(4, "ABBA")[:1] * 1 + circuits.ioi_prompts(4, "BABA")[:3]
-    got = circuits.head_results(model, tok, prompts)
-    assert got.shape == (4, 8, 32)
+    got = circuits.head_results(model, tok, prompts, position="last")
+    mean = circuits.head_results(model, tok, prompts)  # the official default: averaged over positions
+    assert got.shape == mean.shape == (4, 8, 32)
     for i, p in enumerate(prompts):
         seen = o_proj_io(model, torch.tensor([tok(p.text).input_ids]))
         for layer in range(2):
@@ -165,6 +166,11 @@ def test_head_results_sum_to_o_proj_output_and_split_by_head():
             want = torch.stack([x[0, -1, h * 8:(h + 1) * 8] @ w[:, h * 8:(h + 1) * 8].T for h in range(4)])
             torch.testing.assert_close(got[i, layer * 4:(layer + 1) * 4], want, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got[i, layer * 4:(layer + 1) * 4].sum(0), y[0, -1], atol=1e-5, rtol=1e-5)
+            # TransformerLens `stack_head_results` then `.mean(dim=2)` over positions (data_utils.py)
+            per_position = torch.stack([x[0, :, h * 8:(h + 1) * 8] @ w[:, h * 8:(h + 1) * 8].T for h in range(4)])
+            torch.testing.assert_close(mean[i, layer * 4:(layer + 1) * 4], per_position.mean(1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="position"):
+        circuits.head_results(model, tok, prompts, position="first")
 
 
 def logits_with_o_proj_input_set(model, ids, layer, columns, value, *, positions):

@@ -1,24 +1,30 @@
 """SAE circuit identification (O'Neill & Bui, "Sparse Autoencoders Enable Scalable and Reliable Circuit
 Identification in Language Models", arXiv 2405.12522; official code charlieoneill11/sae-circuits).
 
-The rule, as the official code has it (src/sae.py, train.py, node.py, edge.py, main.py, configs/config.yaml):
-- Every prompt gives R [heads_total, d_model]: each head's *result* at the last position, i.e. its output
-  before o_proj projected through its own slice of W_O into the residual stream.
-- The dataset is positives (prompts the model solves) then negatives (matched prompts it cannot solve).
+The rule, as the official code has it (src/sae.py, train.py, node.py, main.py, configs/config.yaml,
+data/ioi.py, data/data_utils.py):
+- Data (data/ioi.py): 250 IOI prompts from 15 BABA templates and their 15 ABBA twins (template, names and
+  nouns drawn at random; the final IO token is dropped), none filtered by whether the model solves them,
+  then 250 matched counterfactuals, one per prompt: the same template and nouns with [A] -> a third name
+  C, [B] -> S, then the first S -> IO, so "Then, IO and S went ... S gave a bone to" becomes "Then, C and
+  IO went ... S gave a bone to". Positives are the first half of the dataset, negatives the second.
+- Every prompt gives R [heads_total, d_model]: each head's *result* (its output before o_proj projected
+  through its own slice of W_O), averaged over the prompt's positions (`position="mean"`, the setting of
+  the saved data; TransformerLens also averages its BOS position, which this model's prompts do not have).
 - One SAE shared by all heads: d_model -> 200 features, x - b -> unit-norm linear (with bias) -> ReLU ->
   unit-norm linear (no bias) -> + b, with b one tied bias initialised at zero. "Unit norm" is along each
   weight's input dimension (the code's `normalize(weight, dim=-1)`), kept by projecting the gradient off
   each row and renormalising before every forward.
 - Loss = MSE + 0.02 * mean over (example, head) of the codes' L1 norm; Adam lr 1e-3; 500 full-batch epochs
-  on 10 examples (here 5 positives + 5 negatives: the code draws 10 at random from the shuffled set).
+  on 10 examples drawn at random from the shuffled dataset (positives and negatives mixed).
 - code(example, head) = argmax feature, computed on every example. Node score of a head = |U+|, the number
-  of codes it shows on positives and never on negatives; edge score of a head pair = the number of code
-  pairs seen on positives and never on negatives.
+  of codes it shows on positives and never on negatives (the code's softmax over heads keeps the order);
+  edge score of a head pair = the number of code pairs seen on positives and never on negatives.
 
-Tasks, generated offline: indirect object identification (Wang et al. 2022: ABBA/BABA positives, ABC
-negatives with a third name) and colored objects (Ippolito & Callison-Burch style "On the table, I see a
-red pen, a blue cup and a green book. What color is the cup? Answer:"; negatives ask about an object
-that is not on the table). Circuit reuse (Merullo et al. 2024) lives in `circuit_reuse.py`.
+Tasks, generated offline: indirect object identification (above; `ioi_prompts` keeps the older 5-template
+generator with independent ABC negatives) and colored objects (Ippolito & Callison-Burch style "On the
+table, I see a red pen, a blue cup and a green book. What color is the cup? Answer:"; negatives ask about an
+object that is not on the table). Circuit reuse (Merullo et al. 2024) lives in `circuit_reuse.py`.
 """
 from __future__ import annotations
 
@@ -39,12 +45,50 @@ IOI_TEMPLATES = (
     "While {A} and {B} were working at the {place}, {S} handed a {obj} to",
     "Friends {A} and {B} found a {obj} at the {place}. {S} gave it to",
 )
+# data/ioi.py: BABA_TEMPLATES (the trailing " [A]", the IO token the model must predict, is dropped later)
+BABA_TEMPLATES = (
+    "Then, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]",
+    "Then, [B] and [A] had a lot of fun at the [PLACE]. [B] gave a [OBJECT] to [A]",
+    "Then, [B] and [A] were working at the [PLACE]. [B] decided to give a [OBJECT] to [A]",
+    "Then, [B] and [A] were thinking about going to the [PLACE]. [B] wanted to give a [OBJECT] to [A]",
+    "Then, [B] and [A] had a long argument, and afterwards [B] said to [A]",
+    "After [B] and [A] went to the [PLACE], [B] gave a [OBJECT] to [A]",
+    "When [B] and [A] got a [OBJECT] at the [PLACE], [B] decided to give it to [A]",
+    "When [B] and [A] got a [OBJECT] at the [PLACE], [B] decided to give the [OBJECT] to [A]",
+    "While [B] and [A] were working at the [PLACE], [B] gave a [OBJECT] to [A]",
+    "While [B] and [A] were commuting to the [PLACE], [B] gave a [OBJECT] to [A]",
+    "After the lunch, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]",
+    "Afterwards, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]",
+    "Then, [B] and [A] had a long argument. Afterwards [B] said to [A]",
+    "The [PLACE] [B] and [A] went to had a [OBJECT]. [B] gave it to [A]",
+    "Friends [B] and [A] found a [OBJECT] at the [PLACE]. [B] gave it to [A]",
+)
+# ABBA twins: the first clause's [B] and [A] swap (the official loop over characters does exactly this)
+ABBA_TEMPLATES = tuple(t.replace("[B]", "[X]", 1).replace("[A]", "[B]", 1).replace("[X]", "[A]", 1)
+                       for t in BABA_TEMPLATES)
+# data/ioi.py's NAMES that are one token with a leading space for SmolLM2 (the official code rejects the
+# others with the same test, for GPT-2's tokenizer); PLACES and OBJECTS as there
+OFFICIAL_NAMES = tuple("""Michael Christopher Jessica Matthew Ashley Jennifer Joshua Amanda Daniel David James
+Robert John Joseph Andrew Ryan Jason Justin Sarah William Jonathan Stephanie Brian Nicole Nicholas Anthony Heather
+Eric Elizabeth Adam Melissa Kevin Steven Thomas Timothy Christina Rachel Laura Lauren Richard Jeffrey Amy Crystal
+Michelle Jeremy Benjamin Mark Emily Aaron Charles Rebecca Jacob Stephen Patrick Sean Erin Jamie Kelly Samantha
+Nathan Sara Paul Angela Tyler Scott Katherine Andrea Gregory Mary Lisa Kenneth Bryan Jose Alexander Jesse Katie
+Shannon Christine Allison Bradley Samuel""".split())
+OFFICIAL_PLACES = "store garden restaurant school hospital office house station".split()
+OFFICIAL_OBJECTS = "ring kiss bone basketball computer necklace drink snack".split()
 COLORS = "red blue green yellow black white purple orange pink brown".split()
 OBJECTS = "pen cup book ball key phone hat bag box plate shoe lamp coin sock fork bowl clock".split()
 SURFACES = "table desk floor shelf".split()
 COLOR_TEMPLATE = "On the {surface}, I see {items}. What color is the {ask}? Answer:"
+COLOR_FORMATS = {  # wordings tried on SmolLM2 (docs/bench/analysis_circuits.md, stop 11)
+    "answer": COLOR_TEMPLATE,
+    "qa": "Q: On the {surface}, I see {items}. What color is the {ask}?\nA:",  # BIG-bench's Q:/A: form
+    "statement": "On the {surface}, I see {items}. The {ask} is",
+    "color_of": "On the {surface}, I see {items}. The color of the {ask} is",
+}
 
 FEATURES, L1, LR, EPOCHS, EXAMPLES = 200, 0.02, 1e-3, 500, 10  # configs/config.yaml
+OFFICIAL_PROMPTS = 250  # data/ioi.py: n_prompts (positives; as many counterfactual negatives)
 
 
 class Prompt(NamedTuple):
@@ -84,49 +128,115 @@ def ioi_prompts(n: int, kind: str = "ABBA", *, seed: int = 0, templates=IOI_TEMP
     return prompts
 
 
+def _replace_first_word(text, old, new):
+    """The first whole-word `old` -> `new` (the official `str.replace(old, new, 1)`, which could also hit a
+    longer name containing `old`, e.g. "Sara" in "Sarah")."""
+    words = text.split(" ")
+    for i, w in enumerate(words):
+        stripped = w.rstrip(".,")
+        if stripped == old:
+            words[i] = new + w[len(stripped):]
+            break
+    return " ".join(words)
+
+
+def ioi_dataset(n: int = OFFICIAL_PROMPTS, *, seed: int = 0, names=OFFICIAL_NAMES, templates=None):
+    """The official IOI data (data/ioi.py `gen_prompt_counterfact`): `n` prompts, each from a random template
+    of the 15 BABA + 15 ABBA ones, two distinct random names (IO = name_1 for [A], S = name_2 for [B]) and
+    random place / object, with the final IO token dropped; returns (prompts, counterfactuals, abc):
+    - counterfactuals (the SAE negatives): the same template and nouns with [A] -> name_3, [B] -> S, then
+      the first S -> IO, so the subject S is kept and the first clause holds C and IO (no duplicate name);
+    - abc (Wang et al. 2022's p_ABC, the corrupted run for path patching): the same template and nouns with
+      three fresh distinct names for the first [A], first [B] and the subject, so the sentence is token for
+      token aligned with its prompt and identifies nobody.
+    `answer`/`foil` are IO/S of the prompt on all three (the counterfactual and ABC are scored the same way)."""
+    _count("n", n)
+    templates = tuple(ABBA_TEMPLATES + BABA_TEMPLATES) if templates is None else tuple(templates)
+    rng = random.Random(f"ioi-official-{seed}")
+    prompts, counterfactuals, abc = [], [], []
+    for _ in range(n):
+        template = rng.choice(templates)
+        kind = "ABBA" if template in ABBA_TEMPLATES else "BABA"
+        io, s = rng.sample(names, 2)
+        c = rng.choice([x for x in names if x not in (io, s)])
+        place, obj = rng.choice(OFFICIAL_PLACES), rng.choice(OFFICIAL_OBJECTS)
+        fresh = rng.sample([w for w in names if w not in (io, s)], 3)
+        text, counter, corrupt = ioi_texts(template, io, s, c, place, obj, fresh)
+        prompts.append(Prompt(text, io, s, (io, s), kind))
+        counterfactuals.append(Prompt(counter, io, s, (io, s), "counterfactual"))
+        abc.append(Prompt(corrupt, io, s, (io, s), "ABC"))
+    return prompts, counterfactuals, abc
+
+
+def ioi_texts(template: str, io: str, s: str, c: str, place: str, obj: str, fresh) -> tuple[str, str, str]:
+    """One template filled: (prompt, counterfactual, ABC) texts without the final IO token (see `ioi_dataset`);
+    `fresh` are the ABC's three names for the first [A], the first [B] and the subject."""
+    base = template.replace("[PLACE]", place).replace("[OBJECT]", obj)
+    if not base.endswith(" [A]"):
+        raise ValueError(f"template must end with ' [A]' (the IO the model predicts), got {template!r}")
+    base = base[:-len(" [A]")]
+    x, y, z = fresh
+    return (base.replace("[A]", io).replace("[B]", s),
+            _replace_first_word(base.replace("[A]", c).replace("[B]", s), s, io),
+            base.replace("[A]", x, 1).replace("[B]", y, 1).replace("[B]", z).replace("[A]", x))
+
+
 def _article(word):
     return "an" if word[0] in "aeiou" else "a"
 
 
 def colored_objects_prompts(n: int, *, negative: bool = False, seed: int = 0, count: int = 3,
-                            shots: int = 3) -> list[Prompt]:
+                            shots: int = 3, fmt: str = "answer", corrupt: bool = False) -> list[Prompt]:
     """`n` colored-objects prompts with `count` distinct colored objects; the answer is the asked object's
     color. `negative`: the question asks about an object that is not on the surface (nothing to find).
     `shots` solved examples (fixed, from their own seed) precede each question: zero-shot SmolLM2-135M
-    answers "Answer:" with no color at all (measured: top-1 0/40), 3-shot it names one (40% right, chance 33%)."""
+    answers "Answer:" with no color at all (measured: top-1 0/40), 3-shot it names one (40% right, chance 33%).
+    `fmt` picks the wording (`COLOR_FORMATS`). `corrupt`: the same prompts (same draws, token for token
+    aligned) with the question's listed colors replaced by `count` other colors, so the asked color is
+    absent (the corrupted run of path patching, as Wang et al.'s ABC for IOI); answer/foil stay the clean ones."""
     _count("n", n)
     _count("count", count)
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
         raise ValueError(f"shots must be an int >= 0, got {shots!r}")
-    demos = _colored(shots, False, random.Random("colored-shots"), count)
+    if fmt not in COLOR_FORMATS:
+        raise ValueError(f"fmt must be one of {sorted(COLOR_FORMATS)}, got {fmt!r}")
+    demos = _colored(shots, False, random.Random("colored-shots"), count, fmt)
     prefix = "".join(f"{d.text} {d.answer}\n" for d in demos)
-    prompts = _colored(n, negative, random.Random(f"colored-{negative}-{seed}"), count)
+    prompts = _colored(n, negative, random.Random(f"colored-{negative}-{seed}"), count, fmt,
+                       corrupt=f"colored-corrupt-{negative}-{seed}" if corrupt else None)
     return [p._replace(text=prefix + p.text) for p in prompts]
 
 
-def _colored(n, negative, rng, count):
+def _colored(n, negative, rng, count, fmt="answer", corrupt=None):
     prompts = []
-    for _ in range(n):
+    for i in range(n):
         colors = rng.sample(COLORS, count)
         objects = rng.sample(OBJECTS, count + 1)
-        shown = [f"{_article(c)} {c} {o}" for c, o in zip(colors, objects)]
+        listed = colors
+        if corrupt is not None:  # its own generator: the clean draws above stay the same
+            listed = random.Random(f"{corrupt}-{i}").sample([c for c in COLORS if c not in colors], count)
+        shown = [f"{_article(c)} {c} {o}" for c, o in zip(listed, objects)]
         items = ", ".join(shown[:-1]) + " and " + shown[-1] if count > 1 else shown[0]
         target = rng.randrange(count)
         ask = objects[count] if negative else objects[target]
-        text = COLOR_TEMPLATE.format(surface=rng.choice(SURFACES), items=items, ask=ask)
+        text = COLOR_FORMATS[fmt].format(surface=rng.choice(SURFACES), items=items, ask=ask)
         foil = colors[(target + 1) % count] if count > 1 else colors[target]
-        prompts.append(Prompt(text, colors[target], foil, tuple(colors), "negative" if negative else "positive"))
+        kind = "corrupt" if corrupt is not None else "negative" if negative else "positive"
+        prompts.append(Prompt(text, colors[target], foil, tuple(colors), kind))
     return prompts
 
 
-def task_prompts(task: str, n: int, *, seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
-    """(positives, negatives), `n` each: IOI alternates ABBA and BABA against ABC; colored objects against
-    questions about an absent object."""
+def task_prompts(task: str, n: int, *, seed: int = 0, colored=None) -> tuple[list[Prompt], list[Prompt]]:
+    """(positives, negatives), `n` each: IOI is the official data (`ioi_dataset`: prompts and their matched
+    counterfactuals); colored objects asks about a listed object against an absent one (`colored`: keyword
+    arguments of `colored_objects_prompts`, e.g. fmt / shots / count)."""
     if task == "ioi":
-        abba, baba = ioi_prompts(n, "ABBA", seed=seed), ioi_prompts(n, "BABA", seed=seed)
-        return [p for pair in zip(abba, baba) for p in pair][:n], ioi_prompts(n, "ABC", seed=seed)
+        prompts, counterfactuals, _ = ioi_dataset(n, seed=seed)
+        return prompts, counterfactuals
     if task == "colored_objects":
-        return (colored_objects_prompts(n, seed=seed), colored_objects_prompts(n, negative=True, seed=seed))
+        colored = colored or {}
+        return (colored_objects_prompts(n, seed=seed, **colored),
+                colored_objects_prompts(n, negative=True, seed=seed, **colored))
     raise ValueError(f"task must be 'ioi' or 'colored_objects', got {task!r}")
 
 
@@ -156,11 +266,14 @@ def _patched(model):
     return patched(model)
 
 
-def head_results(model, tokenizer, prompts, *, batch_size: int = 32) -> Tensor:
-    """`[N, layers * heads, d_model]` float32: each head's result at the last position (its output before
-    o_proj times its slice of W_O), the SAE's input. Head order is layer-major (index = layer * heads + head)."""
+def head_results(model, tokenizer, prompts, *, position: str = "mean", batch_size: int = 32) -> Tensor:
+    """`[N, layers * heads, d_model]` float32: each head's result (its output before o_proj times its slice
+    of W_O), averaged over the prompt's positions (`position="mean"`, the official data) or at the last
+    position ("last"), the SAE's input. Head order is layer-major (index = layer * heads + head)."""
     from blockattn import analysis
 
+    if position not in ("mean", "last"):
+        raise ValueError(f"position must be 'mean' or 'last', got {position!r}")
     device = next(model.parameters()).device
     out = [None] * len(prompts)
     with torch.no_grad(), _patched(model), analysis.hooks(model) as h:
@@ -168,11 +281,11 @@ def head_results(model, tokenizer, prompts, *, batch_size: int = 32) -> Tensor:
         weights = [m.o_proj.weight for m in sorted(h.modules, key=lambda m: m.layer_idx)]
         for chunk, ids in _batches(tokenizer, prompts, batch_size):
             h.clear()
-            h.record_outputs(positions=[ids.shape[1] - 1])
-            model(ids.to(device))
+            h.record_outputs(positions=None if position == "mean" else [ids.shape[1] - 1])
+            model(ids.to(device), logits_to_keep=1)
             per_layer = []
             for layer in range(layers):
-                o = h.outputs[layer][0][:, :, 0].float()  # [B, H, D]
+                o = h.outputs[layer][0].float().mean(2)  # [B, H, D]: the result is linear in the output
                 w = weights[layer].float().view(-1, heads, o.shape[-1])  # [d_model, H, D]
                 per_layer.append(torch.einsum("bhd,mhd->bhm", o, w))
             stacked = torch.cat(per_layer, dim=1)
@@ -193,7 +306,7 @@ def last_logits(model, tokenizer, prompts, *, edits=None, batch_size: int = 32) 
             h.restore()
             if edits is not None:
                 edits(h, ids.shape[1])
-            logits = model(ids.to(device)).logits[:, -1].float()
+            logits = model(ids.to(device), logits_to_keep=1).logits[:, -1].float()
             for j, i in enumerate(chunk):
                 rows[i] = logits[j]
     return torch.stack(rows)
@@ -341,10 +454,11 @@ class Ranking(NamedTuple):
 
 
 def rank_heads(results: Tensor, n_positive: int, *, heads: int, trials: int = 1, examples: int = EXAMPLES,
-               features: int = FEATURES, epochs: int = EPOCHS, seed: int = 0) -> Ranking:
-    """Rank heads by SAE node score: per trial, train the SAE on `examples` examples (half positives, half
-    negatives, drawn at random), code every example and score |U+|; scores are averaged over `trials`
-    (the official code reports one trial per run). Ties keep layer-major order."""
+               features: int = FEATURES, epochs: int = EPOCHS, seed: int = 0, balanced: bool = False) -> Ranking:
+    """Rank heads by SAE node score: per trial, train the SAE on `examples` examples drawn at random from the
+    whole dataset (the official `prepare_data`: the first `examples` of a random permutation, positives and
+    negatives mixed; `balanced`: half from each instead), code every example and score |U+|; scores are
+    averaged over `trials` (the official code reports one trial per run). Ties keep layer-major order."""
     _check_results(results)
     n = results.shape[0]
     if not 0 < n_positive < n:
@@ -355,10 +469,13 @@ def rank_heads(results: Tensor, n_positive: int, *, heads: int, trials: int = 1,
     total = torch.zeros(results.shape[1], dtype=torch.float64, device=results.device)
     for t in range(trials):
         g = torch.Generator().manual_seed(seed * 1000 + t)
-        half = examples // 2
-        pos = torch.randperm(n_positive, generator=g)[:examples - half]
-        neg = n_positive + torch.randperm(n - n_positive, generator=g)[:half]
-        train = results[torch.cat([pos, neg]).to(results.device)]
+        if balanced:
+            half = examples // 2
+            pos = torch.randperm(n_positive, generator=g)[:examples - half]
+            chosen = torch.cat([pos, n_positive + torch.randperm(n - n_positive, generator=g)[:half]])
+        else:
+            chosen = torch.randperm(n, generator=g)[:examples]
+        train = results[chosen.to(results.device)]
         sae = train_sae(train, features=features, epochs=epochs, seed=seed * 1000 + t)
         total += node_scores(sae_codes(sae, results), n_positive).double()
     scores = (total / trials).float()
@@ -392,7 +509,7 @@ def last_position_means(model, tokenizer, prompts, *, batch_size: int = 32, ever
     with torch.no_grad(), _patched(model), analysis.hooks(model) as h:
         for _, ids in _batches(tokenizer, prompts, batch_size):
             h.record_outputs(positions=None if every_position else [ids.shape[1] - 1])
-            model(ids.to(device))
+            model(ids.to(device), logits_to_keep=1)
         return h.mean_outputs()
 
 
@@ -484,32 +601,41 @@ def plot_ablation(rows_by_task: dict, path: str, *, metric: str = "logit_diff") 
 
 
 # ------------------------------------------------------------------------------------- whole task
-def find_circuit(model, tokenizer, task: str, *, n: int = 20, held_out: int = 40, trials: int = 1,
-                 seed: int = 0, progress=None) -> dict:
-    """The pipeline on one task: positives = generated prompts the model answers right (first `n`),
-    negatives = `n` matched prompts it cannot solve; head results at the last position; SAE ranking over
-    `trials`; plus `held_out` fresh task prompts (not filtered) and the negatives' last-position head means
-    (the reference for mean-ablation, Wang et al.'s ABC mean for IOI)."""
+def find_circuit(model, tokenizer, task: str, *, n: int = OFFICIAL_PROMPTS, held_out: int = 100, trials: int = 1,
+                 seed: int = 0, position: str = "mean", filter_correct: bool = False, balanced: bool = False,
+                 colored=None, progress=None) -> dict:
+    """The pipeline on one task, by default the official one: `n` generated prompts as positives (not
+    filtered by correctness) and their `n` negatives (IOI: the matched counterfactuals), head results
+    averaged over positions, the SAE ranking over `trials`. `filter_correct` (the earlier, not official,
+    choice): positives are the first `n` of `3 n` generated prompts the model answers right. Also returned:
+    `held_out` fresh task prompts (not filtered) for the ablation check, the negatives' head means (last
+    position and every position; the reference for mean-ablation, an ABC-style mean as Wang et al.'s) and
+    the direct-logit-attribution baseline (last-position results of the positives)."""
     _count("n", n)
-    candidates, negatives = task_prompts(task, 3 * n, seed=seed)
+    candidates, negatives = task_prompts(task, 3 * n if filter_correct else n, seed=seed, colored=colored)
     logits = last_logits(model, tokenizer, candidates)
     metrics = task_metrics(logits, tokenizer, candidates)
     right = [p for p, row in zip(candidates, logits) if _correct(row, tokenizer, p)]
-    if len(right) < 2:
-        raise ValueError(f"the model solves only {len(right)} of {len(candidates)} {task} prompts: no positives")
-    positives, negatives = right[:n], negatives[:min(n, len(right))]
+    if filter_correct:
+        if len(right) < 2:
+            raise ValueError(f"the model solves only {len(right)} of {len(candidates)} {task} prompts: no positives")
+        positives, negatives = right[:n], negatives[:min(n, len(right))]
+    else:
+        positives = candidates
     if progress:
         progress(f"{task}: {len(right)}/{len(candidates)} generated prompts right; {len(positives)} positives, "
                  f"{len(negatives)} negatives")
-    results = head_results(model, tokenizer, positives + negatives)
+    results = head_results(model, tokenizer, positives + negatives, position=position)
     heads = results.shape[1] // len(model.model.layers)
-    ranking = rank_heads(results, len(positives), heads=heads, trials=trials, seed=seed)
+    ranking = rank_heads(results, len(positives), heads=heads, trials=trials, seed=seed, balanced=balanced)
     if progress:
-        progress(f"{task}: SAE ranking done ({trials} trial(s))")
-    test, _ = task_prompts(task, held_out, seed=seed + 1)
+        progress(f"{task}: SAE ranking done ({trials} trial(s), results at position {position!r})")
+    last = results[:len(positives)] if position == "last" else head_results(model, tokenizer, positives,
+                                                                              position="last")
+    test, _ = task_prompts(task, held_out, seed=seed + 1, colored=colored)
     return dict(task=task, ranking=ranking, results=results, positives=positives, negatives=negatives,
                 generated=metrics, solved=len(right), tried=len(candidates), held_out=test,
-                baseline=logit_attribution_ranking(model, tokenizer, results, positives, heads=heads),
+                baseline=logit_attribution_ranking(model, tokenizer, last, positives, heads=heads),
                 means=last_position_means(model, tokenizer, negatives),
                 means_all=last_position_means(model, tokenizer, negatives, every_position=True))
 
