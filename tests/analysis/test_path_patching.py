@@ -161,3 +161,15 @@ def test_bad_input_and_top_heads():
     assert path_patching.top_heads(scores, 0.5) == [(1, 0), (0, 1)]
     assert path_patching.top_heads(scores, 0.25, sign=1) == [(1, 1)]
     assert path_patching.ranking(scores).order == [(1, 0), (0, 1), (0, 0), (1, 1)]
+
+
+def test_staged_circuit_is_the_union_of_each_stage_top_by_magnitude():
+    model, tok = tiny_llama(), WordTokenizer()
+    clean, corrupt = pairs(4)
+    c = path_patching.staged_circuit(model, tok, clean, corrupt, fraction=0.2)  # 2 of 12 heads per stage
+    assert c["movers"] == path_patching.top_heads(c["logits"], 0.2)
+    want = path_patching.heads_to_queries(model, tok, clean, corrupt, c["movers"])
+    torch.testing.assert_close(c["queries"], want)
+    top_abs = [path_patching.ranking(s.abs(), sign=1).order[:2] for s in (c["logits"], c["queries"])]
+    assert set(c["circuit"]) == set(top_abs[0]) | set(top_abs[1])
+    assert c["combined"].order[0] == path_patching.ranking(torch.minimum(c["logits"], c["queries"])).order[0]

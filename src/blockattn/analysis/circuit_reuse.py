@@ -5,17 +5,21 @@ The paper finds each task's circuit with staged path patching, takes the union o
 stage, reports ~78% overlap of in-circuit heads, and transfers IOI behaviour to Colored Objects by
 adjusting four mid-layer (inhibition) heads (49.6% -> 93.7% accuracy on GPT-2 Medium).
 
-Here the circuits are the SAE rankings of `circuits.py` (not path patching: a choice made for cost,
-stated wherever results are reported). The rule:
+Here the circuits are the SAE rankings of `circuits.py`, or the path-patching circuits of
+`path_patching.staged_circuit` (the paper's method, two of its stages). The rule:
 - circuit(task) = its top `fraction` of heads by SAE node score;
 - overlap = |A n B| / |A u B| (Jaccard) and |A n B| / |A|, next to the chance value k^2 / n for two
   random k-head sets out of n;
 - intervention: the shared heads in the middle layers (`mid` = the middle third by default, where the
   paper's inhibition heads sit), edited at the last position of Colored Objects prompts: mean-ablated,
   amplified (mean + 2 (out - mean)), or steered toward their IOI activity (out + (mean on IOI positives -
-  mean on IOI negatives)); the Colored Objects accuracy change is measured.
+  mean on IOI negatives)); the Colored Objects accuracy change is measured;
+- `attend_to_foils`: the transfer intervention on IOI's inhibition heads (from path patching): at the last
+  position they attend to the wrong listed colors, as IOI's S-inhibition heads attend to the subject.
 """
 from __future__ import annotations
+
+import torch
 
 from blockattn.analysis import circuits
 
@@ -66,3 +70,62 @@ def intervention(model, tokenizer, heads, prompts, *, colored_means, ioi_positiv
 
 
 circuit_overlap = overlap  # the package-level name (blockattn.analysis.circuit_overlap)
+
+
+def foil_positions(tokenizer, prompt) -> list[int]:
+    """Token positions of the listed colors other than the answer (their last occurrence: the question comes
+    after the few-shot examples)."""
+    ids = tokenizer(prompt.text, add_special_tokens=False).input_ids
+    out = []
+    for word in prompt.candidates:
+        if word == prompt.answer:
+            continue
+        token = circuits.word_id(tokenizer, word)
+        where = [i for i, t in enumerate(ids) if t == token]
+        if not where:
+            raise ValueError(f"{word!r} is not a token of the prompt {prompt.text!r}")
+        out.append(where[-1])
+    return out
+
+
+def attend_to_foils(model, tokenizer, heads, prompts, *, batch_size: int = 32) -> dict:
+    """Colored Objects metrics with `heads` made to do what IOI's S-inhibition heads do with the subject:
+    at the last position each attends uniformly to the wrong listed colors (its output becomes the mean of
+    its values there), so the movers downstream are told which colors not to copy. This is our reading of
+    Merullo et al.'s repair of four mid-layer heads; the values come from a v_proj forward hook in the same
+    forward pass, the replacement goes through the hook API."""
+    from blockattn import analysis
+
+    device = next(model.parameters()).device
+    layers = model.model.layers
+    config = getattr(model.config, "get_text_config", lambda: model.config)()
+    group = int(config.num_attention_heads) // int(config.num_key_value_heads)
+    dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    values = {}
+    handles = [layers[l].self_attn.v_proj.register_forward_hook(lambda m, a, o, l=l: values.__setitem__(l, o))
+               for l in {layer for layer, _ in heads}]
+    rows = [None] * len(prompts)
+    try:
+        with torch.no_grad(), circuits._patched(model), analysis.hooks(model) as h:
+            for chunk, ids in circuits._batches(tokenizer, prompts, batch_size):
+                where = [foil_positions(tokenizer, prompts[i]) for i in chunk]
+
+                def make(layer, head):
+                    kv = head // group
+
+                    def f(out):
+                        v = values[layer][:, :, kv * dim:(kv + 1) * dim]  # [B, L, D]
+                        out = out.clone()
+                        for b, pos in enumerate(where):
+                            out[b, -1] = v[b, pos].mean(0).to(out.dtype)
+                        return out
+                    return f
+                h.restore()
+                h.ablate({(layer, head): make(layer, head) for layer, head in heads})
+                logits = model(ids.to(device), logits_to_keep=1).logits[:, -1].float()
+                for j, i in enumerate(chunk):
+                    rows[i] = logits[j]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return circuits.task_metrics(torch.stack(rows), tokenizer, prompts)

@@ -556,15 +556,15 @@ def ablation_check(model, tokenizer, ranking: Ranking, prompts, means: Tensor, *
 
 
 # ----------------------------------------------------------------------------------------- pictures
-def plot_scores(scores: Tensor, path: str, *, title: str) -> str:
-    """PNG heatmap of `[layers, heads]` node scores."""
+def plot_scores(scores: Tensor, path: str, *, title: str, label: str = "node score |U+|") -> str:
+    """PNG heatmap of `[layers, heads]` node scores (or any per-head score, named by `label`)."""
     from blockattn.plots import figure, save
 
     layers, heads = scores.shape
     fig, axes = figure(1, 1, figsize=(max(3.5, 0.45 * heads + 2.0), max(3.5, 0.22 * layers + 1.5)))
     ax = axes[0, 0]
     image = ax.imshow(scores.float().cpu().numpy(), cmap="viridis", aspect="auto", interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="node score |U+|")
+    fig.colorbar(image, ax=ax, label=label)
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(heads))

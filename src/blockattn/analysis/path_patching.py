@@ -175,7 +175,8 @@ def _q_columns(layer, head, dim):
 
 def heads_to_queries(model, tokenizer, clean, corrupt, receivers, *, cached=None, chunk: int = 256) -> Tensor:
     """`[layers, heads]` path-patching score of every head -> the queries of `receivers` [(layer, head)] at
-    END; heads in or after the last receiver layer cannot reach a receiver and score 0."""
+    END; heads in or after the last receiver layer cannot reach a receiver and score 0. `chunk`: the most
+    (prompt, sender) rows decoded at once (fewer when their copied KV caches would pass ~300 MB)."""
     clean_run, corrupt_run = cached or runs(model, tokenizer, clean, corrupt)
     receivers = sorted({tuple(r) for r in receivers})
     if not receivers:
@@ -213,7 +214,7 @@ def heads_to_queries(model, tokenizer, clean, corrupt, receivers, *, cached=None
     return scores
 
 
-def _decode_with_queries(model, clean_run, queries, by_layer, dim, chunk):
+def _decode_with_queries(model, clean_run, queries, by_layer, dim, chunk, memory=3e8):
     """`[S, N]` logit diffs of the clean prompts with END queries of the receiver heads replaced by
     `queries[l][sender, prompt]`: one decoding step over each clean prefix's KV cache."""
     senders = next(iter(queries.values())).shape[0]
@@ -245,7 +246,11 @@ def _decode_with_queries(model, clean_run, queries, by_layer, dim, chunk):
                 ids = torch.stack([clean_run.ids[i] for i in members]).to(device)
                 current.clear()
                 cache = model(ids[:, :-1], use_cache=True).past_key_values
-                per = max(1, chunk // len(members))
+                per_row = sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", [])
+                              for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                              if isinstance(t, Tensor)) / len(members)
+                rows = min(chunk, max(1, int(memory / per_row))) if per_row else chunk  # the copied caches' size
+                per = max(1, rows // len(members))
                 for start in range(0, senders, per):
                     span = range(start, min(senders, start + per))
                     c = copy.deepcopy(cache)
@@ -281,3 +286,30 @@ def ranking(scores: Tensor, *, sign: int = -1) -> "circuits.Ranking":
     heads = scores.shape[1]
     order = [divmod(int(i), heads) for i in (sign * scores).flatten().argsort(descending=True)]
     return circuits.Ranking(scores, order)
+
+
+def staged_circuit(model, tokenizer, clean, corrupt, *, fraction: float = 0.02, progress=None) -> dict:
+    """Merullo et al.'s staged discovery, two stages: (1) every head -> logits; the movers are the top
+    `fraction` by most negative score; (2) every head -> the movers' queries at END (the inhibition stage).
+    The circuit is the union of each stage's top `fraction` by |score| (heads that help or hurt: the IOI
+    circuit keeps negative movers). `combined`: a ranking by each head's most negative stage score, for the
+    ablation check. (The paper's third stage, into the inhibition heads' keys and values, is not run.)"""
+    cached = runs(model, tokenizer, clean, corrupt)
+    logits = heads_to_logits(model, tokenizer, clean, corrupt, cached=cached)
+    movers = top_heads(logits, fraction)
+    if progress:
+        progress(f"path patching stage 1 (heads -> logits) done; movers {movers}")
+    queries = heads_to_queries(model, tokenizer, clean, corrupt, movers, cached=cached)
+    if progress:
+        progress("path patching stage 2 (heads -> movers' queries) done")
+    by_abs = [h for scores in (logits, queries) for h in _top_abs(scores, fraction)]
+    circuit = list(dict.fromkeys(by_abs))
+    return dict(logits=logits, queries=queries, movers=movers, circuit=circuit,
+                combined=ranking(torch.minimum(logits, queries)),
+                clean_logit_diff=float(cached[0].logit_diff.mean()), corrupt_logit_diff=float(cached[1].logit_diff.mean()))
+
+
+def _top_abs(scores, fraction):
+    k = max(1, round(fraction * scores.numel()))
+    heads = scores.shape[1]
+    return [divmod(int(i), heads) for i in scores.abs().flatten().argsort(descending=True)[:k]]
