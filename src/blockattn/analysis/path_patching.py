@@ -202,6 +202,8 @@ def heads_to_queries(model, tokenizer, clean, corrupt, receivers, *, cached=None
             clean_q = {l: layers[l].self_attn.q_proj(layers[l].input_layernorm(stream.inputs[l]))
                        for l in by_layer if l <= s}
             for l, r in stream.sender_streams(s, delta):
+                if l is None or l > max(by_layer):
+                    break  # nothing above the last receiver is needed
                 if l in by_layer:
                     queries[l].append(layers[l].self_attn.q_proj(layers[l].input_layernorm(r)))
             for l, q in clean_q.items():  # receivers at or before the sender's layer see the clean query
