@@ -454,11 +454,13 @@ class Ranking(NamedTuple):
 
 
 def rank_heads(results: Tensor, n_positive: int, *, heads: int, trials: int = 1, examples: int = EXAMPLES,
-               features: int = FEATURES, epochs: int = EPOCHS, seed: int = 0, balanced: bool = False) -> Ranking:
+               features: int = FEATURES, epochs: int = EPOCHS, seed: int = 0, balanced: bool = False,
+               normalise: bool = False) -> Ranking:
     """Rank heads by SAE node score: per trial, train the SAE on `examples` examples drawn at random from the
     whole dataset (the official `prepare_data`: the first `examples` of a random permutation, positives and
     negatives mixed; `balanced`: half from each instead), code every example and score |U+|; scores are
-    averaged over `trials` (the official code reports one trial per run). Ties keep layer-major order."""
+    averaged over `trials` (the official code reports one trial per run); `normalise`: |U+| / |all codes|
+    (the config's `normalise`, False there). Ties keep layer-major order."""
     _check_results(results)
     n = results.shape[0]
     if not 0 < n_positive < n:
@@ -477,7 +479,7 @@ def rank_heads(results: Tensor, n_positive: int, *, heads: int, trials: int = 1,
             chosen = torch.randperm(n, generator=g)[:examples]
         train = results[chosen.to(results.device)]
         sae = train_sae(train, features=features, epochs=epochs, seed=seed * 1000 + t)
-        total += node_scores(sae_codes(sae, results), n_positive).double()
+        total += node_scores(sae_codes(sae, results), n_positive, normalise=normalise).double()
     scores = (total / trials).float()
     flat = sorted(range(scores.numel()), key=lambda i: -float(scores[i]))
     return Ranking(scores.view(-1, heads), [divmod(i, heads) for i in flat])
@@ -603,7 +605,7 @@ def plot_ablation(rows_by_task: dict, path: str, *, metric: str = "logit_diff") 
 # ------------------------------------------------------------------------------------- whole task
 def find_circuit(model, tokenizer, task: str, *, n: int = OFFICIAL_PROMPTS, held_out: int = 100, trials: int = 1,
                  seed: int = 0, position: str = "mean", filter_correct: bool = False, balanced: bool = False,
-                 colored=None, progress=None) -> dict:
+                 colored=None, normalise: bool = False, progress=None) -> dict:
     """The pipeline on one task, by default the official one: `n` generated prompts as positives (not
     filtered by correctness) and their `n` negatives (IOI: the matched counterfactuals), head results
     averaged over positions, the SAE ranking over `trials`. `filter_correct` (the earlier, not official,
@@ -627,7 +629,8 @@ def find_circuit(model, tokenizer, task: str, *, n: int = OFFICIAL_PROMPTS, held
                  f"{len(negatives)} negatives")
     results = head_results(model, tokenizer, positives + negatives, position=position)
     heads = results.shape[1] // len(model.model.layers)
-    ranking = rank_heads(results, len(positives), heads=heads, trials=trials, seed=seed, balanced=balanced)
+    ranking = rank_heads(results, len(positives), heads=heads, trials=trials, seed=seed, balanced=balanced,
+                         normalise=normalise)
     if progress:
         progress(f"{task}: SAE ranking done ({trials} trial(s), results at position {position!r})")
     last = results[:len(positives)] if position == "last" else head_results(model, tokenizer, positives,

@@ -18,6 +18,7 @@ def add_arguments(parser):
                         help="positives: only prompts the model solves (not the official rule)")
     parser.add_argument("--balanced", action="store_true",
                         help="train the SAE on 5 positives + 5 negatives (official: 10 drawn from the whole set)")
+    parser.add_argument("--normalise", action="store_true", help="node score |U+| / |all codes| (official: off)")
     parser.add_argument("--colored-format", default="answer", help="colored-objects wording (circuits.COLOR_FORMATS)")
     parser.add_argument("--colored-shots", type=int, default=3, help="solved colored-objects examples in front")
     parser.add_argument("--colored-count", type=int, default=3, help="colored objects per question")
@@ -191,7 +192,7 @@ def _sae(model, tokenizer, args, colored, progress):
         c = found[task] = circuits.find_circuit(model, tokenizer, task, n=args.n, held_out=args.held_out,
                                                 trials=args.trials, seed=args.seed, position=args.position,
                                                 filter_correct=args.filter_correct, balanced=args.balanced,
-                                                colored=colored, progress=progress)
+                                                colored=colored, normalise=args.normalise, progress=progress)
         scores, total = c["ranking"].scores, c["ranking"].scores.numel()
         g = c["generated"]
         print(f"\n== {task}: {args.model}, {layers} layers x {scores.shape[1]} heads; generated prompts right "
