@@ -41,8 +41,15 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-sdpa", action="store_true", help="skip the unpatched rows (the slowest)")
-    parser.add_argument("--out", default=None, help="markdown file for the table (and a .json beside it)")
+    parser.add_argument("--out", default=None,
+                        help="markdown file for the table (and a .json and a .png beside it)")
+    parser.add_argument("--replot", default=None, metavar="JSON",
+                        help="only redraw the PNG from a saved .json (no model run)")
     args = parser.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            print(plot(json.load(f), args.replot.rsplit(".", 1)[0] + ".png"))
+        return 0
     specs = [harness.parse_method(spec) for spec in args.methods]  # bad specs fail before the model loads
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     model, tokenizer = models.load("gemma3-270m", dtype=dtype)
@@ -116,7 +123,38 @@ def main(argv=None):
             f.write(table + "\n")
         with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
             json.dump(rows, f, indent=1)
+        plot(rows, args.out.rsplit(".", 1)[0] + ".png")
     return 0
+
+
+def plot(rows: list[dict], path: str) -> str:
+    """Per length, each method's prefill speedup over the structure-only row, with the Amdahl bound that the
+    structure-only row's full-layer attention share sets for any method on those layers."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(len(lengths), 1, figsize=(8, 3.2 * len(lengths)), squeeze=False)
+    for ax, length in zip(axes[:, 0], lengths):
+        same = [r for r in rows if r["length"] == length]
+        structure = next(r for r in same if r["row"].startswith("dense"))
+        methods = [r for r in same if r is not structure and not r["row"].startswith("unpatched")]
+        speedups = [structure["seconds"] / r["seconds"] for r in methods]
+        ax.bar(range(len(methods)), speedups, color=["tab:green" if s >= 1 else "tab:red" for s in speedups])
+        ax.set_xticks(range(len(methods)), [r["row"] for r in methods], rotation=40, ha="right", fontsize=8)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        if "full_share" in structure:
+            bound = 1 / (1 - structure["full_share"])
+            ax.axhline(bound, color="tab:blue", linestyle="--",
+                       label=f"Amdahl bound {bound:.2f}x (full layers {structure['full_share']:.0%} of prefill)")
+            ax.legend(fontsize=8, loc="upper right")
+        ax.set_ylabel("prefill speedup vs structure only")
+        ax.set_title(f"Gemma 3 270M, {length} tokens", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
