@@ -75,3 +75,9 @@ def test_colored_corruption_is_aligned_and_hides_the_answer():
         assert a.text.split("Q: ")[:-1] == b.text.split("Q: ")[:-1]  # the solved examples stay
     with pytest.raises(ValueError, match="fmt"):
         circuits.colored_objects_prompts(2, fmt="poem")
+
+
+def test_is_list_wording_binds_color_after_object():
+    for p in circuits.colored_objects_prompts(10, fmt="is_list", shots=0):
+        asked = p.text.split(". The ")[-1].split(" is")[0]
+        assert f"the {asked} is {p.answer}" in p.text and p.text.endswith(f"The {asked} is")

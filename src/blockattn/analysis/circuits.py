@@ -85,7 +85,9 @@ COLOR_FORMATS = {  # wordings tried on SmolLM2 (docs/bench/analysis_circuits.md,
     "qa": "Q: On the {surface}, I see {items}. What color is the {ask}?\nA:",  # BIG-bench's Q:/A: form
     "statement": "On the {surface}, I see {items}. The {ask} is",
     "color_of": "On the {surface}, I see {items}. The color of the {ask} is",
+    "is_list": "On the {surface}, {items}. The {ask} is",  # items as "the pen is red": color after object
 }
+ITEM_FORMATS = {"is_list": "the {object} is {color}"}  # every other wording: "a red pen"
 
 FEATURES, L1, LR, EPOCHS, EXAMPLES = 200, 0.02, 1e-3, 500, 10  # configs/config.yaml
 OFFICIAL_PROMPTS = 250  # data/ioi.py: n_prompts (positives; as many counterfactual negatives)
@@ -215,7 +217,8 @@ def _colored(n, negative, rng, count, fmt="answer", corrupt=None):
         listed = colors
         if corrupt is not None:  # its own generator: the clean draws above stay the same
             listed = random.Random(f"{corrupt}-{i}").sample([c for c in COLORS if c not in colors], count)
-        shown = [f"{_article(c)} {c} {o}" for c, o in zip(listed, objects)]
+        item = ITEM_FORMATS.get(fmt)
+        shown = [item.format(object=o, color=c) if item else f"{_article(c)} {c} {o}" for c, o in zip(listed, objects)]
         items = ", ".join(shown[:-1]) + " and " + shown[-1] if count > 1 else shown[0]
         target = rng.randrange(count)
         ask = objects[count] if negative else objects[target]

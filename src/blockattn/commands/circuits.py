@@ -29,6 +29,7 @@ def add_arguments(parser):
     parser.add_argument("--pp-fraction", type=float, default=0.02, help="top fraction of heads per stage")
     parser.add_argument("--formats", action="store_true",
                         help="only measure the colored-objects accuracy of every wording x shots x count tried")
+    parser.add_argument("--formats-only", nargs="+", default=None, help="with --formats: these wordings only")
     parser.add_argument("--trials", type=int, default=1, help="SAE trainings averaged (the official code: 1)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.10],
                         help="fractions of heads ablated (top-k and random k)")
@@ -66,7 +67,10 @@ def _formats(model, tokenizer, args):
     from blockattn.analysis import circuits
 
     tried = [("answer", 3, 3), ("answer", 8, 3), ("qa", 3, 3), ("qa", 8, 3), ("statement", 0, 3),
-             ("statement", 3, 3), ("color_of", 3, 3), ("statement", 3, 2), ("answer", 3, 2)]
+             ("statement", 3, 3), ("color_of", 3, 3), ("statement", 3, 2), ("answer", 3, 2), ("is_list", 0, 3),
+             ("is_list", 3, 3)]
+    if args.formats_only:
+        tried = [t for t in tried if t[0] in args.formats_only]
     print(f"{'format':<10} {'shots':>5} {'objects':>7}  {'accuracy':>8}  {'chance':>6}  {'top-1':>5}  {'logit diff':>10}")
     for fmt, shots, count in tried:
         prompts = circuits.colored_objects_prompts(args.held_out, seed=args.seed + 1, fmt=fmt, shots=shots, count=count)
