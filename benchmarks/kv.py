@@ -136,7 +136,8 @@ def run(args) -> None:
     from blockattn.bench import kv_eval
     config = kv_eval.KVEvalConfig(tasks=tuple(args.tasks), lengths=tuple(args.lengths), depths=tuple(args.depths),
                                   seeds=tuple(args.seeds), ratios=tuple(args.ratios), method=args.method,
-                                  decode_steps=args.decode_steps, verify=not args.no_verify, needles=args.needles)
+                                  decode_steps=args.decode_steps, verify=not args.no_verify, needles=args.needles,
+                                  time_dense=not args.no_dense_ttft)
     kv_eval.expand(args.kv, config.ratios)
     start = time.perf_counter()
     model, tokenizer = blockattn.models.load("smollm2-135m")
@@ -200,6 +201,7 @@ def main(argv=None):
     r.add_argument("--method", default=None)
     r.add_argument("--decode-steps", type=int, default=4)
     r.add_argument("--no-verify", action="store_true")
+    r.add_argument("--no-dense-ttft", action="store_true", help="skip the unpatched model's end-to-end prefill")
     r.add_argument("-o", "--output", required=True)
     q = sub.add_parser("rss", help="RSS before/after one end-to-end prefill in a fresh process")
     q.add_argument("--policy", default=None, help="a kv spec (default: the unpatched model)")

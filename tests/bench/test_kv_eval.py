@@ -202,3 +202,21 @@ def test_build_cache_equals_the_patched_prefill_on_a_hybrid_model():
             assert torch.equal(a.positions[0], b.positions[0])
             assert torch.equal(a.head_keys[0], b.head_keys[0]) and torch.equal(a.head_values[0], b.head_values[0])
         assert kv.cache_bytes(real) == kv.cache_bytes(shortcut)
+
+
+def test_time_dense_off_skips_the_unpatched_prefill(monkeypatch):
+    import math
+
+    from tests.integrations.test_hf import tiny_gemma3
+    monkeypatch.setattr(kv_eval, "_rss_mib", lambda: 0.0)
+    model = tiny_gemma3(window=48)
+    calls = []
+    model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append((args or [kwargs["input_ids"]])[0].shape[1]),
+                                    with_kwargs=True)
+    config = kv_eval.KVEvalConfig(lengths=(256,), depths=(0.5,), ratios=(0.5,), decode_steps=0, verify=False,
+                                  time_dense=False)
+    results = kv_eval.run_kv_eval(model, _Chars(), ["streaming"], config, progress=False)
+    dense, streaming = results["rows"]
+    assert math.isnan(dense["cells"][0]["ttft_s"]) and streaming["cells"][0]["ttft_s"] > 0
+    assert "dense (unpatched, DynamicCache)" not in results["end_to_end"].get(256, {})
+    assert sum(n > 100 for n in calls) == 1   # one prefill of the context: the shared capture
