@@ -130,3 +130,16 @@ def test_answer_recall_keeps_every_value_position_when_the_window_covers_the_seq
     torch.manual_seed(0)
     tight = answer_recall(build_model("dma", vocab=64, window=2), inputs, labels, 2)
     assert 0.0 <= tight["kept"] < 1.0
+
+
+def test_bias_reads_every_kv_heads_value_at_its_own_token_only():
+    """As modeling_doge.py: dt_proj sees the concatenated values of all KV heads at token j, nothing else."""
+    module = _module(6)
+    _, _, v = _inputs(12, seed=6)
+    want = module.A.view(1, -1, 1) * torch.nn.functional.softplus(
+        torch.einsum("bhld,ohd->bol", v, module.dt_proj.weight.view(2, 2, 8)))
+    torch.testing.assert_close(module.key_bias(v), want, rtol=1e-12, atol=1e-12)
+    nudged = v.clone()
+    nudged[:, 1, 5] += 1.0  # head 1's value at token 5
+    changed = (module.key_bias(nudged) - module.key_bias(v)).abs() > 0
+    assert changed[:, :, 5].all() and not changed[:, :, :5].any() and not changed[:, :, 6:].any()
