@@ -31,3 +31,27 @@ def test_skip_reason_names_missing_context_only():
     q, k = torch.randn(1, 2, 300, 16), torch.randn(1, 1, 300, 16)
     assert "grid" in skip_reason("vmoba", q, k)
     assert skip_reason("xattention", q, k) is None
+
+
+def test_per_layer_methods_get_each_captured_layer():
+    # a method calibrated per model layer (seer gates, vertical_slash:config=) refuses select() without
+    # `layer=`: the eval's layer-quality columns and compare's skip check must pass the captured layer
+    from blockattn.bench.metrics import layer_quality
+    from blockattn.bench.quality import skip_reason
+
+    class PerLayer(blockattn.methods.get("streaming").__class__):
+        seen = []
+
+        def _select(self, q, k, *, causal, grid, layer):
+            if layer is None:
+                raise ValueError("layer is required: this method is calibrated per layer")
+            PerLayer.seen.append(layer)
+            return super()._select(q, k, causal=causal, grid=grid, layer=layer)
+
+    g = torch.Generator().manual_seed(2)
+    captured = {layer: tuple(torch.randn(1, 2, 256, 16, generator=g) for _ in range(3)) for layer in (3, 7)}
+    method = PerLayer()
+    assert skip_reason(method, *captured[3][:2], layer=3) is None
+    assert "layer is required" in skip_reason(method, *captured[3][:2])
+    result = layer_quality(method, captured)
+    assert set(result["per_layer_recall"]) == {3, 7} and {3, 7} <= set(PerLayer.seen)

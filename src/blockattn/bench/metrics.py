@@ -13,7 +13,8 @@ from blockattn.bench import quality
 
 def layer_quality(method, captured: dict, *, backend: str = "auto") -> dict:
     """Mean over the captured layers `{layer: (q, k, v)}` of `quality.measure`, plus the per-layer errors."""
-    per_layer = {layer: quality.measure(method, *qkv, backend=backend, repeats=1) for layer, qkv in captured.items()}
+    per_layer = {layer: quality.measure(method, *qkv, backend=backend, repeats=1, layer=layer)
+                 for layer, qkv in captured.items()}
     rows = list(per_layer.values())
     mean = lambda attr: sum(getattr(r, attr) for r in rows) / len(rows)  # noqa: E731
     return {"recall": mean("recall"), "output_error": mean("output_error"), "density": mean("density"),

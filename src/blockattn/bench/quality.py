@@ -94,14 +94,14 @@ def measure(method, q: Tensor, k: Tensor, v: Tensor, *, name: str | None = None,
                    layout.density("causal"), layout.token_density(), select_ms, attend_ms, dense_ms)
 
 
-def skip_reason(method, q: Tensor, k: Tensor) -> str | None:
-    """Why `method` cannot select on plain q/k (e.g. a video method that needs `grid=(T, H, W)`),
-    tried on the first 256 tokens; None when it can. Errors elsewhere are not hidden by this."""
+def skip_reason(method, q: Tensor, k: Tensor, *, layer: int | None = None) -> str | None:
+    """Why `method` cannot select on plain q/k of model layer `layer` (e.g. a video method that needs
+    `grid=(T, H, W)`), tried on the first 256 tokens; None when it can. Errors elsewhere are not hidden."""
     if isinstance(method, str):
         method = blockattn.methods.get(method)
     n = min(256, q.shape[2])
     try:
-        method.select(q[:, :, :n], k[:, :, :n], causal=True)
+        method.select(q[:, :, :n], k[:, :, :n], causal=True, layer=layer)
     except (TypeError, ValueError) as error:
         return str(error)
     return None

@@ -84,7 +84,8 @@ def run(args):
         else:
             captured = capture_qkv(model, real_text_ids(tokenizer, length), layers=args.layers)
         for name in tqdm(names, desc=f"methods @ {length}"):
-            reason = skip_reason(name, *captured[next(iter(captured))][:2])
+            first = next(iter(captured))
+            reason = skip_reason(name, *captured[first][:2], layer=first)
             if reason:  # e.g. video methods that need grid=(T, H, W)
                 skipped.append(f"{name} @ {length}: {reason}")
                 continue

@@ -27,6 +27,10 @@ def add_arguments(parser):
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the experiment's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the experiment's)")
     parser.add_argument("--window", type=int, default=None, help="dma: keys kept per query (default 8)")
+    parser.add_argument("--length", type=int, default=None,
+                        help="seer: tokens per captured window (default 2048; gates trained at the length they "
+                             "serve rank long prompts' block rows better)")
+    parser.add_argument("--windows", type=int, default=None, help="seer: captured training windows (default 12)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
     parser.add_argument("--tiny", action="store_true", help="a few steps at a tiny size (CI smoke run)")
@@ -225,14 +229,18 @@ def run(args):
     _positive("window", args.window)
     if args.window is not None and args.name != "dma":
         raise ValueError("--window applies to dma only")
+    _positive("length", args.length)
+    _positive("windows", args.windows)
+    if (args.length is not None or args.windows is not None) and args.name != "seer":
+        raise ValueError("--length and --windows apply to seer only")
     if args.name == "seer" and args.batch is not None:
         raise ValueError("--batch does not apply to seer (one captured window per step)")
     torch.set_num_threads(args.threads)
     if args.name in ANALYSES:
         return _run_analysis(args)
     options = dict(TINY[args.name]) if args.tiny else {}
-    options.update({k: v for k, v in (("steps", args.steps), ("batch", args.batch), ("window", args.window))
-                    if v is not None})
+    options.update({k: v for k, v in (("steps", args.steps), ("batch", args.batch), ("window", args.window),
+                                      ("length", args.length), ("train_windows", args.windows)) if v is not None})
     if args.name == "sparsifiner" and args.steps is not None:
         raise ValueError("--steps does not apply to sparsifiner (it trains by epochs)")
     options["seed"] = args.seed
