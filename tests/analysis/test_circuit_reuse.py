@@ -5,28 +5,20 @@ import torch
 
 from blockattn.analysis import circuit_reuse, circuits
 
-
-class WordTokenizer:
-    """Whitespace words -> ids; a vocabulary large enough that the colors do not collide."""
-
-    def __call__(self, text, add_special_tokens=False):
-        class Encoded:
-            pass
-        e = Encoded()
-        e.input_ids = [sum(ord(ch) * 31 ** i for i, ch in enumerate(w)) % 4999 for w in text.split()]
-        return e
+from .tiny_lm import WordTokenizer
+from .tiny_lm import tiny_llama as _tiny_llama
 
 
 def tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=4999, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    return _tiny_llama(vocab=4999, positions=512)
+
+
+def color_tokenizer():  # a vocabulary large enough that the colors do not collide
+    return WordTokenizer(4999, hashed=True)
 
 
 def test_attend_to_foils_equals_a_plain_twin():
-    model, tok = tiny_llama(), WordTokenizer()
+    model, tok = tiny_llama(), color_tokenizer()
     prompts = circuits.colored_objects_prompts(3, shots=1)
     heads = [(0, 3), (1, 1)]
     got = circuit_reuse.attend_to_foils(model, tok, heads, prompts)

@@ -5,6 +5,8 @@ import torch
 
 from blockattn.analysis import circuit_reuse, circuits
 
+from .tiny_lm import WordTokenizer, o_proj_io, tiny_llama
+
 
 def planted(seed, n_pos=10, n_neg=10, heads=12, d=16, star=7):
     """Every head writes its own fixed vector (+ small noise) on every prompt; head `star` adds a large
@@ -117,41 +119,6 @@ def test_overlap_on_hand_made_sets():
 
 
 # --------------------------------------------------------------------------- on a tiny random Llama
-class WordTokenizer:
-    """Whitespace words -> ids (punctuation kept on words), enough for the prompt runners."""
-
-    def __init__(self, vocab=97):
-        self.vocab = vocab
-
-    def __call__(self, text, add_special_tokens=False):
-        class Encoded:
-            pass
-        e = Encoded()
-        e.input_ids = [sum(map(ord, w)) % self.vocab for w in text.split()]
-        return e
-
-
-def tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def o_proj_io(model, ids):
-    seen = {}
-    hooks = [blk.self_attn.o_proj.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, (a[0], o)))
-             for i, blk in enumerate(model.model.layers)]
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 def test_head_results_sum_to_o_proj_output_and_split_by_head():
     model, tok = tiny_llama(), WordTokenizer()
     prompts = circuits.ioi_prompts(4, "ABBA")[:1] * 1 + circuits.ioi_prompts(4, "BABA")[:3]

@@ -6,33 +6,16 @@ import torch
 
 from blockattn.analysis import circuits, path_patching
 
-
-class WordTokenizer:
-    def __init__(self, vocab=97):
-        self.vocab = vocab
-
-    def __call__(self, text, add_special_tokens=False):
-        class Encoded:
-            pass
-        e = Encoded()
-        e.input_ids = [sum(map(ord, w)) % self.vocab for w in text.split()]
-        return e
+from .tiny_lm import WordTokenizer, o_proj_io
+from .tiny_lm import tiny_llama as _tiny_llama
 
 
 LAYERS, HEADS, DIM = 3, 4, 8
 
 
 def tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
-                                      num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # larger weights than the init, so that every path has a visible effect
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    return model
+    # larger weights than the init, so that every path has a visible effect
+    return _tiny_llama(layers=LAYERS, heads=HEADS, weight_scale=4.0)
 
 
 def pairs(n=6):
@@ -41,16 +24,7 @@ def pairs(n=6):
 
 
 def o_proj_inputs(model, ids):
-    seen = {}
-    hooks = [blk.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].clone()))
-             for i, blk in enumerate(model.model.layers)]
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    return {layer: inputs for layer, (inputs, _) in o_proj_io(model, ids).items()}
 
 
 def frozen_run(model, ids, clean_in, corrupt_in, sender, record_q=()):
