@@ -280,21 +280,24 @@ def head_results(model, tokenizer, prompts, *, position: str = "mean", batch_siz
     device = next(model.parameters()).device
     out = [None] * len(prompts)
     with torch.no_grad(), _patched(model), analysis.hooks(model) as h:
-        layers, heads = h.layers, h.heads
         weights = [m.o_proj.weight for m in sorted(h.modules, key=lambda m: m.layer_idx)]
         for chunk, ids in _batches(tokenizer, prompts, batch_size):
             h.clear()
             h.record_outputs(positions=None if position == "mean" else [ids.shape[1] - 1])
             model(ids.to(device), logits_to_keep=1)
-            per_layer = []
-            for layer in range(layers):
-                o = h.outputs[layer][0].float().mean(2)  # [B, H, D]: the result is linear in the output
-                w = weights[layer].float().view(-1, heads, o.shape[-1])  # [d_model, H, D]
-                per_layer.append(torch.einsum("bhd,mhd->bhm", o, w))
+            # the result is linear in the output: the mean over positions can be taken first
+            per_layer = [project_heads(w, h.outputs[layer][0].float().mean(2)) for layer, w in enumerate(weights)]
             stacked = torch.cat(per_layer, dim=1)
             for j, i in enumerate(chunk):
                 out[i] = stacked[j]
     return torch.stack(out)
+
+
+def project_heads(o_proj_weight: Tensor, z: Tensor) -> Tensor:
+    """Each head's result: `z [..., H, D]` (outputs before o_proj) -> `[..., H, d_model]` through the head's
+    own slice of W_O (no bias)."""
+    heads, dim = z.shape[-2], z.shape[-1]
+    return torch.einsum("...hd,mhd->...hm", z, o_proj_weight.float().view(-1, heads, dim))
 
 
 def last_logits(model, tokenizer, prompts, *, edits=None, batch_size: int = 32) -> Tensor:

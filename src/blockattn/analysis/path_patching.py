@@ -94,9 +94,7 @@ def _o_proj(layer, z):
 
 def _head_results(layer, z):
     """`[..., H, d_model]`: each head's share of o_proj (no bias: split it off)."""
-    w = layer.self_attn.o_proj.weight.float()
-    heads, dim = z.shape[-2], z.shape[-1]
-    return torch.einsum("...hd,mhd->...hm", z, w.view(-1, heads, dim))
+    return circuits.project_heads(layer.self_attn.o_proj.weight, z)
 
 
 class _EndStream:
@@ -169,10 +167,6 @@ def heads_to_logits(model, tokenizer, clean, corrupt, *, cached=None) -> Tensor:
         return _normalise(torch.stack(rows), clean_run, corrupt_run)
 
 
-def _q_columns(layer, head, dim):
-    return slice(head * dim, (head + 1) * dim)
-
-
 def heads_to_queries(model, tokenizer, clean, corrupt, receivers, *, cached=None, chunk: int = 256) -> Tensor:
     """`[layers, heads]` path-patching score of every head -> the queries of `receivers` [(layer, head)] at
     END; heads in or after the last receiver layer cannot reach a receiver and score 0. `chunk`: the most
@@ -234,7 +228,7 @@ def _decode_with_queries(model, clean_run, queries, by_layer, dim, chunk, memory
                 return output
             output = output.clone()
             for head in by_layer[l]:
-                cols = _q_columns(l, head, dim)
+                cols = slice(head * dim, (head + 1) * dim)
                 output[:, -1, cols] = q[:, cols].to(output.dtype)
             return output
         return hook
@@ -275,19 +269,23 @@ def _decode_with_queries(model, clean_run, queries, by_layer, dim, chunk, memory
 def top_heads(scores: Tensor, fraction: float = 0.02, *, sign: int = -1) -> list:
     """The top `fraction` of heads (at least one) by `sign * score` (default: most negative first, the heads
     whose corrupted path hurts the logit difference most), as (layer, head) pairs best first."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    k = max(1, round(fraction * scores.numel()))
-    flat = (sign * scores).flatten()
-    heads = scores.shape[1]
-    return [divmod(int(i), heads) for i in flat.argsort(descending=True)[:k]]
+    return _order(sign * scores)[:_count(scores, fraction)]
 
 
 def ranking(scores: Tensor, *, sign: int = -1) -> "circuits.Ranking":
     """A `circuits.Ranking` (most important first by `sign * score`) for the ablation check."""
-    heads = scores.shape[1]
-    order = [divmod(int(i), heads) for i in (sign * scores).flatten().argsort(descending=True)]
-    return circuits.Ranking(scores, order)
+    return circuits.Ranking(scores, _order(sign * scores))
+
+
+def _order(key: Tensor) -> list:
+    """(layer, head) pairs of a `[layers, heads]` tensor, largest key first."""
+    return [divmod(int(i), key.shape[1]) for i in key.flatten().argsort(descending=True)]
+
+
+def _count(scores: Tensor, fraction: float) -> int:
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return max(1, round(fraction * scores.numel()))
 
 
 def staged_circuit(model, tokenizer, clean, corrupt, *, fraction: float = 0.02, progress=None) -> dict:
@@ -304,14 +302,10 @@ def staged_circuit(model, tokenizer, clean, corrupt, *, fraction: float = 0.02, 
     queries = heads_to_queries(model, tokenizer, clean, corrupt, movers, cached=cached)
     if progress:
         progress("path patching stage 2 (heads -> movers' queries) done")
-    by_abs = [h for scores in (logits, queries) for h in _top_abs(scores, fraction)]
+    by_abs = [h for scores in (logits, queries) for h in _order(scores.abs())[:_count(scores, fraction)]]
     circuit = list(dict.fromkeys(by_abs))
     return dict(logits=logits, queries=queries, movers=movers, circuit=circuit,
                 combined=ranking(torch.minimum(logits, queries)),
-                clean_logit_diff=float(cached[0].logit_diff.mean()), corrupt_logit_diff=float(cached[1].logit_diff.mean()))
+                clean_logit_diff=float(cached[0].logit_diff.mean()),
+                corrupt_logit_diff=float(cached[1].logit_diff.mean()))
 
-
-def _top_abs(scores, fraction):
-    k = max(1, round(fraction * scores.numel()))
-    heads = scores.shape[1]
-    return [divmod(int(i), heads) for i in scores.abs().flatten().argsort(descending=True)[:k]]

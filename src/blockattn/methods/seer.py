@@ -17,6 +17,7 @@ import functools
 import torch
 from torch import Tensor
 
+from blockattn import _checks
 from blockattn.layout import BlockLayout
 from blockattn.methods import register
 from blockattn.methods.base import Method
@@ -68,9 +69,8 @@ class SeerAttention(Method):
         elif isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
                 or not 0 <= self.threshold < 1:
             raise ValueError(f"threshold must lie in [0, 1), got {self.threshold!r}")
-        for name in ("last_block_dense", "force_diagonal"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        _checks.bool_arg("last_block_dense", self.last_block_dense)
+        _checks.bool_arg("force_diagonal", self.force_diagonal)
         _load(self.gates, self.model, self.block_size)  # a wrong file fails here, not mid-forward
 
     def _select(self, q: Tensor, k: Tensor, *, causal: bool, grid, layer: int | None) -> BlockLayout:
