@@ -99,6 +99,7 @@ def _print_check(rows):
 def _path_patching(model, tokenizer, args, colored, progress):
     import json
     import os
+    import random
 
     import torch
 
@@ -155,7 +156,7 @@ def _path_patching(model, tokenizer, args, colored, progress):
         print(f"overlap of the top {100 * args.overlap:g}% ({k}) by combined score: |A n B| {o10['intersection']} "
               f"(chance {circuit_reuse.chance_overlap(k, n_heads):.1f}), Jaccard {o10['jaccard']:.3f}")
         inhibition = path_patching.top_heads(ioi["queries"], 4 / n_heads)
-        rng = __import__("random").Random(args.seed)
+        rng = random.Random(args.seed)
         others = [(l, h) for l in range(layers) for h in range(ioi["logits"].shape[1]) if (l, h) not in inhibition]
         controls = [rng.sample(others, len(inhibition)) for _ in range(args.draws)]
         test = col["held_out"]
