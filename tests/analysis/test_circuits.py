@@ -62,34 +62,6 @@ def test_node_and_edge_scores_by_hand():
         circuits.node_scores(codes, 5)
 
 
-def test_ioi_prompts():
-    for kind in ("ABBA", "BABA"):
-        for p in circuits.ioi_prompts(20, kind, seed=2):
-            assert p.answer != p.foil and p.answer in circuits.NAMES and p.foil in circuits.NAMES
-            words = p.text.replace(",", " ").replace(".", " ").split()
-            assert words.count(p.answer) == 1 and words.count(p.foil) == 2  # IO once, S twice
-            assert p.text.endswith(" to") or p.text.endswith(" it to")
-    for p in circuits.ioi_prompts(20, "ABC"):
-        names = [w for w in p.text.replace(",", " ").replace(".", " ").split() if w in circuits.NAMES]
-        assert len(names) == 3 and len(set(names)) == 3
-    with pytest.raises(ValueError, match="kind"):
-        circuits.ioi_prompts(3, "AAB")
-    with pytest.raises(TypeError, match="n must be an int"):
-        circuits.ioi_prompts(2.0)
-
-
-def test_colored_objects_prompts():
-    for p in circuits.colored_objects_prompts(15, shots=2):
-        question = p.text.split("\n")[-1]
-        assert len(p.text.split("\n")) == 3 and question.endswith("Answer:")
-        asked = question.split("What color is the ")[1].split("?")[0]
-        assert any(f" {p.answer} {asked}{end}" in question for end in (",", " ", "."))
-        assert len(set(p.candidates)) == 3 and p.answer in p.candidates
-    for p in circuits.colored_objects_prompts(15, negative=True, shots=0):
-        asked = p.text.split("What color is the ")[1].split("?")[0]
-        assert f" {asked}," not in p.text and f" {asked} and" not in p.text and f" {asked}." not in p.text
-
-
 def test_words_are_single_tokens_for_smollm2():
     import os
 

@@ -1,66 +1,9 @@
 """The SAE circuit rule against naive re-creations of the official code (charlieoneill11/sae-circuits):
-data/ioi.py's templates and counterfactuals, src/sae.py + src/train.py's SAE and training loop, src/node.py's
-|U+| and src/main.py's training draw, each written out plainly here."""
-import random
-
+src/sae.py + src/train.py's SAE and training loop, src/node.py's |U+| and src/main.py's training draw, each
+written out plainly here (data/ioi.py's prompts: test_circuit_prompts.py)."""
 import torch
 
 from blockattn.analysis import circuits
-
-
-def official_abba(templates):
-    """data/ioi.py's character loop that turns BABA templates into ABBA ones."""
-    out = list(templates)
-    for i in range(len(out)):
-        first_clause = True
-        for j in range(1, len(out[i]) - 1):
-            if out[i][j - 1:j + 2] == "[B]" and first_clause:
-                out[i] = out[i][:j] + "A" + out[i][j + 1:]
-            elif out[i][j - 1:j + 2] == "[A]" and first_clause:
-                first_clause = False
-                out[i] = out[i][:j] + "B" + out[i][j + 1:]
-    return out
-
-
-def test_abba_templates_are_the_official_loop():
-    assert list(circuits.ABBA_TEMPLATES) == official_abba(circuits.BABA_TEMPLATES)
-    assert len(circuits.BABA_TEMPLATES) == 15
-
-
-def official_texts(template, n1, n2, n3, place, obj):
-    """gen_prompt_counterfact for one draw, then the final token (the IO, one token) dropped."""
-    prompt = template.replace("[PLACE]", place).replace("[OBJECT]", obj)
-    prompt1 = prompt.replace("[A]", n1).replace("[B]", n2)
-    prompt2 = prompt.replace("[A]", n3).replace("[B]", n2).replace(n2, n1, 1)
-    return prompt1.rsplit(" ", 1)[0], prompt2.rsplit(" ", 1)[0]
-
-
-def test_prompts_and_counterfactuals_are_the_official_rule():
-    rng = random.Random(5)
-    names = circuits.OFFICIAL_NAMES
-    checked = 0
-    for template in circuits.ABBA_TEMPLATES + circuits.BABA_TEMPLATES:
-        for _ in range(8):
-            n1, n2, n3, *fresh = rng.sample(names, 6)
-            if any(a != b and a in b for a in (n1, n2, n3) for b in (n1, n2, n3)):
-                continue  # str.replace would hit a longer name (our replacement is by whole word)
-            place, obj = rng.choice(circuits.OFFICIAL_PLACES), rng.choice(circuits.OFFICIAL_OBJECTS)
-            text, counter, abc = circuits.ioi_texts(template, n1, n2, n3, place, obj, fresh)
-            assert (text, counter) == official_texts(template, n1, n2, n3, place, obj)
-            # Wang et al.'s ABC: same words everywhere but the names; three fresh names, subject distinct
-            assert len(abc.split()) == len(text.split())
-            diff = [(a, b) for a, b in zip(text.split(), abc.split()) if a != b]
-            assert {b.rstrip(".,") for _, b in diff} == set(fresh) and n1 not in abc and n2 not in abc
-            checked += 1
-    assert checked > 150
-    prompts, counters, abcs = circuits.ioi_dataset(40, seed=3)
-    assert len(prompts) == len(counters) == len(abcs) == 40
-    assert {p.kind for p in prompts} == {"ABBA", "BABA"}
-    for p, c in zip(prompts, counters):
-        assert len(p.text.split()) == len(c.text.split())
-        assert c.text.split()[-3:] == p.text.split()[-3:] or c.text.split()[-4:] == p.text.split()[-4:]
-        words = [w.rstrip(".,") for w in c.text.split()]
-        assert p.foil in words and p.answer in words and p.text.count(p.foil) == 2 and c.text.count(p.foil) == 1
 
 
 class OfficialTiedBias(torch.nn.Module):
