@@ -5,8 +5,11 @@ from blockattn import cli
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "dma", "--tiny", "--length", "512"], "--length and --windows apply to seer only"),
-    (["train", "landmark", "--tiny", "--windows", "4"], "--length and --windows apply to seer only"),
+    (["train", "dma", "--tiny", "--windows", "4"], "--windows applies to seer only"),
+    (["train", "landmark", "--tiny", "--length", "512"], "--length applies to seer and dma only"),
+    (["train", "seer", "--tiny", "--pairs", "4"], "--pairs and --position-embeddings apply to dma only"),
+    (["train", "landmark", "--tiny", "--no-position-embeddings"], "--pairs and --position-embeddings apply to dma only"),
+    (["train", "dma", "--tiny", "--pairs", "0"], "--pairs must be a positive int"),
     (["train", "seer", "--tiny", "--length", "0"], "--length must be a positive int"),
     (["train", "seer", "--tiny", "--windows", "-1"], "--windows must be a positive int"),
 ])

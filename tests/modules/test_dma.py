@@ -143,3 +143,29 @@ def test_bias_reads_every_kv_heads_value_at_its_own_token_only():
     nudged[:, 1, 5] += 1.0  # head 1's value at token 5
     changed = (module.key_bias(nudged) - module.key_bias(v)).abs() > 0
     assert changed[:, :, 5].all() and not changed[:, :, :5].any() and not changed[:, :, 6:].any()
+
+
+def test_position_embeddings_put_each_position_into_the_values_and_cli_passes_them(tmp_path):
+    """The paper's MQAR model (Zoology, max_position_embeddings = L) adds a learned embedding per position,
+    so the same token at two positions reaches the first DMA bias with different values."""
+    import json
+    from blockattn.cli import main
+    from blockattn.modules.dma_train import build_model
+    torch.manual_seed(0)
+    model = build_model("dma", vocab=16, window=4, positions=8)
+    captured = []
+    model.blocks[0].mixer.register_forward_pre_hook(lambda m, args: captured.append(args[2]))
+    model(torch.full((1, 8), 3))
+    assert not torch.allclose(captured[0][:, :, 4], captured[0][:, :, 6])
+    torch.manual_seed(0)
+    plain = build_model("dma", vocab=16, window=4)
+    captured.clear()
+    plain.blocks[0].mixer.register_forward_pre_hook(lambda m, args: captured.append(args[2]))
+    plain(torch.full((1, 8), 3))  # no positions, and the 4-wide conv sees the same 4 tokens: equal values
+    torch.testing.assert_close(captured[0][:, :, 4], captured[0][:, :, 6])
+    with pytest.raises(ValueError, match="embeds at most 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    assert main(["train", "dma", "--tiny", "--length", "48", "--pairs", "3", "--no-position-embeddings",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "dma.json").read_text())
+    assert {(r["seq_len"], r["num_kv_pairs"], r["vocab"], r["position_embeddings"]) for r in rows} == {(48, 3, 128, False)}

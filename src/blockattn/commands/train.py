@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 
@@ -29,7 +30,11 @@ def add_arguments(parser):
     parser.add_argument("--window", type=int, default=None, help="dma: keys kept per query (default 8)")
     parser.add_argument("--length", type=int, default=None,
                         help="seer: tokens per captured window (default 2048; gates trained at the length they "
-                             "serve rank long prompts' block rows better)")
+                             "serve rank long prompts' block rows better); dma: MQAR sequence length (default 64)")
+    parser.add_argument("--pairs", type=int, default=None, help="dma: MQAR key-value pairs (default 4)")
+    parser.add_argument("--position-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                        help="dma: learned absolute position embeddings in all three models, as in the paper's "
+                             "MQAR benchmark (Zoology's max_position_embeddings; default on)")
     parser.add_argument("--windows", type=int, default=None, help="seer: captured training windows (default 12)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
@@ -231,8 +236,13 @@ def run(args):
         raise ValueError("--window applies to dma only")
     _positive("length", args.length)
     _positive("windows", args.windows)
-    if (args.length is not None or args.windows is not None) and args.name != "seer":
-        raise ValueError("--length and --windows apply to seer only")
+    _positive("pairs", args.pairs)
+    if args.windows is not None and args.name != "seer":
+        raise ValueError("--windows applies to seer only")
+    if args.length is not None and args.name not in ("seer", "dma"):
+        raise ValueError("--length applies to seer and dma only")
+    if (args.pairs is not None or args.position_embeddings is not None) and args.name != "dma":
+        raise ValueError("--pairs and --position-embeddings apply to dma only")
     if args.name == "seer" and args.batch is not None:
         raise ValueError("--batch does not apply to seer (one captured window per step)")
     torch.set_num_threads(args.threads)
@@ -243,6 +253,13 @@ def run(args):
                                       ("length", args.length), ("train_windows", args.windows)) if v is not None})
     if args.name == "sparsifiner" and args.steps is not None:
         raise ValueError("--steps does not apply to sparsifiner (it trains by epochs)")
+    if args.name == "dma":
+        if "length" in options:  # MQAR's vocabulary must exceed the length (Zoology: vocab = L + 1)
+            options["seq_len"] = options.pop("length")
+            options["vocab"] = max(128, options["seq_len"] + 1)
+        if args.pairs is not None:
+            options["num_kv_pairs"] = args.pairs
+        options["position_embeddings"] = args.position_embeddings is not False
     options["seed"] = args.seed
     os.makedirs(args.out, exist_ok=True)
 

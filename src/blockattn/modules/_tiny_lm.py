@@ -1,7 +1,8 @@
 """A nanoGPT-sized pre-LN decoder with RoPE whose attention is a pluggable module, for the small
 trained experiments of the trainable methods (Landmark, DMA). An optional short causal depthwise
 convolution before each attention (as in the project's MQAR model, after Zoology/BASED) lets a tiny
-CPU-trained model form the key -> value shift quickly."""
+CPU-trained model form the key -> value shift quickly. Optional learned absolute position embeddings
+(`positions=L`, Zoology's `max_position_embeddings`) put each token's position into its values."""
 from __future__ import annotations
 
 import math
@@ -50,15 +51,21 @@ class TinyDecoder(nn.Module):
     module `(q, k, v) [B, H, L, D] -> [B, H, L, D]` (q and k already rotated)."""
 
     def __init__(self, vocab: int, make_mixer: Callable[[int], nn.Module], *, dim: int = 64, heads: int = 2,
-                 layers: int = 2, mlp_ratio: int = 4, conv: int = 0):
+                 layers: int = 2, mlp_ratio: int = 4, conv: int = 0, positions: int = 0):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(positions, dim) if positions else None
         self.blocks = nn.ModuleList(Block(dim, heads, make_mixer(i), mlp_ratio, conv) for i in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
 
     def forward(self, tokens: Tensor) -> Tensor:
         x = self.embed(tokens)
+        if self.positions is not None:
+            if tokens.shape[1] > self.positions.num_embeddings:
+                raise ValueError(f"tokens hold {tokens.shape[1]} positions, the model embeds at most "
+                                 f"{self.positions.num_embeddings}")
+            x = x + self.positions(torch.arange(tokens.shape[1], device=tokens.device))
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))

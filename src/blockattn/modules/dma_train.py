@@ -46,7 +46,7 @@ class _LayoutMixer(nn.Module):
 
 
 def build_model(kind: str, *, vocab: int, window: int, dim: int = 64, heads: int = 2, block: int = 32,
-                conv: int = 4, form: str = "linear", backend: str = "auto") -> TinyDecoder:
+                conv: int = 4, form: str = "linear", positions: int = 0, backend: str = "auto") -> TinyDecoder:
     if kind not in MODELS:
         raise ValueError(f"model kind must be one of {MODELS}, got {kind!r}")
 
@@ -54,7 +54,7 @@ def build_model(kind: str, *, vocab: int, window: int, dim: int = 64, heads: int
         if kind == "dma":
             return DMAAttention(heads, dim // heads, window=window, form=form, block_size=block, backend=backend)
         return _LayoutMixer(window if kind == "window" else None, block, backend)
-    return TinyDecoder(vocab, mixer, dim=dim, heads=heads, conv=conv)
+    return TinyDecoder(vocab, mixer, dim=dim, heads=heads, conv=conv, positions=positions)
 
 
 @torch.no_grad()
@@ -142,14 +142,15 @@ def answer_recall(model, inputs, labels, num_kv_pairs: int) -> dict:
 
 def train(kind: str, *, steps: int = 600, batch: int = 64, lr: float = 3e-3, seq_len: int = 64,
           num_kv_pairs: int = 4, vocab: int = 128, window: int = 8, seed: int = 0, train_examples: int = 20000,
-          test_examples: int = 1000, random_non_queries: bool = True, form: str = "linear", progress=None) -> dict:
+          test_examples: int = 1000, random_non_queries: bool = True, form: str = "linear",
+          position_embeddings: bool = False, progress=None) -> dict:
     """Train one model on MQAR (AdamW, warm-up then cosine) and return its test accuracy and loss curve.
     `random_non_queries=False` leaves the filler positions at token 0 (Zoology's switch)."""
     inputs, labels = multiquery_ar(train_examples + test_examples, vocab_size=vocab, input_seq_len=seq_len,
                                    num_kv_pairs=num_kv_pairs, random_non_queries=random_non_queries, seed=seed)
     inputs, labels = torch.as_tensor(inputs), torch.as_tensor(labels)
     torch.manual_seed(seed)
-    model = build_model(kind, vocab=vocab, window=window, form=form)
+    model = build_model(kind, vocab=vocab, window=window, form=form, positions=seq_len if position_embeddings else 0)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     order = torch.randperm(train_examples, generator=torch.Generator().manual_seed(seed + 1))
 
@@ -162,7 +163,8 @@ def train(kind: str, *, steps: int = 600, batch: int = 64, lr: float = 3e-3, seq
     test_in, test_lab = inputs[train_examples:], labels[train_examples:]
     result = dict(model=kind, accuracy=accuracy(model, test_in, test_lab), losses=losses, train_seconds=seconds,
                   steps=steps, batch=batch, lr=lr, seq_len=seq_len, window=window, num_kv_pairs=num_kv_pairs,
-                  vocab=vocab, seed=seed, random_non_queries=random_non_queries, form=form)
+                  vocab=vocab, seed=seed, random_non_queries=random_non_queries, form=form,
+                  position_embeddings=position_embeddings)
     if kind == "dma":
         result["mask_recall"] = mask_recall(model, test_in[:64], window, seed)
         result["answer_recall"] = answer_recall(model, test_in, test_lab, num_kv_pairs)
