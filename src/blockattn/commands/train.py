@@ -259,7 +259,8 @@ def run(args):
             options["vocab"] = max(128, options["seq_len"] + 1)
         if args.pairs is not None:
             options["num_kv_pairs"] = args.pairs
-        options["position_embeddings"] = args.position_embeddings is not False
+        if args.position_embeddings is not None:
+            options["position_embeddings"] = args.position_embeddings
     options["seed"] = args.seed
     os.makedirs(args.out, exist_ok=True)
 

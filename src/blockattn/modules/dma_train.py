@@ -3,17 +3,18 @@
 
 MQAR (Zoology's generator, `blockattn.bench.mqar`): L = 64, 4 pairs, vocabulary 128, 600 AdamW
 steps of 64 (lr 3e-3), scaled down from the notes' L = 256 so three models train in minutes here.
-The same 2-layer decoder (RoPE, d_model 64, 2 heads, 4-wide causal conv) with three attentions: dense causal, a sliding
-window of `window` keys (self included), and DMA keeping its `window` keys of largest learned bias
-per query. The paper's MQAR claim in miniature is DMA ≈ dense ≫ window at the same per-row budget.
-The masks are also scored against the DMA model's own unmasked attention (softmax of logits + bias
-over every earlier key): the share of that mass its kept keys hold, beside a random set and the
-last-`window` keys of the same size per row.
+The same 2-layer decoder (RoPE, d_model 64, 2 heads, 4-wide causal conv, and by default learned
+absolute position embeddings as in the paper's own MQAR model: Zoology's `max_position_embeddings`)
+with three attentions: dense causal, a sliding window of `window` keys (self included), and DMA
+keeping its `window` keys of largest learned bias per query. The paper's MQAR claim in miniature is
+DMA ≈ dense ≫ window at the same per-row budget. The masks are also scored against the DMA model's
+own unmasked attention (softmax of logits + bias over every earlier key): the share of that mass its
+kept keys hold, beside a random set and the last-`window` keys of the same size per row.
 
-Measured (docs/bench/trainable_sparsifiner.md): DMA comes within 2 points of dense at window 32 of 64,
-not at 8 or 16. The bias is query-independent and computed from the values alone, so it cannot tell
-the real pairs from the value-looking pairs that the random filler draws; with the filler at zero
-(`random_non_queries=False`), window 8 is enough.
+Measured (docs/bench/trainable.md): the bias is query-independent and computed from the values
+alone, so it must tell the real pairs (at the start) from the value-looking pairs the random filler
+draws. Without position embeddings it cannot (DMA within 2 points of dense only at window 32 of 64);
+with them, the position is in every value and window 8 of 64 is enough.
 """
 from __future__ import annotations
 
@@ -143,9 +144,10 @@ def answer_recall(model, inputs, labels, num_kv_pairs: int) -> dict:
 def train(kind: str, *, steps: int = 600, batch: int = 64, lr: float = 3e-3, seq_len: int = 64,
           num_kv_pairs: int = 4, vocab: int = 128, window: int = 8, seed: int = 0, train_examples: int = 20000,
           test_examples: int = 1000, random_non_queries: bool = True, form: str = "linear",
-          position_embeddings: bool = False, progress=None) -> dict:
+          position_embeddings: bool = True, progress=None) -> dict:
     """Train one model on MQAR (AdamW, warm-up then cosine) and return its test accuracy and loss curve.
-    `random_non_queries=False` leaves the filler positions at token 0 (Zoology's switch)."""
+    `random_non_queries=False` leaves the filler positions at token 0 (Zoology's switch);
+    `position_embeddings=False` gives the model RoPE and the conv only (this project's runs before stop 12)."""
     inputs, labels = multiquery_ar(train_examples + test_examples, vocab_size=vocab, input_seq_len=seq_len,
                                    num_kv_pairs=num_kv_pairs, random_non_queries=random_non_queries, seed=seed)
     inputs, labels = torch.as_tensor(inputs), torch.as_tensor(labels)
