@@ -5,7 +5,9 @@ from blockattn import cli
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "dma", "--tiny", "--windows", "4"], "--windows applies to seer only"),
+    (["train", "dma", "--tiny", "--windows", "4"], "--windows and --eval-windows apply to seer only"),
+    (["train", "landmark", "--tiny", "--eval-windows", "1"], "--windows and --eval-windows apply to seer only"),
+    (["train", "seer", "--tiny", "--eval-windows", "0"], "--eval-windows must be a positive int"),
     (["train", "landmark", "--tiny", "--length", "512"], "--length applies to seer and dma only"),
     (["train", "seer", "--tiny", "--pairs", "4"], "--pairs and --position-embeddings apply to dma only"),
     (["train", "landmark", "--tiny", "--no-position-embeddings"], "--pairs and --position-embeddings apply to dma only"),

@@ -36,6 +36,9 @@ def add_arguments(parser):
                         help="dma: learned absolute position embeddings in all three models, as in the paper's "
                              "MQAR benchmark (Zoology's max_position_embeddings; default on)")
     parser.add_argument("--windows", type=int, default=None, help="seer: captured training windows (default 12)")
+    parser.add_argument("--eval-windows", type=int, default=None,
+                        help="seer: held-out windows scored at the end (default 4; each costs 12 dense attention "
+                             "passes per layer at --length)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
     parser.add_argument("--tiny", action="store_true", help="a few steps at a tiny size (CI smoke run)")
@@ -236,9 +239,10 @@ def run(args):
         raise ValueError("--window applies to dma only")
     _positive("length", args.length)
     _positive("windows", args.windows)
+    _positive("eval-windows", args.eval_windows)
     _positive("pairs", args.pairs)
-    if args.windows is not None and args.name != "seer":
-        raise ValueError("--windows applies to seer only")
+    if (args.windows is not None or args.eval_windows is not None) and args.name != "seer":
+        raise ValueError("--windows and --eval-windows apply to seer only")
     if args.length is not None and args.name not in ("seer", "dma"):
         raise ValueError("--length applies to seer and dma only")
     if (args.pairs is not None or args.position_embeddings is not None) and args.name != "dma":
@@ -250,7 +254,8 @@ def run(args):
         return _run_analysis(args)
     options = dict(TINY[args.name]) if args.tiny else {}
     options.update({k: v for k, v in (("steps", args.steps), ("batch", args.batch), ("window", args.window),
-                                      ("length", args.length), ("train_windows", args.windows)) if v is not None})
+                                      ("length", args.length), ("train_windows", args.windows),
+                                      ("eval_windows", args.eval_windows)) if v is not None})
     if args.name == "sparsifiner" and args.steps is not None:
         raise ValueError("--steps does not apply to sparsifiner (it trains by epochs)")
     if args.name == "dma":
