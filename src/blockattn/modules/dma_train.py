@@ -147,7 +147,7 @@ def train(kind: str, *, steps: int = 600, batch: int = 64, lr: float = 3e-3, seq
           position_embeddings: bool = True, progress=None) -> dict:
     """Train one model on MQAR (AdamW, warm-up then cosine) and return its test accuracy and loss curve.
     `random_non_queries=False` leaves the filler positions at token 0 (Zoology's switch);
-    `position_embeddings=False` gives the model RoPE and the conv only (this project's runs before stop 12)."""
+    `position_embeddings=False` gives the model RoPE and the conv only (the model of the earlier runs)."""
     inputs, labels = multiquery_ar(train_examples + test_examples, vocab_size=vocab, input_seq_len=seq_len,
                                    num_kv_pairs=num_kv_pairs, random_non_queries=random_non_queries, seed=seed)
     inputs, labels = torch.as_tensor(inputs), torch.as_tensor(labels)
