@@ -168,4 +168,5 @@ def test_position_embeddings_put_each_position_into_the_values_and_cli_passes_th
     assert main(["train", "dma", "--tiny", "--length", "48", "--pairs", "3", "--no-position-embeddings",
                  "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "dma.json").read_text())
-    assert {(r["seq_len"], r["num_kv_pairs"], r["vocab"], r["position_embeddings"]) for r in rows} == {(48, 3, 128, False)}
+    settings = {(r["seq_len"], r["num_kv_pairs"], r["vocab"], r["position_embeddings"]) for r in rows}
+    assert settings == {(48, 3, 128, False)}

@@ -259,9 +259,9 @@ def run(args):
     if args.name == "sparsifiner" and args.steps is not None:
         raise ValueError("--steps does not apply to sparsifiner (it trains by epochs)")
     if args.name == "dma":
-        if "length" in options:  # MQAR's vocabulary must exceed the length (Zoology: vocab = L + 1)
+        if "length" in options:  # train() then sizes the vocabulary to the length
             options["seq_len"] = options.pop("length")
-            options["vocab"] = max(128, options["seq_len"] + 1)
+            options.pop("vocab", None)
         if args.pairs is not None:
             options["num_kv_pairs"] = args.pairs
         if args.position_embeddings is not None:

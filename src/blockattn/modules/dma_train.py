@@ -142,12 +142,14 @@ def answer_recall(model, inputs, labels, num_kv_pairs: int) -> dict:
 
 
 def train(kind: str, *, steps: int = 600, batch: int = 64, lr: float = 3e-3, seq_len: int = 64,
-          num_kv_pairs: int = 4, vocab: int = 128, window: int = 8, seed: int = 0, train_examples: int = 20000,
+          num_kv_pairs: int = 4, vocab: int | None = None, window: int = 8, seed: int = 0, train_examples: int = 20000,
           test_examples: int = 1000, random_non_queries: bool = True, form: str = "linear",
           position_embeddings: bool = True, progress=None) -> dict:
     """Train one model on MQAR (AdamW, warm-up then cosine) and return its test accuracy and loss curve.
     `random_non_queries=False` leaves the filler positions at token 0 (Zoology's switch);
-    `position_embeddings=False` gives the model RoPE and the conv only (the model of the earlier runs)."""
+    `position_embeddings=False` gives the model RoPE and the conv only (the model of the earlier runs).
+    `vocab` defaults to max(128, seq_len + 1): MQAR's vocabulary must exceed the length (Zoology: L + 1)."""
+    vocab = max(128, seq_len + 1) if vocab is None else vocab
     inputs, labels = multiquery_ar(train_examples + test_examples, vocab_size=vocab, input_seq_len=seq_len,
                                    num_kv_pairs=num_kv_pairs, random_non_queries=random_non_queries, seed=seed)
     inputs, labels = torch.as_tensor(inputs), torch.as_tensor(labels)

@@ -7,8 +7,9 @@ trains on the block-max ground truth with the official loss (AdamW lr 1e-3, 20 w
 cosine, one window per step, base model frozen) and is compared on held-out windows, at densities
 0.1 / 0.25 / 0.5 with the nz_ratio top-k rule (last rows not forced dense and the diagonal kept for
 every selector, so only selection differs), with the untrained gate, a training-free pooled score
-(avg-pooled post-RoPE q . k, as MoBA/Quest), and the oracle top-k of the ground truth: attention recall (mean over queries of the
-probability mass inside the kept tiles) and the layer output's relative error through the engine.
+(avg-pooled post-RoPE q . k, as MoBA/Quest), and the oracle top-k of the ground truth: attention
+recall (mean over queries of the probability mass inside the kept tiles) and the layer output's
+relative error through the engine.
 """
 from __future__ import annotations
 
